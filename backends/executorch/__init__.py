@@ -1,0 +1,1 @@
+"""ExecuTorch .pte backend with XNNPACK delegation."""

@@ -1,0 +1,1 @@
+"""ONNX QDQ backend (ONNX Runtime)."""

@@ -1,0 +1,1 @@
+"""x86 backend: PyTorch's quantized CPU kernels (fbgemm / oneDNN)."""

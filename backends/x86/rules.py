@@ -1,0 +1,104 @@
+"""x86 lowering rules: pattern name -> function(lowerer, group nodes, output quantize node).
+
+A rule returns :class:`Emitted` (the kernel's quantized output) or a reason string when it declines.
+"""
+from __future__ import annotations
+
+import torch
+
+from qcompile.ir import get_attr_value
+
+from .lower import _DQ_W, Emitted, Value, _int_weight, _qparams
+
+aten, qops = torch.ops.aten, torch.ops.quantized
+
+
+def _arg(node, i, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(("stride", "padding", "dilation", "groups")[i - 3], default)
+
+
+def _bias(lw, node):
+    b = node.args[2] if len(node.args) > 2 else None
+    return None if b is None else get_attr_value(lw.ref, b).detach().float()
+
+
+def _weighted(lw, nodes, q, prepack, kernels, kernel_name):
+    anchor = nodes[0]
+    x = lw.quantized_input(anchor.args[0])
+    if x is None:
+        return "input is not a quantized tensor"
+    if anchor.args[1].target not in _DQ_W:
+        return "weight is not quantized"
+    qw = _int_weight(lw.ref, anchor.args[1])
+    packed = lw.constant(prepack(anchor, qw, _bias(lw, anchor)), "packed")
+    scale, zp, _ = _qparams(q)
+    tail = tuple(n.target for n in nodes[1:])
+    kernel = kernels[len(tail) > 0 and tail[0] == aten.relu.default]
+    out = lw.call(kernel, (x.node, packed, scale, zp), anchor)
+    if tail and tail[0] == aten.hardtanh.default:  # relu6: clamp the quantized output
+        out = lw.call(aten.hardtanh.default, (out, 0.0, 6.0), nodes[-1])
+    return Emitted(Value(out, True, scale, zp), kernel_name + ("_relu" if kernel is kernels[True] else ""))
+
+
+def _conv_prepack(node, qw, bias):
+    stride, padding = _arg(node, 3, [1, 1]), _arg(node, 4, [0, 0])
+    dilation, groups = _arg(node, 5, [1, 1]), _arg(node, 6, 1)
+    return qops.conv2d_prepack(qw, bias, list(stride), list(padding), list(dilation), int(groups))
+
+
+def _linear_prepack(node, qw, bias):
+    return qops.linear_prepack(qw, bias)
+
+
+def conv2d(lw, nodes, q):
+    return _weighted(lw, nodes, q, _conv_prepack, {False: qops.conv2d.new, True: qops.conv2d_relu.new},
+                     "quantized::conv2d")
+
+
+def linear(lw, nodes, q):
+    return _weighted(lw, nodes, q, _linear_prepack, {False: qops.linear.default, True: qops.linear_relu.default},
+                     "quantized::linear")
+
+
+def _binary(kernel, name):
+    def rule(lw, nodes, q):
+        a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
+        if a is None or b is None:
+            return "both inputs must be quantized tensors"
+        scale, zp, _ = _qparams(q)
+        out = lw.call(kernel, (a.node, b.node, scale, zp), nodes[0])
+        return Emitted(Value(out, True, scale, zp), name)
+    return rule
+
+
+def hardswish(lw, nodes, q):
+    x = lw.quantized_input(nodes[0].args[0])
+    if x is None:
+        return "input is not a quantized tensor"
+    scale, zp, _ = _qparams(q)
+    return Emitted(Value(lw.call(qops.hardswish.default, (x.node, scale, zp), nodes[0]), True, scale, zp),
+                   "quantized::hardswish")
+
+
+def same_op(lw, nodes, q):
+    """Ops whose quantized kernel keeps (SHARED) or fixes (FIXED) the parameters: run the aten op as is."""
+    node = nodes[0]
+    x = lw.quantized_input(node.args[0])
+    if x is None:
+        return "input is not a quantized tensor"
+    scale, zp, _ = _qparams(q)
+    args = (x.node, *[lw.as_float(a) for a in node.args[1:]])
+    out = lw.call(node.target, args, node)
+    return Emitted(Value(out, True, scale, zp), f"{node.target.__name__} (int8)")
+
+
+RULES = {
+    "conv2d": conv2d, "conv2d_relu": conv2d, "conv2d_relu6": conv2d,
+    "linear": linear, "linear_relu": linear,
+    "add": _binary(qops.add.default, "quantized::add"),
+    "add_relu": _binary(qops.add_relu.default, "quantized::add_relu"),
+    "mul": _binary(qops.mul.default, "quantized::mul"),
+    "hardswish": hardswish,
+    **{name: same_op for name in ("relu", "relu6", "max_pool2d", "adaptive_avg_pool2d", "avg_pool2d", "mean",
+                                  "flatten", "reshape", "permute", "sigmoid", "hardsigmoid")},
+}

@@ -1,0 +1,66 @@
+"""What the x86 backend runs in int8: a declarative table (op patterns x dtypes x granularity)."""
+from __future__ import annotations
+
+import torch
+
+from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, Capabilities, OpSupport
+from qcompile.specs import FixedSpec
+
+
+def _add_check(nodes):
+    add = nodes[0]
+    if add.kwargs.get("alpha", 1) != 1:
+        return "add with alpha != 1"
+    return None
+
+
+def _conv_check(nodes):
+    conv = nodes[0]
+    val = conv.meta.get("val")
+    if val is not None and val.dim() != 4:
+        return "only batched 4-D conv2d inputs have int8 kernels"
+    return None
+
+
+_SIGMOID = FixedSpec(scale=1.0 / 256.0, zero_point=0)
+
+TABLE = [
+    OpSupport("conv2d_relu", ("conv2d", "relu"), ANCHOR, (0,), 1, 2, check=_conv_check),
+    OpSupport("conv2d_relu6", ("conv2d", "relu6"), ANCHOR, (0,), 1, 2, check=_conv_check),
+    OpSupport("conv2d", ("conv2d",), ANCHOR, (0,), 1, 2, check=_conv_check),
+    OpSupport("linear_relu", ("linear", "relu"), ANCHOR, (0,), 1, 2),
+    OpSupport("linear", ("linear",), ANCHOR, (0,), 1, 2),
+    OpSupport("add_relu", ("add", "relu"), PROPAGATE, (0, 1), check=_add_check),
+    OpSupport("add", ("add",), PROPAGATE, (0, 1), check=_add_check),
+    OpSupport("mul", ("mul",), PROPAGATE, (0, 1)),
+    OpSupport("hardswish", ("hardswish",), PROPAGATE, (0,)),
+    OpSupport("relu", ("relu",), SHARED, (0,)),
+    OpSupport("relu6", ("relu6",), SHARED, (0,)),
+    OpSupport("max_pool2d", ("max_pool2d",), SHARED, (0,)),
+    OpSupport("adaptive_avg_pool2d", ("adaptive_avg_pool2d",), SHARED, (0,)),
+    OpSupport("avg_pool2d", ("avg_pool2d",), SHARED, (0,)),
+    OpSupport("mean", ("mean",), SHARED, (0,)),
+    OpSupport("flatten", ("flatten",), SHARED, (0,)),
+    OpSupport("reshape", ("reshape",), SHARED, (0,)),
+    OpSupport("permute", ("permute",), SHARED, (0,)),
+    OpSupport("sigmoid", ("sigmoid",), FIXED, (0,), fixed=_SIGMOID),
+    OpSupport("hardsigmoid", ("hardsigmoid",), FIXED, (0,), fixed=_SIGMOID),
+]
+
+NOTES = {
+    "softmax": "kept float: the x86 int8 softmax loses accuracy and is not faster than float here",
+    "layer_norm": "kept float: the x86 int8 layer_norm loses accuracy on residual streams",
+    "gelu": "no int8 gelu kernel in PyTorch's quantized CPU ops",
+    "embedding": "embeddings are gathers, not GEMMs: int8 static kernels give no speed-up (use weight_only)",
+    "matmul": "kept float: activation x activation matmul (attention) has no fast int8 kernel here",
+    "batch_norm": "batch-norm that does not follow a conv/linear cannot be folded; no int8 kernel",
+    "cat": "no shared-qparams int8 cat in this backend yet",
+}
+
+CAPABILITIES = Capabilities(
+    act_dtypes=("uint8",), act_symmetric=(False, True), act_bits=(8, 7), act_granularities=("per_tensor",),
+    weight_bits=(8, 7, 6, 5, 4), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
+    modes=("static", "qat"), unsupported_notes=NOTES,
+)
+
+ACT_DTYPE = torch.uint8

@@ -1,0 +1,96 @@
+"""Annotation driven by the backend's support table.
+
+For each fusion group the backend claimed, attach frozen specs (activation inputs, weight, output);
+every other node is marked float with the reason. Observer insertion and convert only read this.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx
+
+from qcompile import annotation as A
+from qcompile.config import QConfig, resolve
+from qcompile.specs import SharedSpec
+from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport
+
+from .fuse import REJECTIONS
+from .infra import Pass, PassResult
+from .pattern import op_kind
+
+
+@dataclass(frozen=True)
+class SpecMaker:
+    """Backend hooks turning user specs into QuantSpecs: act(ActivationSpec), weight(WeightSpec, row, node)."""
+
+    act: Callable
+    weight: Callable
+
+
+def _is_float_tensor(arg) -> bool:
+    if not isinstance(arg, fx.Node):
+        return False
+    val = arg.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+class Annotate(Pass):
+    def __init__(self, table: list[OpSupport], config: QConfig, specs: SpecMaker, backend_name: str,
+                 notes: dict | None = None):
+        self.rows = {row.name: row for row in table}
+        self.config, self.specs, self.backend, self.notes = config, specs, backend_name, notes or {}
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        quantized: set[str] = set()  # nodes whose output is int8
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or A.get_annotation(node) is not None:
+                continue
+            group = A.get_group(node)
+            if group is None:
+                A.set_annotation(node, A.Annotation(status=A.FLOAT_UNSUPPORTED, reason=self._why_not(node)))
+                continue
+            nodes = [n for n in gm.graph.nodes if n.name in group.nodes]
+            self._annotate_group(nodes, self.rows[group.pattern], quantized)
+        return PassResult(gm, True)
+
+    def _why_not(self, node: fx.Node) -> str:
+        kind = op_kind(node)
+        base = self.notes.get(kind) or f"no int8 kernel for {kind or getattr(node.target, '__name__', node.target)} " \
+                                       f"in the {self.backend} backend"
+        rejected = node.meta.get(REJECTIONS)
+        return base + (f" ({'; '.join(rejected)})" if rejected else "")
+
+    def _float(self, nodes, status, reason):
+        for n in nodes:
+            A.set_annotation(n, A.Annotation(status=status, reason=reason))
+
+    def _annotate_group(self, nodes, row: OpSupport, quantized: set[str]) -> None:
+        anchor, out = nodes[0], nodes[-1]
+        mc = resolve(self.config, anchor)
+        if mc is None:
+            return self._float(nodes, A.FLOAT_EXCLUDED, "excluded by the user's config")
+        acts = [anchor.args[i] if i < len(anchor.args) else None for i in row.act_args]
+        if not all(_is_float_tensor(a) for a in acts):
+            return self._float(nodes, A.FLOAT_UNSUPPORTED,
+                               f"{row.name}: the int8 kernel needs float tensor inputs at args {row.act_args}")
+        if row.check and (reason := row.check(nodes)):
+            return self._float(nodes, A.FLOAT_UNSUPPORTED, f"{row.name}: {reason}")
+        if row.kind != ANCHOR and not any(a.name in quantized for a in acts):
+            return self._float(nodes, A.FLOAT_UNSUPPORTED,
+                               "kept float: its inputs are float, so int8 here would only add quantize/dequantize")
+        act_spec = self.specs.act(mc.activations)
+        inputs = {i: act_spec for i in row.act_args}
+        if row.weight_arg is not None:
+            w = anchor.args[row.weight_arg]
+            if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+                return self._float(nodes, A.FLOAT_UNSUPPORTED, f"{row.name}: weight is not a constant")
+            inputs[row.weight_arg] = self.specs.weight(mc.weights, row, anchor)
+        output = {ANCHOR: act_spec, PROPAGATE: act_spec, FIXED: row.fixed,
+                  SHARED: SharedSpec(acts[0].name)}[row.kind]
+        for n in nodes:
+            A.set_annotation(n, A.Annotation(
+                input_specs=inputs if n is anchor else {}, output_spec=output if n is out else None,
+                status=A.INT8, reason=row.note, group=anchor.name, pattern=row.name))
+        quantized.add(out.name)

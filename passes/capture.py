@@ -1,0 +1,141 @@
+"""Capture: nn.Module + example inputs -> torch.fx GraphModule of ATen ops (via torch.export).
+
+The user's model is never mutated: capture works on a deep copy. Failures become CaptureError /
+InputError naming the user's source line and a suggested fix.
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from qcompile.errors import CaptureError, InputError
+
+_HINTS = [
+    ("data-dependent", "the model branches on tensor *values*: use torch.cond, or make the branch depend on "
+                       "shapes/constants, or exclude this submodule from quantization"),
+    ("Could not guard", "control flow depends on input values: rewrite it with torch.where / torch.cond"),
+    ("item", "a tensor value is read with .item() / int(tensor): keep it a tensor or pass it as a constant"),
+    ("Proxy", "the model manipulates graph proxies (symbolic tracing); torch.export should be used instead"),
+    ("Unsupported", "an unsupported Python construct was hit; move it out of forward() or wrap the "
+                    "submodule so it is not traced"),
+]
+
+
+@dataclass(frozen=True)
+class CapturedInputs:
+    args: tuple
+    kwargs: dict
+
+
+def normalize_inputs(example_inputs, example_kwargs=None) -> CapturedInputs:
+    """Accept a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    kwargs = dict(example_kwargs or {})
+    if isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), {**example_inputs, **kwargs}
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    elif example_inputs is None:
+        raise InputError("example_inputs is None: pass a sample input (a tensor, a tuple of tensors, or a dict)")
+    else:
+        raise InputError(f"example_inputs must be a tensor, a tuple/list or a dict, got {type(example_inputs).__name__}")
+    return CapturedInputs(args, kwargs)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost traceback frame outside torch / qcompile: the user's line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "/torch/" not in f.filename and "/qcompile/" not in f.filename
+            and "/passes/" not in f.filename and "/site-packages/" not in f.filename]
+    if not user:
+        return None
+    f = user[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}: {f.line}'
+
+
+def _source_line_from_message(msg: str) -> str | None:
+    for line in msg.splitlines():
+        s = line.strip()
+        if s.startswith("File ") and "/torch/" not in s and "site-packages" not in s:
+            return s
+    return None
+
+
+def _hint(msg: str) -> str:
+    for key, hint in _HINTS:
+        if key.lower() in msg.lower():
+            return hint
+    return ("check that forward() runs on the example inputs; exclude the offending submodule "
+            "(exclude=[...]) or rewrite the construct torch.export cannot capture")
+
+
+def check_runs(model: nn.Module, inputs: CapturedInputs) -> None:
+    """Run the model once eagerly so bad example inputs give an InputError, not an export trace."""
+    try:
+        with torch.no_grad():
+            model(*inputs.args, **inputs.kwargs)
+    except Exception as e:  # noqa: BLE001 - reported with context
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in inputs.args]
+        where = _user_frame(e)
+        raise InputError(
+            f"{type(model).__name__} failed to run on the example inputs {shapes}"
+            f"{' ' + str(list(inputs.kwargs)) if inputs.kwargs else ''}: {type(e).__name__}: {str(e).splitlines()[0]}"
+            + (f"\n  at {where}" if where else "")
+            + "\n  fix: pass example_inputs with the shapes/dtypes forward() expects") from e
+
+
+def _dynamic_batch(inputs: CapturedInputs):
+    def spec(a):
+        if isinstance(a, torch.Tensor) and a.dim() > 0:
+            return {0: torch.export.Dim.AUTO}
+        return None
+    return tuple(spec(a) for a in inputs.args), {k: spec(v) for k, v in inputs.kwargs.items()}
+
+
+def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: bool = False,
+            dynamic_batch: bool = True) -> fx.GraphModule:
+    """Export a deep copy of ``model``; return its GraphModule (guards removed, metadata kept)."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs, example_kwargs)
+    model = copy.deepcopy(model)
+    model.train(train)
+    check_runs(model, inputs)
+    try:
+        ep = _export(model, inputs, dynamic_batch)
+    except Exception as e:  # noqa: BLE001 - translated into an actionable error
+        msg = str(e)
+        where = _source_line_from_message(msg) or _user_frame(e)
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+            f"{msg.strip().splitlines()[0] if msg.strip() else ''}"
+            + (f"\n  at {where}" if where else "")
+            + f"\n  fix: {_hint(msg)}") from e
+    gm = ep.module()
+    _drop_guards(gm)
+    gm.meta["qcompile_inputs"] = inputs
+    return gm
+
+
+def _export(model, inputs: CapturedInputs, dynamic_batch: bool):
+    if dynamic_batch:
+        try:
+            return torch.export.export(model, inputs.args, inputs.kwargs or None,
+                                       dynamic_shapes=_dynamic_batch(inputs), strict=False)
+        except Exception:  # noqa: BLE001 - some models only export with static shapes
+            pass
+    return torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()

@@ -1,0 +1,102 @@
+"""Convert an observed (or fake-quantized) graph into the quantize/dequantize reference graph.
+
+Activation observers become ``quantize_per_tensor -> dequantize_per_tensor`` pairs with the
+calibrated parameters as literals; weights become integer constants followed by a dequantize
+(per-tensor, per-channel or per-group). Every backend lowers from this graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
+from torch import fx
+
+from qcompile import annotation as A
+from qcompile.ir import add_constant, copy_meta, get_attr_value
+from qcompile.qparams import quantize
+from qcompile.specs import FixedSpec, QParams, QuantSpec
+
+from .infra import Pass, PassResult
+from .insert_observers import OBSERVED
+
+qd = torch.ops.quantized_decomposed
+QPARAMS = "qcompile_qparams"  # node.meta of a quantize node: the QParams it applies
+
+
+def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
+    from qcompile.observers import make_observer
+    obs = make_observer(spec)
+    obs(w.detach())
+    return obs.calculate_qparams()
+
+
+def insert_qdq(gm: fx.GraphModule, value: fx.Node, qp: QParams, users=None) -> fx.Node:
+    """Insert q -> dq after ``value`` (per-tensor); rewire ``users`` (default: all) to the dq node."""
+    args = (float(qp.scale.item()), int(qp.zero_point.item()), qp.quant_min, qp.quant_max, qp.dtype)
+    with gm.graph.inserting_after(value):
+        q = gm.graph.call_function(qd.quantize_per_tensor.default, (value, *args))
+    with gm.graph.inserting_after(q):
+        dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, *args))
+    for n in (q, dq):
+        copy_meta(value, n)
+    q.meta[QPARAMS] = qp
+    targets = list(users) if users is not None else [u for u in value.users if u is not q]
+    for u in targets:
+        u.replace_input_with(value, dq)
+    return dq
+
+
+def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec) -> None:
+    """Replace ``node.args[index]`` (a constant) by int constant -> dequantize."""
+    w_node = node.args[index]
+    w = get_attr_value(gm, w_node).detach().float()
+    qp = weight_qparams(w, spec)
+    q = add_constant(gm, f"{node.name}_weight_int", quantize(w, qp), node)
+    if qp.per_tensor:
+        args = (q, float(qp.scale.item()), int(qp.zero_point.item()), qp.quant_min, qp.quant_max, qp.dtype)
+        target = qd.dequantize_per_tensor.default
+    elif qp.group_size is None:
+        s = add_constant(gm, f"{node.name}_weight_scale", qp.scale.float(), node)
+        z = add_constant(gm, f"{node.name}_weight_zp", qp.zero_point.to(torch.int64), node)
+        args = (q, s, z, qp.axis % w.dim(), qp.quant_min, qp.quant_max, qp.dtype)
+        target = qd.dequantize_per_channel.default
+    else:
+        s = add_constant(gm, f"{node.name}_weight_scale", qp.scale.float(), node)
+        z = add_constant(gm, f"{node.name}_weight_zp", qp.zero_point.to(torch.int64), node)
+        args = (q, s, z, qp.quant_min, qp.quant_max, qp.dtype, qp.group_size, torch.float32)
+        target = qd.dequantize_per_channel_group.default
+    with gm.graph.inserting_before(node):
+        dq = gm.graph.call_function(target, args)
+    dq.meta[QPARAMS] = qp
+    copy_meta(w_node, dq, keys=("val",))
+    node.update_arg(index, dq)
+
+
+class ConvertToReference(Pass):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        observed = gm.meta.get(OBSERVED, {})
+        qps = {name: gm.get_submodule(name).calculate_qparams() for name in observed}
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node.target in qps:
+                src, users = node.args[0], list(node.users)
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                insert_qdq(gm, src, qps[node.target], users=users)
+        for node in list(gm.graph.nodes):
+            ann = A.get_annotation(node)
+            if ann is None:
+                continue
+            if isinstance(ann.output_spec, FixedSpec):
+                fs = ann.output_spec
+                insert_qdq(gm, node, QParams(torch.tensor(fs.scale), torch.tensor(fs.zero_point),
+                                             fs.quant_min, fs.quant_max, fs.dtype))
+            for i, spec in ann.input_specs.items():
+                arg = node.args[i] if i < len(node.args) else None
+                if isinstance(spec, QuantSpec) and isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    quantize_weight(gm, node, i, spec)
+        for name in observed:
+            gm.delete_submodule(name)
+        gm.meta.pop(OBSERVED, None)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        return PassResult(gm, True)
+

@@ -1,0 +1,93 @@
+"""Fold eval-mode batch-norm into the preceding conv / linear (new weight and bias constants)."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompile.ir import add_constant, get_attr_value, is_param
+
+from .infra import Pass, PassResult
+from .pattern import Rule, RuleSet
+
+aten = torch.ops.aten
+
+
+def _bn_args(bn: fx.Node):
+    a = list(bn.args)
+    if bn.target == aten.batch_norm.default:  # x, w, b, mean, var, training, momentum, eps, cudnn
+        return a[1], a[2], a[3], a[4], a[5], a[7]
+    return a[1], a[2], a[3], a[4], False, a[6]  # _native_batch_norm_legit_no_training: x,w,b,mean,var,mom,eps
+
+
+def _check(nodes) -> str | None:
+    conv, bn = nodes
+    if not is_param(conv.args[1]):
+        return "weight is not a constant parameter"
+    *_, training, _eps = _bn_args(bn)
+    if training:
+        return "batch-norm is in training mode (use prepare_qat for conv-BN training)"
+    if any(a is not None and not is_param(a) for a in _bn_args(bn)[:4]):
+        return "batch-norm statistics are not constants"
+    return None
+
+
+RULES = RuleSet([
+    Rule("conv2d_bn", ("conv2d", "batch_norm"), _check),
+    Rule("conv1d_bn", ("conv1d", "batch_norm"), _check),
+    Rule("linear_bn", ("linear", "batch_norm"), _check),
+])
+
+
+def fold_params(w, b, gamma, beta, mean, var, eps):
+    """Return (w', b') of conv/linear followed by batch-norm; output channels on axis 0."""
+    inv = torch.rsqrt(var + eps)
+    g = gamma if gamma is not None else torch.ones_like(mean)
+    be = beta if beta is not None else torch.zeros_like(mean)
+    scale = g * inv
+    w2 = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    b0 = b if b is not None else torch.zeros_like(mean)
+    return w2, (b0 - mean) * scale + be
+
+
+class FoldBatchNorm(Pass):
+    def __init__(self, rules: RuleSet = RULES):
+        self.rules = rules
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            rule, nodes, _ = self.rules.match(node)
+            if rule is None:
+                continue
+            conv, bn = nodes
+            val = lambda n: None if n is None else get_attr_value(gm, n).detach()
+            gamma, beta, mean, var, _, eps = _bn_args(bn)
+            bias_node = conv.args[2] if len(conv.args) > 2 else None
+            w2, b2 = fold_params(val(conv.args[1]), val(bias_node), val(gamma), val(beta), val(mean), val(var), eps)
+            wn = add_constant(gm, f"{conv.name}_weight_folded", w2, conv)
+            bnode = add_constant(gm, f"{conv.name}_bias_folded", b2, conv)
+            args = list(conv.args)
+            args[1] = wn
+            if len(args) > 2:
+                args[2] = bnode
+            else:
+                args.append(bnode)
+            conv.args = tuple(args)
+            out = bn
+            if bn.target != aten.batch_norm.default:  # tuple output: replace getitem[0]
+                out = next(u for u in bn.users if u.args[1] == 0)
+            out.replace_all_uses_with(conv)
+            for n in [out, bn] if out is not bn else [bn]:
+                if not n.users:
+                    gm.graph.erase_node(n)
+            modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            _drop_unused_attrs(gm)
+        return PassResult(gm, modified)
+
+
+def _drop_unused_attrs(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)

@@ -1,0 +1,19 @@
+"""qcompile: a quantization compiler for PyTorch models.
+
+    art = qcompile.compile(model, example_inputs, backend="x86", calibration=loader)
+    art(x); print(art.report); art.save("model.qc"); qcompile.load("model.qc")
+"""
+from .api import compile, convert, explain, prepare  # noqa: A004 - the product's verb
+from .artifact import Artifact, load
+from .config import ModuleConfig, QConfig
+from .errors import (BackendUnavailableError, CalibrationError, CaptureError, ConfigError, InputError,
+                     QCompileError, StrictFallbackError, UnsupportedError)
+from .report import Report
+from .specs import ActivationSpec, QuantSpec, WeightSpec
+
+__version__ = "0.1.0"
+__all__ = [
+    "compile", "prepare", "convert", "explain", "load", "Artifact", "Report", "QConfig", "ModuleConfig",
+    "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
+    "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
+]

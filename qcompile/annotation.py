@@ -1,0 +1,83 @@
+"""The one owner of quantization annotations on fx nodes (``node.meta[KEY]``).
+
+Every other module calls :func:`get_annotation` / :func:`set_annotation`; nothing else reads the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from torch import fx
+
+from .specs import Spec
+
+KEY = "qcompile_annotation"
+GROUP_KEY = "qcompile_group"
+
+# Status of a node in the coverage report.
+INT8 = "int8"
+FLOAT_UNSUPPORTED = "float: unsupported by backend"
+FLOAT_EXCLUDED = "float: excluded by user"
+FLOAT_NOT_CAPTURED = "float: not captured"
+FLOAT_RUNTIME = "float: fell back on the runtime"
+PASSTHROUGH = "n/a"  # placeholders, parameters, outputs
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Per-node quantization intent chosen by the backend.
+
+    input_specs  argument index -> spec of that input edge (activation, weight, bias)
+    output_spec  spec of the node's output, or None when the output stays float / inside a group
+    status / reason  int8 or one of the float statuses, with the reason a user reads
+    group        name of the fusion group this node belongs to (its anchor's name)
+    pattern      name of the support-table entry that claimed the node
+    """
+
+    input_specs: dict = field(default_factory=dict)
+    output_spec: Spec | None = None
+    status: str = INT8
+    reason: str = ""
+    group: str | None = None
+    pattern: str | None = None
+
+    def with_(self, **kw) -> "Annotation":
+        return replace(self, **kw)
+
+
+def get_annotation(node: fx.Node) -> Annotation | None:
+    return node.meta.get(KEY)
+
+
+def set_annotation(node: fx.Node, ann: Annotation | None) -> None:
+    if ann is None:
+        node.meta.pop(KEY, None)
+    else:
+        node.meta[KEY] = ann
+
+
+@dataclass(frozen=True)
+class FusionGroup:
+    """Nodes that run as one kernel: anchor first, output node last."""
+
+    name: str
+    pattern: str
+    nodes: tuple[str, ...]
+
+    @property
+    def anchor(self) -> str:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> str:
+        return self.nodes[-1]
+
+
+def get_group(node: fx.Node) -> FusionGroup | None:
+    return node.meta.get(GROUP_KEY)
+
+
+def set_group(node: fx.Node, group: FusionGroup | None) -> None:
+    if group is None:
+        node.meta.pop(GROUP_KEY, None)
+    else:
+        node.meta[GROUP_KEY] = group

@@ -1,0 +1,88 @@
+"""fx helpers shared by passes and backends, and the one fx -> networkx view."""
+from __future__ import annotations
+
+import itertools
+
+import networkx as nx
+import torch
+from torch import fx
+
+
+def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a get_attr node refers to."""
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_param(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def add_constant(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a buffer of ``gm`` under a fresh name; return a get_attr node before ``before``."""
+    base = base.replace(".", "_")
+    for i in itertools.count():
+        name = f"{base}_{i}" if i else base
+        if not hasattr(gm, name):
+            break
+    gm.register_buffer(name, value.detach().clone())
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def module_type(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][1]
+
+
+def copy_meta(src: fx.Node, dst: fx.Node, keys=("nn_module_stack", "stack_trace", "val", "tensor_meta")) -> None:
+    for k in keys:
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]
+
+
+def erase_dead_params(gm: fx.GraphModule) -> None:
+    """Erase unused get_attr nodes (and the buffers they referenced when nothing else does)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """Directed graph of node names (edges producer -> consumer) with the fx node as attribute."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, node=node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def tensor_numel(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        try:
+            return int(val.numel())
+        except Exception:  # symbolic shapes
+            return int(torch.Size([s if isinstance(s, int) else 1 for s in val.shape]).numel())
+    return 0
+
+
+def concrete_shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(int(s) if isinstance(s, int) else int(s.node.hint) if hasattr(s, "node") and s.node.hint is not None else 1
+                 for s in val.shape)

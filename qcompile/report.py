@@ -1,0 +1,179 @@
+"""Coverage report: every node int8 / float with the reason, op counts, parameter and MAC shares."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from . import annotation as A
+from .errors import StrictFallbackError
+from .ir import concrete_shape, get_attr_value, module_path
+from .passes.pattern import op_kind
+
+_SKIP = {"getitem", "sym_size", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
+FLOAT_STATUSES = (A.FLOAT_UNSUPPORTED, A.FLOAT_RUNTIME)
+
+
+@dataclass
+class Row:
+    name: str
+    op: str
+    module: str
+    status: str
+    reason: str = ""
+    kernel: str = ""
+    params: int = 0
+    macs: int = 0
+    source: str = ""
+
+
+@dataclass
+class Report:
+    backend: str
+    runtime: str = ""
+    mode: str = "static"
+    rows: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    verify: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    predicted: bool = False
+
+    # -- queries --------------------------------------------------------------------------------
+    def by_status(self) -> Counter:
+        return Counter(r.status for r in self.rows)
+
+    def float_nodes(self, include_excluded: bool = False) -> dict[str, str]:
+        ok = FLOAT_STATUSES + ((A.FLOAT_EXCLUDED,) if include_excluded else ())
+        return {r.name: r.reason for r in self.rows if r.status in ok}
+
+    def int8_nodes(self) -> list[str]:
+        return [r.name for r in self.rows if r.status == A.INT8]
+
+    def share(self, attr: str) -> float:
+        total = sum(getattr(r, attr) for r in self.rows)
+        done = sum(getattr(r, attr) for r in self.rows if r.status == A.INT8)
+        return done / total if total else 0.0
+
+    def check_strict(self, allow_float=()) -> None:
+        bad = {r.name: (r.op, r.reason) for r in self.rows if r.status in FLOAT_STATUSES and r.op not in allow_float}
+        if bad:
+            lines = "\n".join(f"  {n} ({op}): {why}" for n, (op, why) in bad.items())
+            raise StrictFallbackError(
+                f"strict=True: {len(bad)} node(s) would run in float on {self.backend}:\n{lines}\n"
+                f"  fix: exclude them (exclude=[...]), allow them (allow_float={{'op', ...}}) or pick another backend")
+
+    # -- output ---------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {"backend": self.backend, "runtime": self.runtime, "mode": self.mode,
+                "nodes": len(self.rows), "by_status": dict(self.by_status()),
+                "int8_param_share": round(self.share("params"), 4), "int8_mac_share": round(self.share("macs"), 4)}
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "config": self.config, "verify": self.verify, "sizes": self.sizes,
+                "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows]}
+
+    def to_json(self, path: str | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
+        if path:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def to_html(self, path: str | None = None) -> str:
+        import jinja2
+        env = jinja2.Environment(loader=jinja2.PackageLoader("qcompile", "templates"), autoescape=True)
+        html = env.get_template("report.html").render(r=self, s=self.summary())
+        if path:
+            with open(path, "w") as f:
+                f.write(html)
+        return html
+
+    def __str__(self) -> str:
+        s = self.summary()
+        head = (f"qcompile report — backend {self.backend} ({self.runtime}), mode {self.mode}"
+                f"{' [predicted, before calibration]' if self.predicted else ''}\n"
+                f"nodes: {s['nodes']}  " + "  ".join(f"{k}: {v}" for k, v in s["by_status"].items()) +
+                f"\nint8 share: parameters {s['int8_param_share']:.1%}, MACs {s['int8_mac_share']:.1%}\n")
+        cols = ["name", "op", "module", "status", "kernel", "reason"]
+        table = [[r.name, r.op, r.module, r.status, r.kernel, r.reason] for r in self.rows]
+        widths = [min(40, max([len(c)] + [len(str(t[i])) for t in table])) for i, c in enumerate(cols)]
+        fmt = lambda vals: "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths)).rstrip()
+        body = "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(t) for t in table])
+        tail = ""
+        if self.verify:
+            tail += "\nverification: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.verify.items() if not isinstance(v, (dict, list)))
+        if self.sizes:
+            tail += "\nsizes: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.sizes.items())
+        tail += "\nconfig: " + json.dumps(self.config, default=str) if self.config else ""
+        return head + body + tail
+
+    __repr__ = __str__
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _jsonable(v):
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return str(v)
+    return str(v)
+
+
+def _macs(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
+    """(parameter count, multiply-accumulates) of a conv / linear / matmul node."""
+    kind = op_kind(node)
+    out = concrete_shape(node)
+    if out is None or kind not in ("conv1d", "conv2d", "linear", "matmul", "conv_transpose2d"):
+        return 0, 0
+    out_numel = math.prod(out)
+    if kind == "matmul":
+        a = concrete_shape(node.args[0])
+        return 0, out_numel * (a[-1] if a else 0)
+    w = node.args[1]
+    wshape = concrete_shape(w) if isinstance(w, fx.Node) else None
+    if wshape is None and isinstance(w, fx.Node) and w.op == "get_attr":
+        wshape = tuple(get_attr_value(gm, w).shape)
+    if not wshape:
+        return 0, 0
+    params = math.prod(wshape)
+    per_out = math.prod(wshape[1:]) if kind != "conv_transpose2d" else math.prod(wshape[1:]) * 1
+    return params, out_numel * per_out
+
+
+def _source(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    return lines[-1] if lines else ""
+
+
+def build_rows(gm: fx.GraphModule) -> list[Row]:
+    """Rows from an annotated (pre-observer) graph."""
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name in _SKIP:
+            continue
+        ann = A.get_annotation(node)
+        params, macs = _macs(gm, node)
+        rows.append(Row(node.name, op_kind(node) or name, module_path(node),
+                        ann.status if ann else A.FLOAT_UNSUPPORTED,
+                        (ann.reason if ann else "not annotated") if not ann or ann.status != A.INT8 else "",
+                        ann.pattern or "" if ann and ann.status == A.INT8 else "", params, macs, _source(node)))
+    return rows
+
+
+def apply_lowering(rows: list[Row], kernels: dict, fallbacks: dict, runtime: str) -> None:
+    """Mark what the lowered artifact actually runs: kernel names, and int8 nodes that fell back."""
+    for r in rows:
+        if r.name in kernels:
+            r.kernel = kernels[r.name]
+        elif r.status == A.INT8 and r.name in fallbacks:
+            r.status, r.reason, r.kernel = A.FLOAT_RUNTIME, f"{runtime}: {fallbacks[r.name]}", ""

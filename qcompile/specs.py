@@ -1,0 +1,183 @@
+"""Frozen quantization intent.
+
+A spec says *how* one tensor (a node's output or one input edge) is quantized; it never holds
+calibration results. Backends attach specs to graph nodes (see ``qcompile.annotation``); observers,
+fake-quant and convert only read them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy"]
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
+_INT_DTYPES = {torch.int8: True, torch.uint8: False, torch.int32: True, torch.int16: True}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One tensor's quantization scheme.
+
+    dtype     storage dtype (int8 / uint8 / int32); ``bits`` may be fewer than the dtype holds.
+    symmetric zero point fixed (0 for signed, 2**(bits-1) for unsigned) instead of fitted.
+    narrow    signed symmetric range [-(2**(b-1)-1), 2**(b-1)-1] (drops -128, as XNNPACK wants).
+    reduce_range  one bit fewer than ``bits`` (AVX2 u8*s8 saturation work-around, as torch.ao x86).
+    granularity / axis / group_size  per_tensor, per_channel along ``axis``, per_group of
+              ``group_size`` along the last axis, per_token (dynamic activations).
+    observer / percentile  how calibration picks the range.
+    """
+
+    dtype: torch.dtype = torch.uint8
+    bits: int = 8
+    symmetric: bool = False
+    narrow: bool = False
+    reduce_range: bool = False
+    granularity: Granularity = "per_tensor"
+    axis: int | None = None
+    group_size: int | None = None
+    observer: ObserverKind = "minmax"
+    percentile: float = 99.99
+    averaging_constant: float = 0.01
+
+    def __post_init__(self):
+        if self.dtype not in _INT_DTYPES:
+            raise ValueError(f"QuantSpec dtype must be one of {list(_INT_DTYPES)}, got {self.dtype}")
+        width = torch.iinfo(self.dtype).bits
+        if not 2 <= self.bits <= width:
+            raise ValueError(f"QuantSpec bits={self.bits} does not fit in {self.dtype}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "per_channel" and self.axis is None:
+            raise ValueError("per_channel QuantSpec needs an axis")
+        if self.granularity == "per_group" and not self.group_size:
+            raise ValueError("per_group QuantSpec needs a group_size")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def signed(self) -> bool:
+        return _INT_DTYPES[self.dtype]
+
+    @property
+    def effective_bits(self) -> int:
+        return self.bits - 1 if self.reduce_range else self.bits
+
+    @property
+    def quant_min(self) -> int:
+        b = self.effective_bits
+        if self.signed:
+            return -(2 ** (b - 1)) + (1 if self.narrow else 0)
+        return 0
+
+    @property
+    def quant_max(self) -> int:
+        b = self.effective_bits
+        return 2 ** (b - 1) - 1 if self.signed else 2**b - 1
+
+    def describe(self) -> str:
+        kind = "sym" if self.symmetric else "affine"
+        gran = self.granularity
+        if self.granularity == "per_channel":
+            gran += f"(axis={self.axis})"
+        elif self.granularity == "per_group":
+            gran += f"({self.group_size})"
+        name = {torch.int8: "int", torch.uint8: "uint", torch.int32: "int", torch.int16: "int"}[self.dtype]
+        return f"{name}{self.effective_bits} {kind} {gran} [{self.observer}]"
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """Share quantization parameters with the output of node ``node`` (max-pool, reshape, cat...)."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class DerivedSpec:
+    """Parameters derived from other tensors' parameters: bias scale = input scale * weight scale."""
+
+    from_args: tuple[int, ...]  # argument indices of the consuming node whose scales multiply
+    dtype: torch.dtype = torch.int32
+    kind: str = "bias"
+
+
+@dataclass(frozen=True)
+class FixedSpec:
+    """Fixed parameters an op's output range dictates (sigmoid: [0, 1) with scale 1/256)."""
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype = torch.uint8
+    quant_min: int = 0
+    quant_max: int = 255
+
+
+Spec = Union[QuantSpec, SharedSpec, DerivedSpec, FixedSpec]
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Calibrated parameters for one tensor: what an observer produces and convert consumes."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    quant_min: int
+    quant_max: int
+    dtype: torch.dtype
+    axis: int | None = None
+    group_size: int | None = None
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.axis is None and self.group_size is None
+
+    def to_json(self) -> dict:
+        return {
+            "scale": self.scale.flatten().tolist(), "zero_point": self.zero_point.flatten().tolist(),
+            "quant_min": self.quant_min, "quant_max": self.quant_max, "dtype": str(self.dtype),
+            "axis": self.axis, "group_size": self.group_size,
+        }
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """User-facing weight configuration; the backend turns it into a QuantSpec."""
+
+    bits: int = 8
+    granularity: Granularity = "per_channel"
+    symmetric: bool = True
+    group_size: int | None = None
+    observer: ObserverKind = "minmax"
+    dtype: str = "int"  # "int" or "nf4" (weight-only)
+
+    def __post_init__(self):
+        if self.group_size is not None and self.granularity != "per_group":
+            object.__setattr__(self, "granularity", "per_group")
+        if self.granularity not in ("per_tensor", "per_channel", "per_group"):
+            raise ValueError(f"WeightSpec granularity must be per_tensor/per_channel/per_group, got {self.granularity!r}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"WeightSpec bits must be in 2..8, got {self.bits}")
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """User-facing activation configuration; the backend turns it into a QuantSpec."""
+
+    bits: int = 8
+    symmetric: bool = False
+    observer: ObserverKind = "mse"
+    percentile: float = 99.99
+    granularity: Granularity = "per_tensor"
+
+    def __post_init__(self):
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"ActivationSpec observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"ActivationSpec bits must be in 2..8, got {self.bits}")
