@@ -89,8 +89,13 @@ class Annotate(Pass):
             inputs[row.weight_arg] = self.specs.weight(mc.weights, row, anchor)
         output = {ANCHOR: act_spec, PROPAGATE: act_spec, FIXED: row.fixed,
                   SHARED: SharedSpec(acts[0].name)}[row.kind]
+        status, reason = A.INT8, row.note
+        if not self.config.quantize_outputs and any(u.op == "output" for u in out.users):
+            output, status = None, A.FLOAT_OUTPUT
+            reason = "feeds the model output: int8 inputs/weights, float compute and output (quantize_outputs=False)"
         for n in nodes:
             A.set_annotation(n, A.Annotation(
                 input_specs=inputs if n is anchor else {}, output_spec=output if n is out else None,
-                status=A.INT8, reason=row.note, group=anchor.name, pattern=row.name))
-        quantized.add(out.name)
+                status=status, reason=reason, group=anchor.name, pattern=row.name))
+        if output is not None:
+            quantized.add(out.name)

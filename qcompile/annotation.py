@@ -19,6 +19,7 @@ FLOAT_UNSUPPORTED = "float: unsupported by backend"
 FLOAT_EXCLUDED = "float: excluded by user"
 FLOAT_NOT_CAPTURED = "float: not captured"
 FLOAT_RUNTIME = "float: fell back on the runtime"
+FLOAT_OUTPUT = "float: model output"  # int8 inputs / weights, float compute so outputs are not rounded
 PASSTHROUGH = "n/a"  # placeholders, parameters, outputs
 
 

@@ -77,35 +77,69 @@ def _sample_to_inputs(sample, n_inputs: int):
     raise CalibrationError(f"calibration samples must be tensors, tuples or dicts, got {type(sample).__name__}")
 
 
-def _setup(model, example_inputs, backend, config, weights, activations, exclude, mode, strict,
-           allow_float, example_kwargs, backend_options, train=False):
-    if mode not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-    be = get_backend(backend, **(backend_options or {}))
-    cfg = make_config(config, weights, activations, exclude)
-    validate(cfg, be.capabilities(), be.name, mode)
+@dataclass(frozen=True)
+class Options:
+    """Every keyword option of compile / prepare / explain, validated in one place."""
+
+    config: QConfig | None = None
+    weights: object = None
+    activations: object = None
+    exclude: tuple = ()
+    mode: str = "static"
+    strict: bool = False
+    allow_float: frozenset = frozenset()
+    example_kwargs: dict | None = None
+    backend_options: dict | None = None
+    quantize_outputs: bool | None = None
+    algorithm: str | None = None
+
+    @classmethod
+    def parse(cls, kwargs: dict) -> "Options":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(known)}")
+        kw = dict(kwargs)
+        kw["exclude"] = tuple(kw.get("exclude") or ())
+        kw["allow_float"] = frozenset(kw.get("allow_float") or ())
+        opts = cls(**kw)
+        if opts.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {opts.mode!r}")
+        return opts
+
+
+def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
+    be = get_backend(backend, **(opts.backend_options or {}))
+    cfg = make_config(opts.config, opts.weights, opts.activations, opts.exclude, opts.quantize_outputs)
+    validate(cfg, be.capabilities(), be.name, opts.mode)
     d = be.default_config()
     cfg = cfg.with_defaults(d.weights, d.activations)
     t0 = time.perf_counter()
-    gm = capture(model, example_inputs, example_kwargs, train=train)
+    gm = capture(model, example_inputs, opts.example_kwargs, train=train)
     t1 = time.perf_counter()
     float_gm = copy.deepcopy(gm)
-    pm = PassManager(be.prepare_passes(cfg) if mode != "qat" else be.prepare_qat_passes(cfg))
+    pm = PassManager(be.prepare_passes(cfg, opts.mode) if _takes_mode(be) else be.prepare_passes(cfg))
     gm = pm(gm).graph_module
     rows = build_rows(gm)
-    ctx = Context(be, cfg, mode, strict, frozenset(allow_float or ()), gm.meta["qcompile_inputs"], float_gm, rows,
+    ctx = Context(be, cfg, opts.mode, opts.strict, opts.allow_float, gm.meta["qcompile_inputs"], float_gm, rows,
                   {"capture_s": t1 - t0, "prepare_passes_s": time.perf_counter() - t1}, pm.log)
     return gm, ctx
 
 
-def prepare(model: nn.Module, example_inputs, backend="x86", *, config: QConfig | None = None, weights=None,
-            activations=None, exclude=None, mode: str = "static", strict: bool = False, allow_float=None,
-            example_kwargs=None, backend_options=None) -> PreparedModel:
-    """Capture, run the backend's prepare passes and insert observers. The user's model is not touched."""
+def _takes_mode(backend) -> bool:
+    import inspect
+    return "mode" in inspect.signature(backend.prepare_passes).parameters
+
+
+def prepare(model: nn.Module, example_inputs, backend="x86", **options) -> PreparedModel:
+    """Capture, run the backend's prepare passes and insert observers. The user's model is not touched.
+
+    Options: config, weights, activations, exclude, mode, strict, allow_float, example_kwargs,
+    backend_options, quantize_outputs (see :class:`Options`)."""
     from .observers import make_observer
-    gm, ctx = _setup(model, example_inputs, backend, config, weights, activations, exclude, mode, strict,
-                     allow_float, example_kwargs, backend_options)
-    if strict:
+    opts = Options.parse(options)
+    gm, ctx = _setup(model, example_inputs, backend, opts)
+    if opts.strict:
         _report(ctx, predicted=True).check_strict(ctx.allow_float)
     t0 = time.perf_counter()
     gm = PassManager([InsertObservers(make_observer)])(gm).graph_module
@@ -133,16 +167,15 @@ def convert(prepared: PreparedModel, verify: bool = True) -> Artifact:
     return Artifact.build(ref, ctx.backend, ctx, verify=verify)
 
 
-def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, config=None, weights=None,
-            activations=None, exclude=None, mode: str = "static", strict: bool = False, allow_float=None,
-            example_kwargs=None, backend_options=None, verify: bool = True, progress=None) -> Artifact:
-    """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples)."""
-    if mode == "static" and calibration is None:
+def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
+            progress=None, **options) -> Artifact:
+    """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
+    tensors, tuples of positional inputs or dicts of keyword inputs). Other options: see :class:`Options`."""
+    opts = Options.parse(options)
+    if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
                                "(or use mode='dynamic' / 'weight_only', which need none)")
-    prepared = prepare(model, example_inputs, backend, config=config, weights=weights, activations=activations,
-                       exclude=exclude, mode=mode, strict=strict, allow_float=allow_float,
-                       example_kwargs=example_kwargs, backend_options=backend_options)
+    prepared = prepare(model, example_inputs, backend, **options)
     t0 = time.perf_counter()
     if calibration is not None:
         prepared.calibrate(calibration, progress=progress)
@@ -150,12 +183,7 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
     return convert(prepared, verify=verify)
 
 
-def explain(model: nn.Module, example_inputs, backend="x86", **kwargs) -> Report:
+def explain(model: nn.Module, example_inputs, backend="x86", **options) -> Report:
     """Predict coverage (what will be int8 and what float, and why) before any calibration."""
-    _, ctx = _setup(model, example_inputs, backend, kwargs.pop("config", None), kwargs.pop("weights", None),
-                    kwargs.pop("activations", None), kwargs.pop("exclude", None), kwargs.pop("mode", "static"),
-                    False, kwargs.pop("allow_float", None), kwargs.pop("example_kwargs", None),
-                    kwargs.pop("backend_options", None))
-    if kwargs:
-        raise ConfigError(f"explain() got unexpected options {sorted(kwargs)}")
+    _, ctx = _setup(model, example_inputs, backend, Options.parse(options))
     return _report(ctx, predicted=True)

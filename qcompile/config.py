@@ -27,17 +27,20 @@ class QConfig:
     """weights / activations: global defaults (None: the backend's default).
     module_types: {nn.Conv2d or "Conv2d": ModuleConfig | None(=exclude)}
     module_names: {"layer4" or regex "layer4\\..*": ModuleConfig | None(=exclude)}
-    exclude: module names / regexes / types kept in float."""
+    exclude: module names / regexes / types kept in float.
+    quantize_outputs: quantize the values the model returns (default False: the layer producing an
+      output takes int8 inputs and weights but writes float, so outputs are not rounded to 8 bits)."""
 
     weights: WeightSpec | None = None
     activations: ActivationSpec | None = None
     module_types: dict = field(default_factory=dict)
     module_names: dict = field(default_factory=dict)
     exclude: tuple = ()
+    quantize_outputs: bool = False
 
     def with_defaults(self, weights: WeightSpec, activations: ActivationSpec) -> "QConfig":
         return QConfig(self.weights or weights, self.activations or activations,
-                       dict(self.module_types), dict(self.module_names), tuple(self.exclude))
+                       dict(self.module_types), dict(self.module_names), tuple(self.exclude), self.quantize_outputs)
 
     def all_specs(self):
         yield "global", self.weights, self.activations
@@ -51,7 +54,7 @@ class QConfig:
             "weights": repr(self.weights), "activations": repr(self.activations),
             "module_types": {_key_name(k): repr(v) if v else "float (excluded)" for k, v in self.module_types.items()},
             "module_names": {k: repr(v) if v else "float (excluded)" for k, v in self.module_names.items()},
-            "exclude": [_key_name(e) for e in self.exclude],
+            "exclude": [_key_name(e) for e in self.exclude], "quantize_outputs": self.quantize_outputs,
         }
 
 
@@ -134,7 +137,7 @@ def _check(ok: bool, backend: str, where: str, what: str, allowed) -> None:
                           f"Change the option or pick another backend.")
 
 
-def make_config(config: QConfig | None, weights, activations, exclude) -> QConfig:
+def make_config(config: QConfig | None, weights, activations, exclude, quantize_outputs=None) -> QConfig:
     """Merge the keyword shortcuts of compile()/prepare() into one QConfig."""
     cfg = config or QConfig()
     if not isinstance(cfg, QConfig):
@@ -143,5 +146,6 @@ def make_config(config: QConfig | None, weights, activations, exclude) -> QConfi
         raise ConfigError(f"weights= must be a qcompile.WeightSpec, got {type(weights).__name__}")
     if activations is not None and not isinstance(activations, ActivationSpec):
         raise ConfigError(f"activations= must be a qcompile.ActivationSpec, got {type(activations).__name__}")
+    qo = cfg.quantize_outputs if quantize_outputs is None else bool(quantize_outputs)
     return QConfig(weights or cfg.weights, activations or cfg.activations, dict(cfg.module_types),
-                   dict(cfg.module_names), tuple(cfg.exclude) + tuple(exclude or ()))
+                   dict(cfg.module_names), tuple(cfg.exclude) + tuple(exclude or ()), qo)

@@ -35,6 +35,7 @@ class LowerResult:
     gm: fx.GraphModule
     kernels: dict = field(default_factory=dict)    # ref node name -> kernel name
     fallbacks: dict = field(default_factory=dict)  # ref node name -> reason it stayed float
+    taps: dict = field(default_factory=dict)       # ref quantize node name -> lowered node name (same value)
 
 
 def _qparams(q: fx.Node) -> tuple[float, int, torch.dtype]:
@@ -159,8 +160,12 @@ class Lowerer:
         if self.channels_last and _ndim(src) == 4:
             x = self.call(torch.Tensor.contiguous, (x,))
             x.kwargs = {"memory_format": torch.channels_last}
-        out = self.call(torch.quantize_per_tensor, (x, scale, zp, _TORCH_DTYPE[dtype]), src)
+        # the reference's own quantize op, then a zero-copy view as a quantized tensor: bit-exact with
+        # the reference graph (torch.quantize_per_tensor rounds x / scale, the reference x * (1 / scale))
+        ints = self.call(qd.quantize_per_tensor.default, (x, *q.args[1:]), src)
+        out = self.call(torch._make_per_tensor_quantized_tensor, (ints, scale, zp), src)
         self.env[q.name] = Value(out, True, scale, zp)
+        self.result.taps[q.name] = out.name
 
     def _float_op(self, node: fx.Node):
         args = self.as_float(node.args)
@@ -190,6 +195,7 @@ class Lowerer:
             self.result.kernels[n.name] = reason.kernel
         self.done.add(users[0].name)
         self.env[users[0].name] = reason.value
+        self.result.taps[users[0].name] = reason.value.node.name
         return True
 
 

@@ -1,0 +1,120 @@
+"""The ExecuTorch backend: support table -> annotations; reference graph -> .pte with XNNPACK delegation."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.config import QConfig
+from qcompile.errors import ConfigError
+from qcompile.passes.annotate import Annotate, SpecMaker
+from qcompile.passes.fold_batch_norm import FoldBatchNorm
+from qcompile.passes.fuse import FuseGroups
+from qcompile.passes.normalize import Normalize
+from qcompile.passes.pattern import Rule, RuleSet
+from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
+
+from . import support
+
+INSTALL_HINT = "pip install executorch==1.5.1 torchao==0.18.*"
+_REQUIRED = ("executorch", "torchao")
+_MODULES = ("executorch.exir", "executorch.runtime",
+            "executorch.backends.xnnpack.partition.xnnpack_partitioner", "executorch.devtools.backend_debug")
+
+
+@dataclass(frozen=True)
+class ExecuTorchOptions:
+    """narrow_weights: symmetric weights in [-127, 127] (XNNPACKQuantizer's range; keeps -128 unused).
+    num_threads: size of ExecuTorch's XNNPACK thread pool when running (None: leave the runtime default).
+        The pool is process-wide: the last value set wins.
+    duplicate_dequant: give every consumer its own dequantize node before export (what PT2E's
+        convert_pt2e does; XNNPACK's partitioner claims a dequantize together with its one consumer)."""
+
+    narrow_weights: bool = True
+    num_threads: int | None = None
+    duplicate_dequant: bool = True
+
+
+class ExecuTorchBackend:
+    name = "executorch"
+    file_extensions = (".pte",)
+
+    def __init__(self, **options):
+        try:
+            self.options = ExecuTorchOptions(**options)
+        except TypeError as e:
+            raise ConfigError(f"executorch backend: {e}; options are {list(ExecuTorchOptions.__dataclass_fields__)}") from e
+        if self.options.num_threads is not None and self.options.num_threads < 1:
+            raise ConfigError(f"executorch backend: num_threads must be >= 1, got {self.options.num_threads}")
+
+    # -- availability -----------------------------------------------------------------------------
+    def is_available(self):
+        missing = [pkg for pkg in _REQUIRED if importlib.util.find_spec(pkg) is None]
+        if missing:
+            return False, f"missing Python package(s) {', '.join(missing)}: {INSTALL_HINT}"
+        for mod in _MODULES:
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # noqa: BLE001 - any import failure means the runtime is unusable
+                return False, f"{mod} failed to import ({type(e).__name__}: {e}); reinstall: {INSTALL_HINT}"
+        from executorch.runtime import Runtime
+        if not Runtime.get().backend_registry.is_available("XnnpackBackend"):
+            return False, f"this executorch build has no XNNPACK runtime backend: {INSTALL_HINT}"
+        return True, ""
+
+    # -- annotation -------------------------------------------------------------------------------
+    def support_table(self):
+        return support.TABLE
+
+    def capabilities(self):
+        return support.CAPABILITIES
+
+    def default_config(self) -> QConfig:
+        return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
+                       activations=ActivationSpec(observer="mse"))
+
+    def fusion_rules(self) -> RuleSet:
+        return RuleSet(Rule(row.name, row.ops) for row in self.support_table())
+
+    def act_spec(self, a: ActivationSpec) -> QuantSpec:
+        return QuantSpec(dtype=torch.int8, bits=a.bits, symmetric=a.symmetric, observer=a.observer,
+                         percentile=a.percentile)
+
+    def weight_spec(self, w: WeightSpec, row, node) -> QuantSpec:
+        gran = w.granularity if w.granularity in row.weight_granularities else "per_tensor"
+        return QuantSpec(dtype=torch.int8, bits=w.bits, symmetric=True, narrow=self.options.narrow_weights,
+                         granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
+
+    def prepare_passes(self, config: QConfig) -> list:
+        specs = SpecMaker(self.act_spec, self.weight_spec)
+        return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
+                Annotate(self.support_table(), config, specs, self.name, support.NOTES)]
+
+    # -- lowering and running ---------------------------------------------------------------------
+    def lower(self, reference, example_inputs):
+        from .lower import LowerOptions, lower_reference
+        opts = LowerOptions(self.options.duplicate_dequant)
+        return lower_reference(reference, example_inputs, opts)
+
+    def runtime_name(self) -> str:
+        try:
+            from executorch.version import __version__ as version
+        except ImportError:
+            version = "?"
+        return f"ExecuTorch {version} + XNNPACK"
+
+    def run(self, lowered, args, kwargs):
+        from .runtime import set_threads
+        if self.options.num_threads is not None:
+            set_threads(self.options.num_threads)
+        return lowered.program.run(args, kwargs)
+
+    def save(self, artifact, path: str) -> None:
+        """Write the .pte program (Artifact.save hands us a temporary path and renames it atomically)."""
+        with open(path, "wb") as f:
+            f.write(artifact.lowered.program.buffer)
+
+    def verify_runtime(self, artifact) -> dict:
+        from .verify import verify_runtime
+        return verify_runtime(artifact)

@@ -1,0 +1,155 @@
+"""Lower the quantize/dequantize reference graph to an ExecuTorch program with XNNPACK delegation.
+
+    reference graph (copy) ── tag every node with its reference name, one dequantize per consumer
+        └─ torch.export (static shapes of the example inputs)      quantized_decomposed q/dq + ATen
+            └─ to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])
+                └─ read back the delegation (delegation.py) ── kernels / fallbacks per reference node
+                    └─ to_executorch() ── .pte buffer, loaded in executorch.runtime
+
+The reference graph already is the form PT2E's ``convert_pt2e`` produces (int8 weight constants ->
+dequantize_per_channel, activations quantize -> dequantize, float bias), which is what XNNPACK's
+partitioner pattern-matches; lowering only re-exports it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from qcompile.errors import QCompileError
+from qcompile.passes.capture import CapturedInputs
+
+from .delegation import TAG, Delegation, read_delegation
+from .runtime import PteProgram
+
+qd = torch.ops.quantized_decomposed
+_DQ_ACT = (qd.dequantize_per_tensor.default,)
+
+
+@dataclass(frozen=True)
+class LowerOptions:
+    duplicate_dequant: bool = True
+
+
+@dataclass
+class ExecuTorchLowered:
+    """What ``ExecuTorchBackend.lower`` returns: the program and what the runtime does with each node."""
+
+    program: PteProgram
+    delegation: Delegation
+    kernels: dict = field(default_factory=dict)    # reference node -> "XNNPACK int8 convolution" ...
+    fallbacks: dict = field(default_factory=dict)  # reference node (meant int8) -> why it is not int8
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def pte_bytes(self) -> int:
+        return len(self.program.buffer)
+
+
+# -- rewriting the reference copy ---------------------------------------------------------------------
+def tag_nodes(gm: fx.GraphModule) -> None:
+    """Record each node's reference name in ``meta["custom"]``: torch.export and ExecuTorch's edge
+    passes carry that dict onto every node derived from it (decompositions included)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.meta["custom"] = {**(node.meta.get("custom") or {}), TAG: node.name}
+
+
+def duplicate_dequant(gm: fx.GraphModule) -> bool:
+    """Give every consumer of an activation dequantize its own copy (PT2E's DuplicateDQPass)."""
+    modified = False
+    for dq in [n for n in gm.graph.nodes if n.target in _DQ_ACT and len(n.users) > 1]:
+        for user in list(dq.users)[1:]:
+            with gm.graph.inserting_before(user):
+                twin = gm.graph.call_function(dq.target, dq.args, dict(dq.kwargs))
+            twin.meta = copy.copy(dq.meta)
+            user.replace_input_with(dq, twin)
+            modified = True
+    if modified:
+        gm.recompile()
+    return modified
+
+
+def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> fx.GraphModule:
+    gm = copy.deepcopy(reference)
+    tag_nodes(gm)
+    if opts.duplicate_dequant:
+        duplicate_dequant(gm)
+    return gm
+
+
+def export_static(gm: fx.GraphModule, inputs: CapturedInputs) -> torch.export.ExportedProgram:
+    """Export at the example inputs' shapes: XNNPACK delegates static reshapes only."""
+    try:
+        return torch.export.export(gm, tuple(inputs.args), dict(inputs.kwargs) or None, strict=False)
+    except Exception as e:  # noqa: BLE001 - translated into an actionable error
+        raise QCompileError(f"executorch backend: torch.export could not re-export the reference graph: "
+                            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}\n"
+                            f"  fix: report this graph (art.reference.print_readable()) or exclude the module "
+                            f"named in the error") from e
+
+
+# -- XNNPACK's "why not" log ----------------------------------------------------------------------
+class _WhyNotHandler(logging.Handler):
+    """Collects XNNPACK partitioner rejections (``WhyNoPartition`` log records), keyed by reference node."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.reasons: dict[str, list[str]] = {}
+
+    def emit(self, record):
+        why = record.msg
+        node, reason = getattr(why, "node", None), getattr(why, "reason", None)
+        if node is None or reason is None:
+            return
+        ref = ((getattr(node, "meta", {}) or {}).get("custom") or {}).get(TAG, getattr(node, "name", "?"))
+        target = getattr(getattr(node, "target", None), "__name__", str(getattr(node, "target", "")))
+        text = f"{target}: {reason}"
+        bucket = self.reasons.setdefault(ref, [])
+        if text not in bucket:
+            bucket.append(text)
+
+
+@contextmanager
+def capture_why_not(logger_name: str = "executorch.backends.xnnpack"):
+    logger = logging.getLogger(logger_name)
+    handler = _WhyNotHandler()
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # keep XNNPACK's debug chatter out of the user's log
+    try:
+        yield handler.reasons
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+def to_edge_xnnpack(ep: torch.export.ExportedProgram):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    with capture_why_not() as reasons:
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    return edge, reasons
+
+
+def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions) -> ExecuTorchLowered:
+    t0 = time.perf_counter()
+    gm = prepare_reference(reference, opts)
+    ep = export_static(gm, inputs)
+    t1 = time.perf_counter()
+    edge, reasons = to_edge_xnnpack(ep)
+    t2 = time.perf_counter()
+    delegation = read_delegation(edge.exported_program().graph_module, reasons)
+    kernels, fallbacks = delegation.kernels_and_fallbacks(reference)
+    program = PteProgram.from_edge(edge, inputs)
+    t3 = time.perf_counter()
+    return ExecuTorchLowered(program, delegation, kernels, fallbacks,
+                             {"export_s": t1 - t0, "to_edge_and_lower_s": t2 - t1, "to_executorch_s": t3 - t2})

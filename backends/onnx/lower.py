@@ -1,0 +1,116 @@
+"""Lower the reference graph: emit ONNX, check it, open an ORT session, read back what ORT runs.
+
+The result carries ``kernels`` / ``fallbacks`` keyed by reference node names, like the x86 backend's
+``LowerResult``: a node the support table planned in int8 that ORT still runs as a float op between
+DequantizeLinear and QuantizeLinear is a fallback ("float on onnxruntime-CPU: <op> ...").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from torch import fx
+
+from qcompile import annotation as A
+from qcompile.errors import UnsupportedError
+
+from .emit import DQ_OPS, Q_OPS, EmitOptions, Emitted, Emitter
+from .ops_basic import OPS
+from .runtime import QDQ, RuntimeGraph, analyze, make_session
+
+_HELPERS = QDQ | {"Shape", "Concat", "Identity", "Reshape"}
+
+
+@dataclass
+class OnnxLowered:
+    model: onnx.ModelProto
+    session: object                       # onnxruntime.InferenceSession
+    emitted: Emitted
+    runtime: RuntimeGraph
+    out_spec: object = None               # pytree spec of the model's output
+    kernels: dict = field(default_factory=dict)    # reference node -> ORT kernel
+    fallbacks: dict = field(default_factory=dict)  # reference node -> why it runs in float on ORT
+    notes: list = field(default_factory=list)
+
+
+def emit(ref: fx.GraphModule, example_args: tuple, opts: EmitOptions) -> Emitted:
+    em = Emitter(ref, example_args, opts, OPS)
+    out = em.run()
+    model = em.model()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # noqa: BLE001 - never hand out an invalid model
+        raise UnsupportedError(f"onnx backend: the emitted model failed onnx.checker: {e}") from e
+    out.model = model
+    return out
+
+
+def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, threads: int | None = None
+          ) -> OnnxLowered:
+    flat = flat_inputs(args, kwargs)
+    emitted = emit(ref, tuple(flat), opts)
+    session, optimized = make_session(emitted.model, threads)
+    notes = list(emitted.notes)
+    if emitted.dynamic_batch:
+        why = _dynamic_batch_problem(session, emitted, flat)
+        if why:
+            notes.append(f"dynamic batch disabled: the graph bakes in the example batch size ({why})")
+            emitted = emit(ref, tuple(flat), EmitOptions(opts.opset, False, opts.linear_nd))
+            session, optimized = make_session(emitted.model, threads)
+    rg = analyze(optimized)
+    low = OnnxLowered(emitted.model, session, emitted, rg, _out_spec(ref), notes=notes)
+    low.kernels, low.fallbacks = classify(ref, emitted, rg)
+    return low
+
+
+def flat_inputs(args: tuple, kwargs: dict) -> list:
+    return list(torch.utils._pytree.arg_tree_leaves(*args, **(kwargs or {})))
+
+
+def feeds(emitted: Emitted, flat: list) -> dict:
+    return {name: v.detach().cpu().numpy() for name, v in zip(emitted.inputs, flat) if name is not None}
+
+
+def _out_spec(ref: fx.GraphModule):
+    info = getattr(ref.graph._codegen, "pytree_info", None)
+    return info.out_spec if info is not None else None
+
+
+def _dynamic_batch_problem(session, emitted: Emitted, flat: list) -> str | None:
+    """Run at batch + 1; a graph that baked the example batch into a constant fails or misshapes here."""
+    grown = [torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in flat]
+    batch = next(v.shape[0] for v in grown if isinstance(v, torch.Tensor) and v.dim() > 0)
+    try:
+        outs = session.run(None, feeds(emitted, grown))
+    except Exception as e:  # noqa: BLE001 - the message is the reason
+        return str(e).splitlines()[0][:200]
+    bad = [o.shape for o in outs if o.ndim and o.shape[0] != batch]
+    return f"outputs {bad} do not follow the batch" if bad else None
+
+
+def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[dict, dict]:
+    """Reference node -> ORT kernel (int8 groups and float ops) and -> fallback reason."""
+    op_type = {n.name: n.op_type for n in emitted.model.graph.node}
+    kernels, fallbacks, groups = {}, {}, {}
+    for node in ref.graph.nodes:
+        if node.op != "call_function" or node.target in Q_OPS or node.target in DQ_OPS:
+            continue
+        ann = A.get_annotation(node)
+        planned = ann is not None and ann.status == A.INT8
+        mine = [n for n in emitted.onnx_of.get(node.name, []) if op_type.get(n) not in _HELPERS]
+        found = [rg.ops[n] for n in mine if n in rg.ops] or \
+            [rg.ops[n] for n in emitted.onnx_of.get(node.name, []) if n in rg.ops and op_type.get(n) == "Reshape"]
+        if not found and planned and ann.group in groups:
+            found = [groups[ann.group]]
+        if not found:
+            continue
+        op, integer = next((f for f in found if f[1]), found[0])
+        if planned and ann.group == node.name:
+            groups[node.name] = (op, integer)
+        if planned and not integer:
+            fallbacks[node.name] = (f"float on onnxruntime-CPU: {op} runs in float between DequantizeLinear and "
+                                    f"QuantizeLinear (no integer kernel for this group)")
+        else:
+            kernels[node.name] = op if integer else f"{op} (float)"
+    return kernels, fallbacks

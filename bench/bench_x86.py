@@ -1,0 +1,84 @@
+"""x86 static int8 on the ResNet-18 shape (batch 4, 224x224): qcompile vs torch.ao FX vs float.
+
+    python bench/bench_x86.py [--repeats 15] [--calib 8]
+
+Prints one markdown table: latency (median of interleaved runs), speed-up over float, ratio to
+torch.ao, SQNR vs float on held-out images, and compile time excluding calibration forwards.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import interleaved, table  # noqa: E402
+
+import qcompile  # noqa: E402
+from qcompile.qparams import sqnr  # noqa: E402
+from qcompile.zoo import image_batches, make_resnet18  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def torch_ao(model, example, calib):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    t0 = time.perf_counter()
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (example,))
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        for x in calib:
+            prepared(x)
+    t2 = time.perf_counter()
+    q = convert_fx(prepared)
+    t3 = time.perf_counter()
+    return q, (t1 - t0) + (t3 - t2)
+
+
+def qc(model, example, calib, **kw):
+    art = qcompile.compile(model, (example,), backend="x86", calibration=calib, progress=False, **kw)
+    t = art.report.timings
+    return art, sum(v for k, v in t.items() if k != "calibration_s")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--calib", type=int, default=8)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = make_resnet18(seed=0)
+    calib = image_batches(args.calib, batch=4, seed=1)
+    held = image_batches(4, batch=4, seed=2)
+    x = held[0]
+    ao, ao_compile = torch_ao(model, x, calib)
+    art, qc_compile = qc(model, x, calib)
+    with torch.no_grad():
+        lat = interleaved({"float": lambda: model(x), "torch.ao": lambda: ao(x), "qcompile": lambda: art(x)},
+                          repeats=args.repeats)
+        ref = [model(h) for h in held]
+        s_ao = min(sqnr(r, ao(h)) for r, h in zip(ref, held))
+        s_qc = min(sqnr(r, art(h)) for r, h in zip(ref, held))
+    rows = [
+        ["float eager", f"{lat['float']*1e3:.1f}", "1.00x", "-", "-", "-"],
+        ["torch.ao prepare_fx/convert_fx (x86)", f"{lat['torch.ao']*1e3:.1f}", f"{lat['float']/lat['torch.ao']:.2f}x",
+         "1.00", f"{s_ao:.1f}", f"{ao_compile:.2f}"],
+        ["qcompile x86", f"{lat['qcompile']*1e3:.1f}", f"{lat['float']/lat['qcompile']:.2f}x",
+         f"{lat['qcompile']/lat['torch.ao']:.2f}", f"{s_qc:.1f}", f"{qc_compile:.2f}"],
+    ]
+    print(f"ResNet-18 shape, batch 4, 224x224, {torch.get_num_threads()} threads, median of {args.repeats} "
+          f"interleaved runs; SQNR = min over {len(held)} held-out batches\n")
+    print(table(rows, ["system", "latency ms", "speed-up vs float", "latency / torch.ao", "SQNR dB",
+                       "compile s (excl. calibration)"]))
+    print("\nqcompile report summary:", art.report.summary())
+
+
+if __name__ == "__main__":
+    main()
