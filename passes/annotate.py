@@ -87,8 +87,8 @@ class Annotate(Pass):
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
                 return self._float(nodes, A.FLOAT_UNSUPPORTED, f"{row.name}: weight is not a constant")
             inputs[row.weight_arg] = self.specs.weight(mc.weights, row, anchor)
-        output = {ANCHOR: act_spec, PROPAGATE: act_spec, FIXED: row.fixed,
-                  SHARED: SharedSpec(acts[0].name)}[row.kind]
+        output = SharedSpec(acts[0].name) if row.kind == SHARED else \
+            {ANCHOR: act_spec, PROPAGATE: act_spec, FIXED: row.fixed}[row.kind]
         status, reason = A.INT8, row.note
         if not self.config.quantize_outputs and any(u.op == "output" for u in out.users):
             output, status = None, A.FLOAT_OUTPUT

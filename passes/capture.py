@@ -6,6 +6,7 @@ InputError naming the user's source line and a suggested fix.
 from __future__ import annotations
 
 import copy
+import inspect
 import traceback
 from dataclasses import dataclass
 
@@ -89,12 +90,21 @@ def check_runs(model: nn.Module, inputs: CapturedInputs) -> None:
             + "\n  fix: pass example_inputs with the shapes/dtypes forward() expects") from e
 
 
-def _dynamic_batch(inputs: CapturedInputs):
+def _dynamic_batch(model, inputs: CapturedInputs):
+    """dynamic_shapes for torch.export: dim 0 of every tensor input is AUTO. The structure must mirror
+    the inputs: a tuple of the positional inputs, or (with keyword inputs) a dict by parameter name."""
     def spec(a):
         if isinstance(a, torch.Tensor) and a.dim() > 0:
             return {0: torch.export.Dim.AUTO}
+        if isinstance(a, dict):
+            return {k: spec(v) for k, v in a.items()}
+        if isinstance(a, (tuple, list)):
+            return type(a)(spec(v) for v in a)
         return None
-    return tuple(spec(a) for a in inputs.args), {k: spec(v) for k, v in inputs.kwargs.items()}
+    if not inputs.kwargs:
+        return tuple(spec(a) for a in inputs.args)
+    bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs).arguments
+    return {name: spec(value) for name, value in bound.items()}
 
 
 def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: bool = False,
@@ -104,8 +114,9 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
         raise CaptureError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs, example_kwargs)
     model = copy.deepcopy(model)
-    model.train(train)
+    model.eval()  # the input check runs in eval mode: a train-mode run would move batch-norm statistics
     check_runs(model, inputs)
+    model.train(train)
     try:
         ep = _export(model, inputs, dynamic_batch)
     except Exception as e:  # noqa: BLE001 - translated into an actionable error
@@ -126,7 +137,7 @@ def _export(model, inputs: CapturedInputs, dynamic_batch: bool):
     if dynamic_batch:
         try:
             return torch.export.export(model, inputs.args, inputs.kwargs or None,
-                                       dynamic_shapes=_dynamic_batch(inputs), strict=False)
+                                       dynamic_shapes=_dynamic_batch(model, inputs), strict=False)
         except Exception:  # noqa: BLE001 - some models only export with static shapes
             pass
     return torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)

@@ -3,6 +3,7 @@
 Activation observers become ``quantize_per_tensor -> dequantize_per_tensor`` pairs with the
 calibrated parameters as literals; weights become integer constants followed by a dequantize
 (per-tensor, per-channel or per-group). Every backend lowers from this graph.
+Dynamic activations and NF4 weights use the vocabulary of ``qcompile.passes.dynamic``.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.ir import add_constant, copy_meta, get_attr_value
 from qcompile.qparams import quantize
-from qcompile.specs import FixedSpec, QParams, QuantSpec
+from qcompile.specs import FixedSpec, NF4Spec, QParams, QuantSpec
 
+from .dynamic import insert_dynamic_qdq, insert_nf4_weight
 from .infra import Pass, PassResult
 from .insert_observers import OBSERVED
 
 qd = torch.ops.quantized_decomposed
 QPARAMS = "qcompile_qparams"  # node.meta of a quantize node: the QParams it applies
+WEIGHT_QPARAMS = "qcompile_weight_qparams"  # node.meta of a weight constant: QParams to use (QAT fake-quant)
 
 
 def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
@@ -49,7 +52,7 @@ def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSp
     """Replace ``node.args[index]`` (a constant) by int constant -> dequantize."""
     w_node = node.args[index]
     w = get_attr_value(gm, w_node).detach().float()
-    qp = weight_qparams(w, spec)
+    qp = w_node.meta.get(WEIGHT_QPARAMS) or weight_qparams(w, spec)
     q = add_constant(gm, f"{node.name}_weight_int", quantize(w, qp), node)
     if qp.per_tensor:
         args = (q, float(qp.scale.item()), int(qp.zero_point.item()), qp.quant_min, qp.quant_max, qp.dtype)
@@ -81,6 +84,7 @@ class ConvertToReference(Pass):
                 node.replace_all_uses_with(src)
                 gm.graph.erase_node(node)
                 insert_qdq(gm, src, qps[node.target], users=users)
+        dynamic_chains: dict = {}
         for node in list(gm.graph.nodes):
             ann = A.get_annotation(node)
             if ann is None:
@@ -91,8 +95,14 @@ class ConvertToReference(Pass):
                                              fs.quant_min, fs.quant_max, fs.dtype))
             for i, spec in ann.input_specs.items():
                 arg = node.args[i] if i < len(node.args) else None
-                if isinstance(spec, QuantSpec) and isinstance(arg, fx.Node) and arg.op == "get_attr":
+                if not isinstance(arg, fx.Node):
+                    continue
+                if isinstance(spec, QuantSpec) and spec.dynamic:  # dynamic mode: parameters chosen at run time
+                    insert_dynamic_qdq(gm, node, i, spec, dynamic_chains)
+                elif isinstance(spec, QuantSpec) and arg.op == "get_attr":
                     quantize_weight(gm, node, i, spec)
+                elif isinstance(spec, NF4Spec) and arg.op == "get_attr":
+                    insert_nf4_weight(gm, node, i, spec, arg.meta.get(WEIGHT_QPARAMS))
         for name in observed:
             gm.delete_submodule(name)
         gm.meta.pop(OBSERVED, None)

@@ -93,6 +93,9 @@ class InsertObservers(Pass):
                     continue
                 if arg.op == "call_module" and arg.target in gm.meta.get(OBSERVED, {}):
                     continue  # already an observed value
+                producer = A.get_annotation(arg)
+                if producer is not None and isinstance(producer.output_spec, FixedSpec):
+                    continue  # fixed parameters: convert quantizes it once
                 key = (arg.name, spec)
                 if key not in cache:
                     obs = self._new(gm, spec, f"input {i} of {node.name} ({module_path(node) or 'top'})")

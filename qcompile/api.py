@@ -20,6 +20,7 @@ from .passes.insert_observers import InsertObservers
 from .report import Report, build_rows
 
 MODES = ("static", "dynamic", "weight_only", "qat")
+FLOAT_MODES = ("dynamic", "weight_only")  # nothing to observe: weights quantized at convert, activations at run time
 
 
 @dataclass
@@ -105,14 +106,22 @@ class Options:
         opts = cls(**kw)
         if opts.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {opts.mode!r}")
+        from .gptq import ALGORITHMS, GPTQConfig
+        if not (opts.algorithm is None or opts.algorithm in ALGORITHMS or isinstance(opts.algorithm, GPTQConfig)):
+            raise ConfigError(f"algorithm must be one of {ALGORITHMS} or a qcompile.gptq.GPTQConfig, "
+                              f"got {opts.algorithm!r}")
         return opts
+
+    @property
+    def gptq(self) -> bool:
+        return self.algorithm is not None and self.algorithm != "rtn"
 
 
 def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
     be = get_backend(backend, **(opts.backend_options or {}))
     cfg = make_config(opts.config, opts.weights, opts.activations, opts.exclude, opts.quantize_outputs)
-    validate(cfg, be.capabilities(), be.name, opts.mode)
-    d = be.default_config()
+    validate(cfg, _by_mode(be.capabilities, opts.mode), be.name, opts.mode)
+    d = _by_mode(be.default_config, opts.mode)
     cfg = cfg.with_defaults(d.weights, d.activations)
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, opts.example_kwargs, train=train)
@@ -131,6 +140,11 @@ def _takes_mode(backend) -> bool:
     return "mode" in inspect.signature(backend.prepare_passes).parameters
 
 
+def _by_mode(fn, mode: str):
+    import inspect
+    return fn(mode=mode) if "mode" in inspect.signature(fn).parameters else fn()
+
+
 def prepare(model: nn.Module, example_inputs, backend="x86", **options) -> PreparedModel:
     """Capture, run the backend's prepare passes and insert observers. The user's model is not touched.
 
@@ -142,7 +156,8 @@ def prepare(model: nn.Module, example_inputs, backend="x86", **options) -> Prepa
     if opts.strict:
         _report(ctx, predicted=True).check_strict(ctx.allow_float)
     t0 = time.perf_counter()
-    gm = PassManager([InsertObservers(make_observer)])(gm).graph_module
+    if opts.mode not in FLOAT_MODES:
+        gm = PassManager([InsertObservers(make_observer)])(gm).graph_module
     ctx.timings["insert_observers_s"] = time.perf_counter() - t0
     return PreparedModel(gm, ctx)
 
@@ -153,9 +168,13 @@ def _report(ctx: Context, predicted=False) -> Report:
 
 
 def convert(prepared: PreparedModel, verify: bool = True) -> Artifact:
-    """Observed model -> reference graph -> backend artifact, with the coverage report."""
+    """Observed (or QAT-trained) model -> reference graph -> backend artifact, with the coverage report."""
+    from .qat import QATModel, convert_qat
+    if isinstance(prepared, QATModel):
+        return convert_qat(prepared, verify=verify)
     if not isinstance(prepared, PreparedModel):
-        raise ConfigError(f"convert() takes the model returned by qcompile.prepare(), got {type(prepared).__name__}")
+        raise ConfigError(f"convert() takes the model returned by qcompile.prepare() or qcompile.prepare_qat(), "
+                          f"got {type(prepared).__name__}")
     ctx = prepared._ctx
     if ctx.mode == "static" and prepared.num_calibration_samples == 0:
         raise CalibrationError("no calibration data reached the prepared model: run samples through it "
@@ -164,7 +183,42 @@ def convert(prepared: PreparedModel, verify: bool = True) -> Artifact:
     ref = copy.deepcopy(prepared.gm)
     ref = PassManager([ConvertToReference()])(ref).graph_module
     ctx.timings["convert_s"] = time.perf_counter() - t0
-    return Artifact.build(ref, ctx.backend, ctx, verify=verify)
+    art = Artifact.build(ref, ctx.backend, ctx, verify=verify)
+    _attach_storage(art, ctx, ref)
+    return art
+
+
+def _attach_storage(art: Artifact, ctx: Context, ref: fx.GraphModule) -> None:
+    """Stored bytes per tensor / bits per weight of the lowered model, and the weight-rounding stats."""
+    from .passes.weight_only import ROUNDING
+    from .report import storage_rows, storage_summary
+    art.report.weight_rounding = dict(ref.meta.get(ROUNDING, {}))
+    gm = getattr(art.lowered, "gm", None)
+    if not isinstance(gm, fx.GraphModule):
+        return
+    art.report.storage = storage_rows(gm, getattr(art.lowered, "storage", None))
+    tensors = {id(t): t for t in list(ctx.float_gm.parameters()) + list(ctx.float_gm.buffers())}.values()
+    art.report.sizes.update(storage_summary(art.report.storage, sum(t.numel() * t.element_size() for t in tensors)))
+
+
+class _Samples:
+    """A re-iterable view of the calibration data as (args, kwargs), read once per GPTQ round."""
+
+    def __init__(self, data, n_inputs: int):
+        self.data, self.n_inputs = data, n_inputs
+
+    def __iter__(self):
+        return (_sample_to_inputs(s, self.n_inputs) for s in self.data)
+
+
+def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
+    """GPTQ on the prepared graph (before observers see data, so they calibrate the rounded model)."""
+    from .gptq import GPTQConfig
+    from .passes.weight_only import GPTQRounding
+    t0 = time.perf_counter()
+    cfg = algorithm if isinstance(algorithm, GPTQConfig) else GPTQConfig()
+    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, len(prepared._ctx.inputs.args)))
+    prepared._ctx.timings["weight_rounding_s"] = time.perf_counter() - t0
 
 
 def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
@@ -175,9 +229,16 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
     if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
                                "(or use mode='dynamic' / 'weight_only', which need none)")
+    if opts.gptq and calibration is None:
+        raise CalibrationError("algorithm='gptq' needs calibration=<iterable of samples>: its Hessians come from "
+                               "the layers' calibration inputs (use algorithm='rtn' for round-to-nearest)")
+    if opts.gptq and iter(calibration) is calibration:
+        calibration = list(calibration)  # GPTQ reads the samples once per round of layers
     prepared = prepare(model, example_inputs, backend, **options)
+    if opts.gptq:
+        _round_weights(prepared, calibration, opts.algorithm)
     t0 = time.perf_counter()
-    if calibration is not None:
+    if calibration is not None and opts.mode not in FLOAT_MODES:
         prepared.calibrate(calibration, progress=progress)
     prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0
     return convert(prepared, verify=verify)

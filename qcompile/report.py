@@ -42,6 +42,8 @@ class Report:
     sizes: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     predicted: bool = False
+    storage: list = field(default_factory=list)  # one dict per stored tensor of the lowered model (storage_rows)
+    weight_rounding: dict = field(default_factory=dict)  # layer -> GPTQ stats (qcompile.passes.weight_only)
 
     # -- queries --------------------------------------------------------------------------------
     def by_status(self) -> Counter:
@@ -59,6 +61,10 @@ class Report:
         done = sum(getattr(r, attr) for r in self.rows if r.status == A.INT8)
         return done / total if total else 0.0
 
+    def bits_per_weight(self) -> dict[str, float]:
+        """Stored bits per weight of each quantized layer, scales and zero points included."""
+        return layer_bits(self.storage)
+
     def check_strict(self, allow_float=()) -> None:
         bad = {r.name: (r.op, r.reason) for r in self.rows if r.status in FLOAT_STATUSES and r.op not in allow_float}
         if bad:
@@ -75,7 +81,8 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "config": self.config, "verify": self.verify, "sizes": self.sizes,
-                "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows]}
+                "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows],
+                "storage": self.storage, "weight_rounding": self.weight_rounding}
 
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
@@ -177,3 +184,67 @@ def apply_lowering(rows: list[Row], kernels: dict, fallbacks: dict, runtime: str
             r.kernel = kernels[r.name]
         elif r.status == A.INT8 and r.name in fallbacks:
             r.status, r.reason, r.kernel = A.FLOAT_RUNTIME, f"{runtime}: {fallbacks[r.name]}", ""
+
+
+# -- stored bytes ---------------------------------------------------------------------------------
+_QUANT_ROLES = ("codes", "scales", "zero_points", "packed")
+
+
+def _pieces(name: str, obj, role: str, weights: int):
+    """(tensor name, tensor, role, weights represented) of one stored constant; packed weights unpacked."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_quantized:
+            per_channel = obj.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+            yield name, obj.int_repr(), "codes", obj.numel()
+            if per_channel:
+                yield f"{name}.scales", obj.q_per_channel_scales(), "scales", 0
+                yield f"{name}.zero_points", obj.q_per_channel_zero_points(), "zero_points", 0
+            return
+        yield name, obj, role or ("codes" if weights else "float" if obj.is_floating_point() else "int"), weights
+        return
+    unpack = getattr(obj, "unpack", None)
+    try:
+        w, b = unpack() if unpack is not None else torch.ops.quantized.linear_unpack(obj)
+    except Exception:  # noqa: BLE001 - an opaque object we cannot size
+        return
+    yield from _pieces(f"{name}.weight", w, "codes", w.numel())
+    if b is not None:
+        yield f"{name}.bias", b, "bias", 0
+
+
+def storage_rows(gm: fx.GraphModule, tags: dict | None = None) -> list[dict]:
+    """Bytes of every constant the lowered graph reads. ``tags``: attr -> (layer, role, weights
+    represented) from the lowering; packed kernel weights are sized as their unpacked int8 + scales."""
+    rows, seen = [], set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in seen:
+            continue
+        seen.add(node.target)
+        layer, role, weights = (tags or {}).get(node.target, ("", "", 0))
+        for name, t, r, n in _pieces(node.target, get_attr_value(gm, node), role, weights):
+            rows.append({"tensor": name, "layer": layer or (node.target if n else ""), "role": r,
+                         "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+                         "bytes": t.numel() * t.element_size(), "weights": n})
+    return rows
+
+
+def layer_bits(rows: list[dict]) -> dict[str, float]:
+    weights, bytes_ = Counter(), Counter()
+    for r in rows:
+        if r["role"] in _QUANT_ROLES and r["layer"]:
+            weights[r["layer"]] += r["weights"]
+            bytes_[r["layer"]] += r["bytes"]
+    return {k: round(8 * bytes_[k] / weights[k], 4) for k in weights if weights[k]}
+
+
+def storage_summary(rows: list[dict], float_bytes: int | None = None) -> dict:
+    """Totals: stored bytes, quantized-weight bytes and their bits per weight (scales and zero points
+    included), and the ratio to the float model's bytes."""
+    total = sum(r["bytes"] for r in rows)
+    qbytes = sum(r["bytes"] for r in rows if r["role"] in _QUANT_ROLES and r["layer"])
+    qweights = sum(r["weights"] for r in rows if r["role"] in _QUANT_ROLES and r["layer"])
+    out = {"stored_bytes": total, "quantized_weight_bytes": qbytes, "quantized_weights": qweights,
+           "bits_per_quantized_weight": round(8 * qbytes / qweights, 4) if qweights else None}
+    if float_bytes:
+        out.update(float_model_bytes=float_bytes, stored_vs_float=round(total / float_bytes, 4))
+    return out

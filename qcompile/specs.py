@@ -30,6 +30,7 @@ class QuantSpec:
     granularity / axis / group_size  per_tensor, per_channel along ``axis``, per_group of
               ``group_size`` along the last axis, per_token (dynamic activations).
     observer / percentile  how calibration picks the range.
+    dynamic   activation parameters chosen at run time from each tensor (dynamic mode): no observer.
     """
 
     dtype: torch.dtype = torch.uint8
@@ -43,6 +44,7 @@ class QuantSpec:
     observer: ObserverKind = "minmax"
     percentile: float = 99.99
     averaging_constant: float = 0.01
+    dynamic: bool = False
 
     def __post_init__(self):
         if self.dtype not in _INT_DTYPES:
@@ -89,7 +91,8 @@ class QuantSpec:
         elif self.granularity == "per_group":
             gran += f"({self.group_size})"
         name = {torch.int8: "int", torch.uint8: "uint", torch.int32: "int", torch.int16: "int"}[self.dtype]
-        return f"{name}{self.effective_bits} {kind} {gran} [{self.observer}]"
+        how = "dynamic" if self.dynamic else self.observer
+        return f"{name}{self.effective_bits} {kind} {gran} [{how}]"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,21 @@ class FixedSpec:
     quant_max: int = 255
 
 
-Spec = Union[QuantSpec, SharedSpec, DerivedSpec, FixedSpec]
+@dataclass(frozen=True)
+class NF4Spec:
+    """4-bit NormalFloat weights (QLoRA): per group of ``group_size`` weights along the last axis, an
+    absmax scale and 16 codes placed at normal quantiles. ``double_quant``: the absmax scales are
+    themselves quantized to uint8 per block of ``scale_block`` scales (affine, fp32 scale and offset)."""
+
+    group_size: int = 64
+    double_quant: bool = True
+    scale_block: int = 256
+
+    def describe(self) -> str:
+        return f"nf4 per_group({self.group_size}){' double-quant scales' if self.double_quant else ''}"
+
+
+Spec = Union[QuantSpec, SharedSpec, DerivedSpec, FixedSpec, NF4Spec]
 
 
 @dataclass(frozen=True)
@@ -155,9 +172,15 @@ class WeightSpec:
     symmetric: bool = True
     group_size: int | None = None
     observer: ObserverKind = "minmax"
-    dtype: str = "int"  # "int" or "nf4" (weight-only)
+    dtype: str = "int"  # "int" or "nf4" (weight-only; 4-bit, per_group, group_size 64 by default)
+    double_quant: bool = True  # nf4 only: quantize the per-group absmax scales to 8 bits (QLoRA)
 
     def __post_init__(self):
+        if self.dtype not in ("int", "nf4"):
+            raise ValueError(f"WeightSpec dtype must be 'int' or 'nf4', got {self.dtype!r}")
+        if self.dtype == "nf4":
+            object.__setattr__(self, "bits", 4)
+            object.__setattr__(self, "group_size", self.group_size or 64)
         if self.group_size is not None and self.granularity != "per_group":
             object.__setattr__(self, "granularity", "per_group")
         if self.granularity not in ("per_tensor", "per_channel", "per_group"):

@@ -5,7 +5,8 @@ nodes stay readable in ``lowered_module.original_module``) and the nodes left on
 kernels. Every edge node carries the reference node it came from in ``meta["custom"][TAG]`` (set
 before export; torch.export and the edge passes propagate it, decompositions included), with
 ``meta["from_node"]`` provenance as a fallback. A delegated node runs on int8 tensors when it sits in
-the quantized pattern XNNPACK fuses: dequantize inputs -> op (-> fused relu/clamp) -> quantize.
+the quantized pattern XNNPACK fuses: dequantize inputs -> op (-> fused relu/clamp) -> quantize, with
+those q/dq nodes tagged "implicit" by the partitioner (folded into the op rather than run as converts).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import fx
 from qcompile import annotation as A
 
 TAG = "qcompile_node"
+IMPLICIT_QDQ = "IS_IMPLICIT_Q_DQ_TAG"  # executorch.backends.xnnpack.utils.quant_utils
 UNTRACKED = "<untracked>"
 _BOOKKEEPING = ("getitem", "executorch_call_delegate")
 _FUSED_ACTS = ("relu", "hardtanh", "clamp")
@@ -115,25 +117,28 @@ def _is_q(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and op_name(node).startswith("quantize_")
 
 
+def _implicit(node) -> bool:
+    """XNNPACK's partitioner tags the q/dq nodes it folds into a quantized op's int8 inputs / output."""
+    return isinstance(node, fx.Node) and bool(node.meta.get(IMPLICIT_QDQ))
+
+
 def _feeds_quant(node: fx.Node) -> bool:
-    """node -> quantize, or node -> fused relu/clamp -> quantize (XNNPACK's output pattern)."""
+    """node -> folded quantize, or node -> fused relu/clamp -> folded quantize."""
     users = list(node.users)
-    if len(users) != 1:
-        return False
-    if _is_q(users[0]):
-        return True
-    nxt = users[0]
-    return op_name(nxt) in _FUSED_ACTS and len(nxt.users) == 1 and _is_q(next(iter(nxt.users)))
+    if len(users) == 1 and op_name(users[0]) in _FUSED_ACTS and not _is_q(users[0]):
+        users = list(users[0].users)
+    return len(users) == 1 and _is_q(users[0]) and _implicit(users[0])
 
 
 def _int8_form(node: fx.Node) -> bool:
-    """dequantize inputs -> node -> (fused act) -> quantize; or a fused act after such a node."""
+    """XNNPACK runs the node on int8 tensors: it reads folded dequantize inputs and writes through a
+    folded quantize (or it is the relu / clamp fused onto such a node)."""
     producers = [a for a in node.all_input_nodes if a.op == "call_function"]
-    if producers and all(_is_dq(a) for a in producers):
+    if any(_is_dq(a) and _implicit(a) for a in producers):
         return _feeds_quant(node)
-    if op_name(node) in _FUSED_ACTS and len(producers) == 1 and len(producers[0].users) == 1:
+    if op_name(node) in _FUSED_ACTS and len(producers) == 1:
         head = producers[0]
-        return all(_is_dq(a) for a in head.all_input_nodes if a.op == "call_function") and _feeds_quant(head)
+        return any(_is_dq(a) and _implicit(a) for a in head.all_input_nodes) and _feeds_quant(head)
     return False
 
 
@@ -186,3 +191,20 @@ def _meant_int8(node: fx.Node) -> bool:
     inputs = [a for a in node.all_input_nodes if a.op == "call_function"]
     return bool(inputs) and all(_is_qdq_target(a.target) for a in inputs)
 
+
+_GEMM_OPS = ("convolution", "linear", "addmm", "mm")
+
+
+def shares(dlg: Delegation) -> dict:
+    """Delegated share of the compute nodes (q/dq and bookkeeping excluded) of a lowered edge graph:
+    all of them, the conv / linear ones, and the conv / linear ones XNNPACK runs in int8."""
+    edges = [e for group in dlg.nodes.values() for e in group]
+    gemm = [e for e in edges if e.op in _GEMM_OPS]
+    share = lambda xs, key: round(sum(key(e) for e in xs) / len(xs), 4) if xs else 1.0
+    return {"compute": share(edges, lambda e: e.delegated), "gemm": share(gemm, lambda e: e.delegated),
+            "gemm_int8": share(gemm, lambda e: e.int8), "subgraphs": dlg.summary.get("delegated_subgraphs", 0)}
+
+
+def edge_shares(gm: fx.GraphModule) -> dict:
+    """:func:`shares` of any lowered edge graph (``edge.exported_program().graph_module``), ours or not."""
+    return shares(read_delegation(gm))

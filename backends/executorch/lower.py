@@ -22,13 +22,17 @@ import torch
 from torch import fx
 
 from qcompile.errors import QCompileError
+from qcompile.ir import add_constant, get_attr_value
 from qcompile.passes.capture import CapturedInputs
 
 from .delegation import TAG, Delegation, read_delegation
 from .runtime import PteProgram
+from .verify import weight_storage
 
-qd = torch.ops.quantized_decomposed
+qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
 _DQ_ACT = (qd.dequantize_per_tensor.default,)
+_DQ_WEIGHT = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default)
+_ACTS = (aten.relu.default, aten.hardtanh.default)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class ExecuTorchLowered:
     delegation: Delegation
     kernels: dict = field(default_factory=dict)    # reference node -> "XNNPACK int8 convolution" ...
     fallbacks: dict = field(default_factory=dict)  # reference node (meant int8) -> why it is not int8
+    weights: dict = field(default_factory=dict)    # weight storage in the program (see weight_storage)
     timings: dict = field(default_factory=dict)
 
     @property
@@ -75,12 +80,88 @@ def duplicate_dequant(gm: fx.GraphModule) -> bool:
     return modified
 
 
-def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> fx.GraphModule:
+def _quantized_output(node: fx.Node) -> bool:
+    """node -> quantize, or node -> relu / hardtanh -> quantize: the output pattern of XNNPACK's int8 GEMMs."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].target in _ACTS:
+        users = list(users[0].users)
+    return len(users) == 1 and users[0].target == qd.quantize_per_tensor.default
+
+
+def float_output_weights(gm: fx.GraphModule) -> list[str]:
+    """Dequantize, at export time, the int8 weights of conv / linear nodes whose output stays float.
+
+    The reference computes such a node (a model output with ``quantize_outputs=False``) as
+    ``op(dequantize(x), dequantize(w_int8))`` with a float result. XNNPACK has no int8-input /
+    float-output static GEMM (its partitioner declines a quantized GEMM without an output quantize, and
+    the node would fall to the portable kernels), so the weight becomes the float constant
+    ``dequantize(w_int8)``: XNNPACK runs the same arithmetic in fp32, at the cost of fp32 weight storage.
+    """
+    done = []
+    for node in list(gm.graph.nodes):
+        w = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
+        if not (isinstance(w, fx.Node) and w.target in _DQ_WEIGHT and w.args[0].op == "get_attr"):
+            continue
+        if _quantized_output(node):
+            continue
+        value = _run_node(gm, w)
+        const = add_constant(gm, f"{node.name}_weight_fp32", value, node)
+        node.replace_input_with(w, const)
+        done.append(node.name)
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return done
+
+
+def decompose_hardsigmoid(gm: fx.GraphModule) -> bool:
+    """hardsigmoid(x) -> hardtanh(x + 3, 0, 6) / 6, PyTorch's own formula (bit-identical). ExecuTorch's
+    decomposition introduces int64 constants cast to float on the portable kernels at every call;
+    with float scalars the three ops stay inside the XNNPACK delegate (fp32)."""
+    nodes = [n for n in gm.graph.nodes if n.target == aten.hardsigmoid.default]
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            add = gm.graph.call_function(aten.add.Tensor, (node.args[0], 3.0))
+            clamp = gm.graph.call_function(aten.hardtanh.default, (add, 0.0, 6.0))
+            div = gm.graph.call_function(aten.div.Tensor, (clamp, 6.0))
+        for new in (add, clamp, div):
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("custom", "nn_module_stack", "stack_trace")})
+        node.replace_all_uses_with(div)
+        gm.graph.erase_node(node)
+    if nodes:
+        gm.recompile()
+    return bool(nodes)
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    args = [get_attr_value(gm, a) if isinstance(a, fx.Node) else a for a in node.args]
+    return node.target(*args).detach()
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> None:
+    """Delete parameters / buffers no get_attr node reads (e.g. the float weights batch-norm folding
+    replaced): torch.export would lift them and ExecuTorch would store them in the program."""
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and not n.users]:
+        gm.graph.erase_node(node)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner, _, leaf = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            delattr(mod, leaf)
+    gm.recompile()
+
+
+def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx.GraphModule, list[str]]:
+    """A rewritten copy of the reference graph, and the nodes whose weights were dequantized."""
     gm = copy.deepcopy(reference)
     tag_nodes(gm)
+    float_weights = float_output_weights(gm)
+    decompose_hardsigmoid(gm)
     if opts.duplicate_dequant:
         duplicate_dequant(gm)
-    return gm
+    drop_unused_constants(gm)
+    return gm, float_weights
 
 
 def export_static(gm: fx.GraphModule, inputs: CapturedInputs) -> torch.export.ExportedProgram:
@@ -133,6 +214,7 @@ def capture_why_not(logger_name: str = "executorch.backends.xnnpack"):
 
 # -- the pipeline ------------------------------------------------------------------------------------
 def to_edge_xnnpack(ep: torch.export.ExportedProgram):
+    import executorch.kernels.quantized  # noqa: F401  out-variants of q/dq ops left outside the delegate
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     with capture_why_not() as reasons:
@@ -142,14 +224,17 @@ def to_edge_xnnpack(ep: torch.export.ExportedProgram):
 
 def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions) -> ExecuTorchLowered:
     t0 = time.perf_counter()
-    gm = prepare_reference(reference, opts)
+    gm, float_weights = prepare_reference(reference, opts)
     ep = export_static(gm, inputs)
     t1 = time.perf_counter()
     edge, reasons = to_edge_xnnpack(ep)
     t2 = time.perf_counter()
     delegation = read_delegation(edge.exported_program().graph_module, reasons)
     kernels, fallbacks = delegation.kernels_and_fallbacks(reference)
+    for name in float_weights:
+        if name in kernels:
+            kernels[name] += " (fp32 weights: float output)"
     program = PteProgram.from_edge(edge, inputs)
     t3 = time.perf_counter()
-    return ExecuTorchLowered(program, delegation, kernels, fallbacks,
+    return ExecuTorchLowered(program, delegation, kernels, fallbacks, weight_storage(gm),
                              {"export_s": t1 - t0, "to_edge_and_lower_s": t2 - t1, "to_executorch_s": t3 - t2})

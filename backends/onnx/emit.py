@@ -6,19 +6,17 @@ our report all point back to the model's source:
 
 * ``quantize_per_tensor`` / ``dequantize_per_tensor`` -> ``QuantizeLinear`` / ``DequantizeLinear``
   with scalar scale / zero-point initializers (shared between a Q and its DQ);
-* integer weight constant -> ``dequantize_per_channel`` -> int8 initializer -> ``DequantizeLinear``
-  with the right ``axis`` (0 for Conv / Gemm, 1 for ConvTranspose and MatMul's transposed weight);
-* a float bias of a Conv / Gemm whose input and weight are dequantized -> int32 initializer and a
-  ``DequantizeLinear`` with scale = input scale x weight scale (what ORT's QLinearConv / QGemm fusions
-  require; the reference graph keeps float biases, so the emitter derives them here);
-* other ATen ops -> their ONNX equivalents (``ops.py``); nodes computed from constants alone are
-  folded into initializers. An op with no mapping raises :class:`UnsupportedError` naming the node.
+* integer constant -> ``dequantize_per_channel`` / ``dequantize_per_tensor`` (weights, and the int32
+  biases ``bias.QuantizeBias`` put in the reference) -> integer initializer -> ``DequantizeLinear`` with
+  the right ``axis`` (0 for Conv / Gemm, 1 for ConvTranspose and for MatMul's transposed weight);
+* other ATen ops -> their ONNX equivalents (``ops.py``, ``ops_basic.py``); nodes computed from
+  constants alone are folded into initializers. An op with no mapping raises
+  :class:`UnsupportedError` naming the node, its module and source line.
 
 The ONNX ``onnx.helper`` API builds every message; nothing is written as raw protobuf.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,13 +110,16 @@ class Emitter:
         return None
 
     def _choose_opset(self) -> int:
-        need, why = MIN_OPSET, "per-channel QuantizeLinear/DequantizeLinear"
+        need, why, best = MIN_OPSET, "per-channel QuantizeLinear/DequantizeLinear", MIN_OPSET
         for node in self.ref.graph.nodes:
             entry = self.ops.get(node.target) if node.op == "call_function" else None
-            if entry is not None and entry.min_opset > need:
+            if entry is None:
+                continue
+            best = max(best, entry.best_opset, entry.min_opset)
+            if entry.min_opset > need:
                 need, why = entry.min_opset, f"{node.name} ({entry.onnx_op})"
         if self.opts.opset is None:
-            return need
+            return best
         if not MIN_OPSET <= self.opts.opset <= MAX_OPSET:
             raise ConfigError(f"onnx backend: opset={self.opts.opset} is outside the supported range "
                               f"[{MIN_OPSET}, {MAX_OPSET}] (per-channel QDQ needs >= {MIN_OPSET})")
@@ -236,8 +237,11 @@ class Emitter:
         return parts[0] if len(parts) == 1 else self.add("Concat", parts, node, suffix="/shape", axis=0)
 
     def _sym(self, s: fx.Node) -> str:
-        v = self.value(s)
-        return self.add("Reshape", [v, self.ints([1])], s, suffix="/as_1d")
+        """A symbolic size as a 1-D int64 tensor of one element (cached)."""
+        key = ("sym1d", s.name)
+        if key not in self.cache:
+            self.cache[key] = self.add("Reshape", [self.value(s), self.ints([1])], s, suffix="/as_1d")
+        return self.cache[key]
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self) -> Emitted:
@@ -271,9 +275,8 @@ class Emitter:
         entry = self.ops.get(node.target)
         if entry is None:
             raise UnsupportedError(
-                f"onnx backend: no ONNX mapping for {where(node)}. "
-                f"Fix: exclude its module from quantization is not enough (it must also be exportable); "
-                f"rewrite it with supported ops or file an issue with the op name.")
+                f"onnx backend: no ONNX mapping for {where(node)}. Every op must be expressible in ONNX, "
+                f"quantized or not: rewrite it with supported ops, or report the op so a mapping can be added.")
         try:
             out = entry.emit(self, node)
             if out is not None:
@@ -320,9 +323,10 @@ class Emitter:
         return model
 
     def _value_info(self, node: fx.Node, name: str):
+        """Graph input / output type; dim 0 is "batch" when dynamic, other symbolic dims keep torch's name."""
         val = node.meta.get("val")
-        shape = [int(s) if isinstance(s, int) else (str(s) if s is not None else None) for s in val.shape]
-        if self.dynamic and shape and shape[0] == self.batch:
+        shape = [int(s) if isinstance(s, int) else str(s) for s in val.shape]
+        if self.dynamic and shape and (shape[0] == self.batch or isinstance(shape[0], str)):
             shape[0] = "batch"
         return helper.make_tensor_value_info(name, TORCH_TO_ONNX[val.dtype], shape)
 
@@ -356,7 +360,3 @@ def _version() -> str:
         return version("qcompile")
     except PackageNotFoundError:  # pragma: no cover
         return "0"
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -17,9 +17,9 @@ from qcompile.errors import UnsupportedError
 
 from .emit import DQ_OPS, Q_OPS, EmitOptions, Emitted, Emitter
 from .ops_basic import OPS
-from .runtime import QDQ, RuntimeGraph, analyze, make_session
+from .runtime import INT_KERNELS, QDQ, RuntimeGraph, analyze, make_session
 
-_HELPERS = QDQ | {"Shape", "Concat", "Identity", "Reshape"}
+_AUX = QDQ | {"Shape", "Concat", "Identity"}  # bookkeeping nodes that never carry a node's computation
 
 
 @dataclass
@@ -58,7 +58,7 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
             notes.append(f"dynamic batch disabled: the graph bakes in the example batch size ({why})")
             emitted = emit(ref, tuple(flat), EmitOptions(opts.opset, False, opts.linear_nd))
             session, optimized = make_session(emitted.model, threads)
-    rg = analyze(optimized)
+    rg = analyze(optimized, {n.name for n in emitted.model.graph.node})
     low = OnnxLowered(emitted.model, session, emitted, rg, _out_spec(ref), notes=notes)
     low.kernels, low.fallbacks = classify(ref, emitted, rg)
     return low
@@ -90,7 +90,11 @@ def _dynamic_batch_problem(session, emitted: Emitted, flat: list) -> str | None:
 
 
 def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[dict, dict]:
-    """Reference node -> ORT kernel (int8 groups and float ops) and -> fallback reason."""
+    """Reference node -> ORT kernel (int8 groups and float ops) and -> fallback reason.
+
+    A node's kernel is what ORT runs for the ONNX nodes emitted for it: an integer kernel if there is one
+    (QLinearConv, QGemm, MatMulIntegerToFloat, a Reshape on uint8...), else its float op. Nodes whose ONNX
+    node was fused away (the Relu folded into a QLinearConv) take their group anchor's kernel."""
     op_type = {n.name: n.op_type for n in emitted.model.graph.node}
     kernels, fallbacks, groups = {}, {}, {}
     for node in ref.graph.nodes:
@@ -98,14 +102,12 @@ def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[d
             continue
         ann = A.get_annotation(node)
         planned = ann is not None and ann.status == A.INT8
-        mine = [n for n in emitted.onnx_of.get(node.name, []) if op_type.get(n) not in _HELPERS]
-        found = [rg.ops[n] for n in mine if n in rg.ops] or \
-            [rg.ops[n] for n in emitted.onnx_of.get(node.name, []) if n in rg.ops and op_type.get(n) == "Reshape"]
+        found = [rg.ops[n] for n in emitted.onnx_of.get(node.name, []) if n in rg.ops and op_type.get(n) not in _AUX]
         if not found and planned and ann.group in groups:
             found = [groups[ann.group]]
         if not found:
             continue
-        op, integer = next((f for f in found if f[1]), found[0])
+        op, integer = _pick(found)
         if planned and ann.group == node.name:
             groups[node.name] = (op, integer)
         if planned and not integer:
@@ -114,3 +116,11 @@ def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[d
         else:
             kernels[node.name] = op if integer else f"{op} (float)"
     return kernels, fallbacks
+
+
+def _pick(found: list) -> tuple[str, bool]:
+    for rank_ in (lambda f: f[0] in INT_KERNELS, lambda f: f[1], lambda f: True):
+        hit = next((f for f in found if rank_(f)), None)
+        if hit is not None:
+            return hit
+    raise AssertionError("unreachable")

@@ -18,20 +18,34 @@ from qcompile.ir import module_path
 from .emit import DQ_OPS, Emitter
 
 aten, qd = torch.ops.aten, torch.ops.quantized_decomposed
-INT32 = np.iinfo(np.int32)
 
 
 @dataclass(frozen=True)
 class OpEntry:
+    """emit(emitter, node) -> ONNX value; ``min_opset`` is required, ``best_opset`` is what the default
+    opset rises to for a better form (e.g. Gelu-20, which ORT runs fused; below it Gelu is decomposed)."""
+
     emit: Callable[[Emitter, fx.Node], object]
     onnx_op: str
     min_opset: int = 13
+    best_opset: int = 13
 
 
 def arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
+
+
+def val(node):
+    """The example value (``meta["val"]``) of an fx node when it is a tensor."""
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def axes(dims, r: int) -> list:
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return sorted(d % r for d in dims)
 
 
 def rank(node) -> int:
@@ -93,8 +107,8 @@ def weight_info(em: Emitter, dq: fx.Node):
     return q, s.float(), z, int(dq.args[3]) % q.dim()
 
 
-def weight(em: Emitter, dq: fx.Node, owner: fx.Node | None, transpose: bool = False) -> str:
-    """Integer initializer -> DequantizeLinear for weight ``dq`` (cached per layout)."""
+def weight(em: Emitter, dq: fx.Node, owner: fx.Node | None, transpose: bool = False, role: str = "weight") -> str:
+    """Integer initializer -> DequantizeLinear for weight / bias ``dq`` (cached per layout)."""
     key = ("weight", dq.name, transpose)
     if key in em.cache:
         return em.cache[key]
@@ -103,7 +117,7 @@ def weight(em: Emitter, dq: fx.Node, owner: fx.Node | None, transpose: bool = Fa
     if transpose:  # MatMul wants W^T [in, out]: the output channels move to axis 1
         q, axis = q.t().contiguous(), (1 if axis == 0 else 0 if axis == 1 else axis)
     path = module_path(owner) or owner.name
-    base = f"{path}.weight" + (".T" if transpose else "")
+    base = f"{path}.{role}" + (".T" if transpose else "")
     shape = (-1,) if axis is not None else ()
     qi = em.init(q, base, share=False)
     si = em.init(s.reshape(shape), f"{base}:scale", dtype=torch.float32, share=False)
@@ -115,30 +129,14 @@ def weight(em: Emitter, dq: fx.Node, owner: fx.Node | None, transpose: bool = Fa
     return out
 
 
-def _act_scale(x) -> float | None:
-    if isinstance(x, fx.Node) and x.target == qd.dequantize_per_tensor.default:
-        return float(x.args[1])
-    return None
-
-
-def bias(em: Emitter, node: fx.Node, x, w, b, n_out: int) -> str:
-    """The bias input: int32 + DequantizeLinear(scale = s_x * s_w) when x and w are dequantized."""
+def bias(em: Emitter, node: fx.Node, b) -> str:
+    """The bias input: an int32 initializer -> DequantizeLinear when the reference quantized it
+    (see ``bias.QuantizeBias``), else the float constant."""
     if b is None:
         return ""
-    path = module_path(node) or node.name
-    bias_f = em.const_of(b)
-    sx = _act_scale(x)
-    if bias_f is None or sx is None or not (isinstance(w, fx.Node) and w.target in DQ_OPS):
-        return em.value(b, f"{path}.bias")
-    _, sw, _, _ = weight_info(em, w)
-    scale = (sx * sw.double()).reshape(-1).expand(n_out) if sw.numel() in (1, n_out) else None
-    if scale is None:
-        return em.value(b, f"{path}.bias")
-    q = torch.round(bias_f.double() / scale).clamp(INT32.min, INT32.max).to(torch.int32)
-    qi = em.init(q, f"{path}.bias", share=False)
-    si = em.init(scale.float(), f"{path}.bias:scale", share=False)
-    zi = em.init(np.zeros(n_out, dtype=np.int32), f"{path}.bias:zero_point", share=False)
-    return em.add("DequantizeLinear", [qi, si, zi], node, name=f"{path}.bias:dq", axis=0)
+    if isinstance(b, fx.Node) and b.target in DQ_OPS:
+        return weight(em, b, node, role="bias")
+    return em.value(b, f"{module_path(node) or node.name}.bias")
 
 
 # ----------------------------------------------------------------------------- compute ops
@@ -158,9 +156,7 @@ def conv(em: Emitter, node: fx.Node):
         attrs["auto_pad"] = {"same": "SAME_UPPER", "valid": "VALID"}[padding]
     else:
         attrs["pads"] = _pairs(padding, n) * 2
-    wv = em.value(w)
-    n_out = node.meta["val"].shape[1]
-    return em.add("Conv", [em.value(x), wv, bias(em, node, x, w, b, n_out)], node, **attrs)
+    return em.add("Conv", [em.value(x), em.value(w), bias(em, node, b)], node, **attrs)
 
 
 def conv_transpose(em: Emitter, node: fx.Node):
@@ -169,8 +165,7 @@ def conv_transpose(em: Emitter, node: fx.Node):
     stride, padding = _pairs(arg(node, 3, "stride", 1), n), _pairs(arg(node, 4, "padding", 0), n)
     out_pad, groups = _pairs(arg(node, 5, "output_padding", 0), n), int(arg(node, 6, "groups", 1))
     dilation = _pairs(arg(node, 7, "dilation", 1), n)
-    n_out = node.meta["val"].shape[1]
-    inputs = [em.value(x), em.value(w), bias(em, node, x, w, b, n_out) if groups == 1 else em.value(b) if b else ""]
+    inputs = [em.value(x), em.value(w), bias(em, node, b)]
     return em.add("ConvTranspose", inputs, node, strides=stride, pads=padding * 2, output_padding=out_pad,
                   group=groups, dilations=dilation)
 
@@ -179,15 +174,18 @@ def linear(em: Emitter, node: fx.Node):
     x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
     n_out = node.meta["val"].shape[-1]
     if rank(x) == 2:
-        return em.add("Gemm", [em.value(x), em.value(w), bias(em, node, x, w, b, n_out)], node, transB=1)
+        return em.add("Gemm", [em.value(x), em.value(w), bias(em, node, b)], node, transB=1)
     if em.opts.linear_nd == "gemm":
         return _linear_nd_gemm(em, node, x, w, b, n_out)
-    wt = weight(em, w, node, transpose=True) if isinstance(w, fx.Node) and w.target in DQ_OPS else \
-        em.add("Transpose", [em.value(w)], node, suffix="/weight_T", perm=[1, 0])
+    if isinstance(w, fx.Node) and w.target in DQ_OPS:
+        wt = weight(em, w, node, transpose=True)
+    elif em.const_of(w) is not None:  # a float weight: store it transposed
+        path = module_path(node) or node.name
+        wt = em.init(em.const_of(w).detach().t().contiguous(), f"{path}.weight.T", share=False)
+    else:
+        wt = em.add("Transpose", [em.value(w)], node, suffix="/weight_T", perm=[1, 0])
     y = em.add("MatMul", [em.value(x), wt], node, suffix="/MatMul" if b is not None else "")
-    if b is None:
-        return y
-    return em.add("Add", [y, em.value(b, f"{module_path(node) or node.name}.bias")], node)
+    return em.add("Add", [y, bias(em, node, b)], node) if b is not None else y
 
 
 def _linear_nd_gemm(em: Emitter, node, x, w, b, n_out):
@@ -202,7 +200,7 @@ def _linear_nd_gemm(em: Emitter, node, x, w, b, n_out):
         x2 = em.add("DequantizeLinear", [q2, *em.cache[("dq", x.name)]], node, suffix="/flatten_dq")
     else:
         x2 = em.add("Reshape", [xv, flat], node, suffix="/flatten")
-    y = em.add("Gemm", [x2, em.value(w), bias(em, node, x, w, b, n_out)], node, suffix="/Gemm", transB=1)
+    y = em.add("Gemm", [x2, em.value(w), bias(em, node, b)], node, suffix="/Gemm", transB=1)
     lead = em.add("Shape", [xv], node, suffix="/lead_shape", start=0, end=len(k))
     shape = em.add("Concat", [lead, em.ints([n_out])], node, suffix="/out_shape", axis=0)
     return em.add("Reshape", [y, shape], node)

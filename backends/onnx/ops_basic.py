@@ -1,13 +1,13 @@
-"""ATen -> ONNX for element-wise, activation, pooling, normalization and shape ops.
+"""ATen -> ONNX for element-wise, activation, pooling, normalization and cast ops.
 
-Each handler is ``fn(emitter, node) -> ONNX value name``; ``OPS`` (merged with ``ops.OPS``) is the
-complete table the emitter dispatches on. Python scalars become initializers with the dtype of the
-tensor they combine with, so integer mask arithmetic stays integer.
+Each handler is ``fn(emitter, node) -> ONNX value name``. ``OPS`` here merges ``ops.OPS`` (QDQ and
+compute ops) and ``ops_shape.SHAPE_OPS``: it is the complete table the emitter dispatches on.
+Python scalars become initializers with the dtype of the tensor they combine with (integer mask
+arithmetic stays integer); operands torch would promote are cast.
 """
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 import torch
@@ -17,15 +17,11 @@ from qcompile.errors import UnsupportedError, where
 
 from .emit import TORCH_TO_ONNX, Emitter
 from .ops import OPS as COMPUTE_OPS
-from .ops import OpEntry, arg, rank
+from .ops import OpEntry, arg, axes, rank
+from .ops import val as _val
+from .ops_shape import SHAPE_OPS
 
 aten = torch.ops.aten
-INT64_MAX = 2**63 - 1
-
-
-def _val(node):
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
 
 
 def _operand(em: Emitter, x, like: fx.Node) -> str:
@@ -135,7 +131,9 @@ def batch_norm(em, node):
 
 def _pool_attrs(node, kernel, stride, padding, dilation=None, ceil=False):
     n = len(kernel)
-    pairs = lambda v: (list(v) * n if len(list(v)) == 1 else list(v)) if isinstance(v, (list, tuple)) else [v] * n
+
+    def pairs(v):
+        return (list(v) * n if len(list(v)) == 1 else list(v)) if isinstance(v, (list, tuple)) else [v] * n
     attrs = {"kernel_shape": list(kernel), "strides": pairs(stride) if stride else list(kernel),
              "pads": pairs(padding) * 2, "ceil_mode": int(bool(ceil))}
     if dilation is not None and any(d != 1 for d in pairs(dilation)):
@@ -175,115 +173,19 @@ def adaptive_avg_pool(em, node):
     return em.add("AveragePool", [x], node, kernel_shape=k, strides=k)
 
 
-def _axes(dims, r):
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    return sorted(d % r for d in dims)
-
-
 def reduce(op: str):
     def emit(em, node):
         x = node.args[0]
         r = rank(x)
         dims = arg(node, 1, "dim", None)
         keep = int(bool(arg(node, 2, "keepdim", False)))
-        axes = _axes(dims, r) if dims not in (None, []) else list(range(r))
-        if op == "ReduceMean" and keep and r == 4 and axes == [2, 3]:
+        dims = axes(dims, r) if dims not in (None, []) else list(range(r))
+        if op == "ReduceMean" and keep and r == 4 and dims == [2, 3]:
             return em.add("GlobalAveragePool", [em.value(x)], node)
         if op == "ReduceSum" or em.opset >= 18:
-            return em.add(op, [em.value(x), em.ints(axes, "axes")], node, keepdims=keep)
-        return em.add(op, [em.value(x)], node, axes=axes, keepdims=keep)
+            return em.add(op, [em.value(x), em.ints(dims, "axes")], node, keepdims=keep)
+        return em.add(op, [em.value(x)], node, axes=dims, keepdims=keep)
     return emit
-
-
-def reshape(em, node):
-    return em.add("Reshape", [em.value(node.args[0]), em.shape_value(node, list(node.args[1]))], node)
-
-
-def flatten(em, node):
-    x, start, end = node.args[0], int(arg(node, 1, "start_dim", 0)), int(arg(node, 2, "end_dim", -1))
-    r = rank(x)
-    if start % r == 1 and end % r == r - 1:
-        return em.add("Flatten", [em.value(x)], node, axis=1)
-    return em.add("Reshape", [em.value(x), em.shape_value(node, list(_val(node).shape))], node)
-
-
-def permute(em, node):
-    return em.add("Transpose", [em.value(node.args[0])], node, perm=[d % rank(node) for d in node.args[1]])
-
-
-def transpose(em, node):
-    r = rank(node)
-    perm = list(range(r))
-    a, b = int(node.args[1]) % r, int(node.args[2]) % r
-    perm[a], perm[b] = perm[b], perm[a]
-    return em.add("Transpose", [em.value(node.args[0])], node, perm=perm)
-
-
-def t(em, node):
-    return em.add("Transpose", [em.value(node.args[0])], node, perm=[1, 0])
-
-
-def unsqueeze(em, node):
-    d = int(node.args[1]) % rank(node)
-    return em.add("Unsqueeze", [em.value(node.args[0]), em.ints([d], "axes")], node)
-
-
-def squeeze(em, node):
-    x = node.args[0]
-    dims = arg(node, 1, "dim", None)
-    if dims is None:
-        return em.add("Squeeze", [em.value(x)], node)
-    axes = [a for a in _axes(dims, rank(x)) if _val(x).shape[a] == 1]
-    return em.add("Squeeze", [em.value(x), em.ints(axes, "axes")], node) if axes else em.value(x)
-
-
-def cat(em, node):
-    tensors = [t for t in node.args[0] if not (_val(t) is not None and _val(t).numel() == 0)]
-    axis = int(arg(node, 1, "dim", 0)) % rank(node)
-    return em.add("Concat", [em.value(t) for t in tensors], node, axis=axis)
-
-
-def slice_(em, node):
-    x, dim = node.args[0], int(arg(node, 1, "dim", 0))
-    start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
-    start = 0 if start is None else start
-    end = INT64_MAX if end is None or (isinstance(end, int) and end >= INT64_MAX // 2) else end
-    parts = [em.ints([int(v)]) if isinstance(v, int) else em._sym(v) for v in (start, end)]
-    return em.add("Slice", [em.value(x), *parts, em.ints([dim % rank(x)]), em.ints([int(step)])], node)
-
-
-def select(em, node):
-    x, dim, index = node.args[0], int(node.args[1]), node.args[2]
-    idx = em.init(np.asarray(int(index), dtype=np.int64), "index")
-    return em.add("Gather", [em.value(x), idx], node, axis=dim % rank(x))
-
-
-def expand(em, node):
-    x, sizes = node.args[0], list(node.args[1])
-    sizes = [1 if isinstance(s, int) and s == -1 else s for s in sizes]
-    return em.add("Expand", [em.value(x), em.shape_value(node, sizes)], node)
-
-
-def embedding(em, node):
-    return em.add("Gather", [em.value(node.args[0]), em.value(node.args[1])], node, axis=0)
-
-
-def gather(em, node):
-    return em.add("GatherElements", [em.value(node.args[0]), em.value(node.args[2])], node,
-                  axis=int(node.args[1]) % rank(node))
-
-
-def index(em, node):
-    """x[i0, i1, ...] with index tensors for the leading dims -> GatherND on the broadcast indices."""
-    x, indices = node.args[0], node.args[1]
-    if any(i is None for i in indices):
-        raise UnsupportedError(f"onnx backend: {where(node)}: indexing with None/slices is not mapped")
-    consts = [em.const_of(i) for i in indices]
-    if any(c is None for c in consts):
-        raise UnsupportedError(f"onnx backend: {where(node)}: indexing with runtime index tensors is not mapped")
-    b = torch.broadcast_tensors(*[c.long() for c in consts])
-    idx = em.init(torch.stack(b, dim=-1), "index")
-    return em.add("GatherND", [em.value(x), idx], node)
 
 
 def cast(em, node):
@@ -309,61 +211,6 @@ def masked_fill(em, node):
     return em.add("Where", [em.value(mask), _operand(em, value, node), em.value(x)], node)
 
 
-def full_like(value=None):
-    def emit(em, node):
-        v = value if value is not None else node.args[1]
-        out = _val(node)
-        fill = torch.tensor([v], dtype=out.dtype)
-        shape = em.add("Shape", [em.value(node.args[0])], node, suffix="/shape")
-        return em.add("ConstantOfShape", [shape], node, value=_tensor_attr(fill))
-    return emit
-
-
-def new_full(value=None):
-    def emit(em, node):
-        v = value if value is not None else node.args[2]
-        out = _val(node)
-        fill = torch.tensor([v], dtype=out.dtype)
-        return em.add("ConstantOfShape", [em.shape_value(node, list(node.args[1]))], node, value=_tensor_attr(fill))
-    return emit
-
-
-def _tensor_attr(t: torch.Tensor):
-    from onnx import numpy_helper
-    return numpy_helper.from_array(t.numpy(), "value")
-
-
-def sym_size(em, node):
-    d = int(node.args[1])
-    return em.add("Shape", [em.value(node.args[0])], node, start=d, end=d + 1)
-
-
-def getitem(em, node):
-    src, i = node.args
-    vals = em.env[src.name]
-    if not isinstance(vals, (list, tuple)) or vals[i] is None:
-        raise UnsupportedError(f"onnx backend: {where(node)}: output {i} of {src.name} is not available in ONNX")
-    return vals[i]
-
-
-def constant_pad(em, node):
-    x, pad, value = node.args[0], list(node.args[1]), float(arg(node, 2, "value", 0.0))
-    r = rank(x)
-    begins, ends = [0] * r, [0] * r
-    for k in range(len(pad) // 2):
-        begins[r - 1 - k], ends[r - 1 - k] = pad[2 * k], pad[2 * k + 1]
-    return em.add("Pad", [em.value(x), em.ints(begins + ends, "pads"), em.scalar_like(value, node)], node)
-
-
-def split(em, node):
-    x, sizes, dim = node.args[0], node.args[1], int(arg(node, 2, "dim", 0))
-    r = rank(x)
-    total = _val(x).shape[dim % r]
-    if isinstance(sizes, int):
-        sizes = [sizes] * (total // sizes) + ([total % sizes] if total % sizes else [])
-    return em.add("Split", [em.value(x), em.ints(sizes, "split")], node, n_out=len(sizes), axis=dim % r)
-
-
 def rsqrt(em, node):
     return em.add("Reciprocal", [em.add("Sqrt", [em.value(node.args[0])], node, suffix="/sqrt")], node)
 
@@ -372,14 +219,8 @@ def hardswish(em, node):
     return em.add("HardSwish", [em.value(node.args[0])], node)
 
 
-def sym_binary(op: str):
-    def emit(em, node):
-        return em.add(op, [em._sym(a) if isinstance(a, fx.Node) else em.ints([int(a)]) for a in node.args], node)
-    return emit
-
-
 _E = OpEntry
-OPS = dict(COMPUTE_OPS)
+OPS = {**COMPUTE_OPS, **SHAPE_OPS}
 OPS.update({
     aten.relu.default: _E(unary("Relu"), "Relu"),
     aten.hardtanh.default: _E(clip(-1.0, 1.0), "Clip"),
@@ -399,7 +240,7 @@ OPS.update({
     aten.logical_not.default: _E(unary("Not"), "Not"),
     aten.leaky_relu.default: _E(lambda em, n: unary("LeakyRelu", alpha=float(arg(n, 1, "negative_slope", 0.01)))(
         em, n), "LeakyRelu"),
-    aten.gelu.default: _E(gelu, "Gelu"),
+    aten.gelu.default: _E(gelu, "Gelu", 13, 20),
     aten.silu.default: _E(silu, "Sigmoid*x"),
     aten.add.Tensor: _E(binary("Add"), "Add"), aten.add.Scalar: _E(binary("Add"), "Add"),
     aten.sub.Tensor: _E(binary("Sub"), "Sub"), aten.sub.Scalar: _E(binary("Sub"), "Sub"),
@@ -410,7 +251,8 @@ OPS.update({
     aten.ge.Scalar: _E(compare("GreaterOrEqual"), "GreaterOrEqual"),
     aten.ge.Tensor: _E(compare("GreaterOrEqual"), "GreaterOrEqual"),
     aten.gt.Scalar: _E(compare("Greater"), "Greater"), aten.gt.Tensor: _E(compare("Greater"), "Greater"),
-    aten.le.Scalar: _E(compare("LessOrEqual"), "LessOrEqual"), aten.le.Tensor: _E(compare("LessOrEqual"), "LessOrEqual"),
+    aten.le.Scalar: _E(compare("LessOrEqual"), "LessOrEqual"),
+    aten.le.Tensor: _E(compare("LessOrEqual"), "LessOrEqual"),
     aten.lt.Scalar: _E(compare("Less"), "Less"), aten.lt.Tensor: _E(compare("Less"), "Less"),
     aten.eq.Scalar: _E(compare("Equal"), "Equal"), aten.eq.Tensor: _E(compare("Equal"), "Equal"),
     aten.ne.Scalar: _E(compare("Equal", True), "Not(Equal)"), aten.ne.Tensor: _E(compare("Equal", True), "Not(Equal)"),
@@ -428,20 +270,6 @@ OPS.update({
     aten.adaptive_avg_pool2d.default: _E(adaptive_avg_pool, "GlobalAveragePool"),
     aten.mean.dim: _E(reduce("ReduceMean"), "ReduceMean"), aten.mean.default: _E(reduce("ReduceMean"), "ReduceMean"),
     aten.sum.dim_IntList: _E(reduce("ReduceSum"), "ReduceSum"), aten.sum.default: _E(reduce("ReduceSum"), "ReduceSum"),
-    aten.view.default: _E(reshape, "Reshape"), aten.reshape.default: _E(reshape, "Reshape"),
-    aten._unsafe_view.default: _E(reshape, "Reshape"),
-    aten.flatten.using_ints: _E(flatten, "Flatten"),
-    aten.permute.default: _E(permute, "Transpose"), aten.transpose.int: _E(transpose, "Transpose"),
-    aten.t.default: _E(t, "Transpose"),
-    aten.unsqueeze.default: _E(unsqueeze, "Unsqueeze"),
-    aten.squeeze.dim: _E(squeeze, "Squeeze"), aten.squeeze.dims: _E(squeeze, "Squeeze"),
-    aten.squeeze.default: _E(squeeze, "Squeeze"),
-    aten.cat.default: _E(cat, "Concat"),
-    aten.slice.Tensor: _E(slice_, "Slice"), aten.select.int: _E(select, "Gather"),
-    aten.expand.default: _E(expand, "Expand"),
-    aten.embedding.default: _E(embedding, "Gather"),
-    aten.gather.default: _E(gather, "GatherElements"),
-    aten.index.Tensor: _E(index, "GatherND"),
     aten.to.dtype: _E(cast, "Cast"), aten.to.dtype_layout: _E(cast, "Cast"), aten.to.device: _E(cast, "Cast"),
     aten._to_copy.default: _E(cast, "Cast"), aten.type_as.default: _E(cast, "Cast"),
     aten.clone.default: _E(identity, "Identity"), aten.contiguous.default: _E(identity, "Identity"),
@@ -450,16 +278,4 @@ OPS.update({
     aten.where.self: _E(where_, "Where"), aten.where.ScalarOther: _E(where_, "Where"),
     aten.where.ScalarSelf: _E(where_, "Where"), aten.where.Scalar: _E(where_, "Where"),
     aten.masked_fill.Scalar: _E(masked_fill, "Where"),
-    aten.ones_like.default: _E(full_like(1), "ConstantOfShape"),
-    aten.zeros_like.default: _E(full_like(0), "ConstantOfShape"),
-    aten.full_like.default: _E(full_like(), "ConstantOfShape"),
-    aten.new_ones.default: _E(new_full(1), "ConstantOfShape"),
-    aten.new_zeros.default: _E(new_full(0), "ConstantOfShape"),
-    aten.new_full.default: _E(new_full(), "ConstantOfShape"),
-    aten.constant_pad_nd.default: _E(constant_pad, "Pad"),
-    aten.split.Tensor: _E(split, "Split"), aten.split_with_sizes.default: _E(split, "Split"),
-    aten.sym_size.int: _E(sym_size, "Shape"),
-    operator.getitem: _E(getitem, "(output)"),
-    operator.mul: _E(sym_binary("Mul"), "Mul"), operator.add: _E(sym_binary("Add"), "Add"),
-    operator.sub: _E(sym_binary("Sub"), "Sub"), operator.floordiv: _E(sym_binary("Div"), "Div"),
 })

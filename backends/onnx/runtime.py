@@ -43,6 +43,7 @@ class RuntimeGraph:
     counts: Counter = field(default_factory=Counter)
     int_ops: Counter = field(default_factory=Counter)
     float_ops: Counter = field(default_factory=Counter)
+    unmapped: Counter = field(default_factory=Counter)   # ORT's own nodes (layout Transposes, decompositions)
     float_between_qdq: list = field(default_factory=list)  # ORT node names running float inside Q/DQ
 
 
@@ -103,8 +104,9 @@ def original_name(ort_name: str) -> str:
     return _TOKEN.sub("", ort_name)
 
 
-def analyze(optimized: onnx.ModelProto) -> RuntimeGraph:
-    """Classify every node ORT runs as integer or float, keyed by the name of our node it came from."""
+def analyze(optimized: onnx.ModelProto, ours: set | None = None) -> RuntimeGraph:
+    """Classify every node ORT runs as integer or float, keyed by the name of our node it came from.
+    Nodes that trace back to none of ``ours`` (layout Transposes, NCHWc Reorders) are counted apart."""
     types = _dtypes(optimized)
     producers = {o: n for n in optimized.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -115,7 +117,10 @@ def analyze(optimized: onnx.ModelProto) -> RuntimeGraph:
     for node in optimized.graph.node:
         op = node.op_type
         rg.counts[op] += 1
-        if op in QDQ or op in ("Shape", "Constant", "Identity") or op.startswith("Reorder"):
+        if op in QDQ or op in ("Shape", "Constant", "Identity"):
+            continue
+        if ours is not None and original_name(node.name) not in ours:
+            rg.unmapped[op] += 1
             continue
         integer = op in INT_KERNELS or (bool(node.input) and types.get(node.input[0]) in _INTS)
         (rg.int_ops if integer else rg.float_ops)[op] += 1
@@ -126,6 +131,8 @@ def analyze(optimized: onnx.ModelProto) -> RuntimeGraph:
 
 
 def _between_qdq(node, producers, consumers) -> bool:
-    fed = any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)
+    """A float op reading a dequantized *activation* and feeding a QuantizeLinear."""
+    fed = any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+              and producers[i].input[0] in producers for i in node.input)
     feeds = any(c.op_type == "QuantizeLinear" for o in node.output for c in consumers.get(o, []))
     return fed and feeds

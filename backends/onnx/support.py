@@ -92,6 +92,8 @@ def table(act_dtype: torch.dtype = torch.uint8, quantize_attention: bool = True)
         OpSupport("flatten", ("flatten",), SHARED, (0,)),
         OpSupport("reshape", ("reshape",), SHARED, (0,)),
         OpSupport("permute", ("permute",), SHARED, (0,)),
+        OpSupport("embedding", ("embedding",), ANCHOR, (), 0, weight_granularities=("per_channel", "per_tensor"),
+                  note="int8 table (per hidden column), gathered before dequantizing"),
         OpSupport("sigmoid", ("sigmoid",), FIXED, (0,), fixed=fixed),
         OpSupport("softmax", ("softmax",), FIXED, (0,), fixed=fixed),
     ]
@@ -108,7 +110,6 @@ NOTES = {
     "layer_norm": "kept float: ORT's CPU EP has no QDQ fusion for LayerNormalization",
     "relu": "kept float: ORT folds a Relu only into the Conv/Gemm/Add before it (no standalone int8 Relu)",
     "relu6": "kept float: ORT folds a Clip only into the Conv/Gemm before it",
-    "embedding": "kept float: a gather of float rows (int8 tables only save size)",
     "cat": "kept float: the annotator has no list-input (Concat) pattern yet",
     "matmul": "kept float: activation x activation matmul (quantize_attention=False)",
     "batch_norm": "batch-norm that does not follow a conv/linear cannot be folded; no QDQ fusion",

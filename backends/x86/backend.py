@@ -10,12 +10,13 @@ from qcompile.config import QConfig
 from qcompile.errors import ConfigError
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 from qcompile.passes.annotate import Annotate, SpecMaker
+from qcompile.passes.dynamic import FloatOutputGroups
 from qcompile.passes.fold_batch_norm import FoldBatchNorm
 from qcompile.passes.fuse import FuseGroups
 from qcompile.passes.normalize import Normalize
 from qcompile.passes.pattern import Rule, RuleSet
 
-from . import support
+from . import dynamic, support, weight_only
 from .lower import Lowerer, LowerResult
 from .rules import RULES
 
@@ -26,12 +27,14 @@ class X86Options:
     act_reduce_range: 7-bit activations (torch.ao's AVX2 work-around for u8*s8 int16 saturation).
       Measured on ResNet-18 (docs/x86-kernels.md): full-range u8 activations with 8-bit weights agree
       with the reference graph within one step, and give ~3.6 dB more SQNR than reduce_range.
-    max_weight_bits: cap on weight bits (7 would keep every u8 x s7 pair sum inside int16; costs ~5 dB).
+    max_weight_bits: cap on weight bits; None picks by CPU: 8 with VNNI (exact int32 dot products),
+      7 without (AVX2 u8 x s8 pair sums saturate int16; u8 x s7 cannot). Depthwise convs always use 7:
+      fbgemm's depthwise kernel saturates even on VNNI (docs/x86-kernels.md).
     channels_last: quantize 4-D inputs in channels-last layout, the layout the int8 conv kernels use."""
 
     engine: str = "x86"
     act_reduce_range: bool = False
-    max_weight_bits: int = 8
+    max_weight_bits: int | None = None
     channels_last: bool = True
 
 
@@ -66,12 +69,16 @@ class X86Backend:
     def support_table(self):
         return support.TABLE
 
-    def capabilities(self):
-        return support.CAPABILITIES
+    def capabilities(self, mode: str = "static"):
+        return support.MODE_CAPABILITIES.get(mode, support.CAPABILITIES)
 
-    def default_config(self) -> QConfig:
-        return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
-                       activations=ActivationSpec(observer="mse"))
+    def default_config(self, mode: str = "static") -> QConfig:
+        weights = WeightSpec(bits=8, granularity="per_channel", symmetric=True)
+        if mode == "dynamic":  # per-token int8: min cosine 0.996 on MiniLM vs 0.991 per-tensor (docs/modes.md)
+            return QConfig(weights=weights, activations=ActivationSpec(granularity="per_token", symmetric=True))
+        if mode == "weight_only":
+            return QConfig(weights=weights)
+        return QConfig(weights=weights, activations=ActivationSpec(observer="mse"))
 
     def fusion_rules(self) -> RuleSet:
         return RuleSet(Rule(row.name, row.ops) for row in support.TABLE)
@@ -82,19 +89,40 @@ class X86Backend:
 
     def weight_spec(self, w: WeightSpec, row, node) -> QuantSpec:
         gran = w.granularity if w.granularity in row.weight_granularities else "per_tensor"
-        return QuantSpec(dtype=torch.int8, bits=min(w.bits, self.options.max_weight_bits), symmetric=True,
+        bits = min(w.bits, self.options.max_weight_bits or (8 if cpu_has_vnni() else 7))
+        if _is_depthwise(node):  # fbgemm's depthwise kernel saturates int16 pair sums at u8 x s8 (measured)
+            bits = min(bits, 7)
+        return QuantSpec(dtype=torch.int8, bits=bits, symmetric=True,
                          granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
 
-    def prepare_passes(self, config: QConfig) -> list:
+    def prepare_passes(self, config: QConfig, mode: str = "static") -> list:
+        if mode in ("dynamic", "weight_only"):
+            return self._float_mode_passes(config, mode)
         return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
                 Annotate(support.TABLE, config, SpecMaker(self.act_spec, self.weight_spec), self.name, support.NOTES)]
 
+    def _float_mode_passes(self, config: QConfig, mode: str) -> list:
+        """dynamic / weight_only: the claimed linears (embeddings) compute in float, see dynamic.py / weight_only.py."""
+        if mode == "dynamic":
+            table, notes, specs = support.DYNAMIC_TABLE, support.DYNAMIC_NOTES, SpecMaker(dynamic.act_spec,
+                                                                                         dynamic.weight_spec)
+        else:
+            table, notes, specs = support.WEIGHT_ONLY_TABLE, support.WEIGHT_ONLY_NOTES, SpecMaker(
+                lambda a: None, weight_only.weight_spec)
+        return [Normalize(), FoldBatchNorm(), FuseGroups(RuleSet(Rule(r.name, r.ops) for r in table)),
+                Annotate(table, config, specs, self.name, notes),
+                FloatOutputGroups({r.name: r.note for r in table}, mode, notes)]
+
     def lower(self, reference, example_inputs) -> LowerResult:
         with quantized_engine(self.options.engine):
+            if not any(n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
+                       for n in reference.graph.nodes):  # no static activations: dynamic / weight-only graph
+                return weight_only.Rewriter(reference, dynamic.RULES + weight_only.RULES).run()
             return Lowerer(reference, self.fusion_rules(), RULES, self.options.channels_last).run()
 
     def runtime_name(self) -> str:
-        return f"PyTorch quantized CPU kernels (engine={self.options.engine})"
+        isa = "VNNI" if cpu_has_vnni() else "AVX2"
+        return f"PyTorch quantized CPU kernels (engine={self.options.engine}, {isa})"
 
     def run(self, lowered: LowerResult, args, kwargs):
         with torch.no_grad():
@@ -102,3 +130,18 @@ class X86Backend:
 
     def save_payload(self, lowered) -> None:
         return None  # the .qc file stores the reference graph; load() lowers it again
+
+
+def _is_depthwise(node) -> bool:
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return node.target == torch.ops.aten.conv2d.default and int(groups) > 1
+
+
+def cpu_has_vnni() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))

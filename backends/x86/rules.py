@@ -71,13 +71,28 @@ def _binary(kernel, name):
     return rule
 
 
-def hardswish(lw, nodes, q):
-    x = lw.quantized_input(nodes[0].args[0])
+def _lut(node, in_scale, in_zp, out_scale, out_zp, out_dtype, qmin, qmax) -> torch.Tensor:
+    """256-entry table: exactly the reference's quantize(op(dequantize(i))) for every uint8 input i."""
+    levels = torch.arange(256, dtype=torch.float32)
+    x = (levels - in_zp) * in_scale
+    y = node.target(x, *node.args[1:])
+    return torch.ops.quantized_decomposed.quantize_per_tensor.default(y, out_scale, out_zp, qmin, qmax, out_dtype)
+
+
+def unary_lut(lw, nodes, q):
+    """Unary elementwise op (hardswish, sigmoid, ...) as a table lookup on the uint8 codes: bit-exact with
+    the reference graph, where quantized::hardswish rounds differently (measured on MobileNetV2)."""
+    node = nodes[0]
+    x = lw.quantized_input(node.args[0])
     if x is None:
         return "input is not a quantized tensor"
-    scale, zp, _ = _qparams(q)
-    return Emitted(Value(lw.call(qops.hardswish.default, (x.node, scale, zp), nodes[0]), True, scale, zp),
-                   "quantized::hardswish")
+    scale, zp, dtype = _qparams(q)
+    table = lw.constant(_lut(node, x.scale, x.zero_point, scale, zp, dtype, int(q.args[3]), int(q.args[4])), "lut")
+    codes = lw.call(torch.Tensor.int_repr, (x.node,), node)
+    idx = lw.call(torch.Tensor.long, (codes,), node)
+    out_codes = lw.call(torch.Tensor.__getitem__, (table, idx), node)
+    out = lw.call(torch._make_per_tensor_quantized_tensor, (out_codes, scale, zp), node)
+    return Emitted(Value(out, True, scale, zp), f"int8 lookup table ({node.target.__name__})")
 
 
 def same_op(lw, nodes, q):
@@ -98,7 +113,7 @@ RULES = {
     "add": _binary(qops.add.default, "quantized::add"),
     "add_relu": _binary(qops.add_relu.default, "quantized::add_relu"),
     "mul": _binary(qops.mul.default, "quantized::mul"),
-    "hardswish": hardswish,
+    "hardswish": unary_lut, "sigmoid": unary_lut, "hardsigmoid": unary_lut,
     **{name: same_op for name in ("relu", "relu6", "max_pool2d", "adaptive_avg_pool2d", "avg_pool2d", "mean",
-                                  "flatten", "reshape", "permute", "sigmoid", "hardsigmoid")},
+                                  "flatten", "reshape", "permute")},
 }

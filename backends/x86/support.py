@@ -60,7 +60,37 @@ NOTES = {
 CAPABILITIES = Capabilities(
     act_dtypes=("uint8",), act_symmetric=(False, True), act_bits=(8, 7), act_granularities=("per_tensor",),
     weight_bits=(8, 7, 6, 5, 4), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
-    modes=("static", "qat"), unsupported_notes=NOTES,
+    modes=("static", "qat", "dynamic", "weight_only"), unsupported_notes=NOTES,
 )
+
+# -- dynamic and weight-only modes: the claimed op computes in float (lowered by dynamic.py / weight_only.py)
+DYNAMIC_TABLE = [
+    OpSupport("linear_dynamic", ("linear",), ANCHOR, (0,), 1, 2,
+              note="int8 weights; activations quantized at run time"),
+]
+WEIGHT_ONLY_TABLE = [
+    OpSupport("linear_weight_only", ("linear",), ANCHOR, (0,), 1, 2,
+              weight_granularities=("per_channel", "per_group", "per_tensor"), note="low-bit weights, fp32 activations"),
+    OpSupport("embedding_weight_only", ("embedding",), ANCHOR, (), 0, None,
+              weight_granularities=("per_channel", "per_group", "per_tensor"), note="low-bit table, rows dequantized"),
+]
+_FLOAT_MODE_NOTES = {
+    "matmul": "kept float: no batched int8 activation x activation kernel on x86 CPU (torch._int_mm is 2-D)",
+    "conv2d": "this mode covers linear layers; use static mode for convolutions",
+    "softmax": "float in this mode", "layer_norm": "float in this mode", "gelu": "float in this mode",
+}
+DYNAMIC_NOTES = {**_FLOAT_MODE_NOTES, "embedding": "embeddings are gathers: use weight_only to shrink them"}
+WEIGHT_ONLY_NOTES = dict(_FLOAT_MODE_NOTES)
+
+MODE_CAPABILITIES = {
+    "dynamic": Capabilities(
+        act_dtypes=("int8", "uint8"), act_symmetric=(True, False), act_bits=(8, 7),
+        act_granularities=("per_token", "per_tensor"), weight_bits=(8,), weight_symmetric=(True,),
+        weight_granularities=("per_channel", "per_tensor"), modes=CAPABILITIES.modes, unsupported_notes=DYNAMIC_NOTES),
+    "weight_only": Capabilities(
+        act_dtypes=("float32",), act_granularities=(), weight_bits=(8, 7, 6, 5, 4, 3, 2),
+        weight_symmetric=(True, False), weight_granularities=("per_channel", "per_group", "per_tensor"),
+        modes=CAPABILITIES.modes, unsupported_notes=WEIGHT_ONLY_NOTES),
+}
 
 ACT_DTYPE = torch.uint8

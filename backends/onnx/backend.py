@@ -1,0 +1,173 @@
+"""The ONNX QDQ backend: support table -> annotations; reference graph -> ONNX QDQ model on ONNX Runtime.
+
+    art = qcompile.compile(model, (x,), backend="onnx", calibration=loader)
+    art.save("model.onnx")   # standard QDQ ONNX, weights stored as int8 inside the file
+    y = art(x)               # runs through onnxruntime (CPU EP, all graph optimizations)
+    print(art.report)        # what ORT runs in int8 (QLinearConv, QGemm, ...) and what in float
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from qcompile.config import QConfig
+from qcompile.errors import ConfigError
+from qcompile.passes.annotate import Annotate, SpecMaker
+from qcompile.passes.fold_batch_norm import FoldBatchNorm
+from qcompile.passes.fuse import FuseGroups
+from qcompile.passes.normalize import Normalize
+from qcompile.passes.pattern import Rule, RuleSet
+from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
+
+from qcompile.passes.infra import PassManager
+
+from . import support
+from .bias import QuantizeBias
+from .emit import EmitOptions
+from .lower import OnnxLowered, feeds, flat_inputs, lower
+
+_ACT_DTYPES = {"uint8": torch.uint8, "int8": torch.int8}
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """opset: ONNX opset (None: the lowest the graph needs, >= 13 for per-channel QDQ).
+    act_dtype: "uint8" (ORT's native U8S8 on x86) or "int8" (ORT rewrites it to uint8 on x86).
+    weight_reduce_range: 7-bit weights (ORT's reduce_range, for AVX2 CPUs without VNNI).
+    weight_narrow: symmetric int8 weights in [-127, 127] (TensorRT's and ORT's convention) instead of [-128, 127].
+    quantize_attention: int8 activation x activation matmuls (QLinearMatMul).
+    linear_nd: "matmul" (MatMul + Add, -> MatMulIntegerToFloat) or "gemm" (Reshape -> QGemm) for N-D linear.
+    dynamic_batch: symbolic batch dimension (falls back to the example batch if the graph bakes it in).
+    threads: ORT intra-op threads (None: ORT's default).
+    parity_sqnr_db: per-layer SQNR (vs the reference graph) below which a layer counts as a drop."""
+
+    opset: int | None = None
+    act_dtype: str = "uint8"
+    weight_reduce_range: bool = False
+    weight_narrow: bool = True
+    quantize_attention: bool = True
+    linear_nd: str = "matmul"
+    dynamic_batch: bool = True
+    threads: int | None = None
+    parity_sqnr_db: float = 25.0
+
+    def __post_init__(self):
+        if self.act_dtype not in _ACT_DTYPES:
+            raise ConfigError(f"onnx backend: act_dtype must be one of {list(_ACT_DTYPES)}, got {self.act_dtype!r}")
+        if self.linear_nd not in ("matmul", "gemm"):
+            raise ConfigError(f"onnx backend: linear_nd must be 'matmul' or 'gemm', got {self.linear_nd!r}")
+
+
+class OnnxBackend:
+    name = "onnx"
+    file_extensions = (".onnx",)
+
+    def __init__(self, **options):
+        try:
+            self.options = OnnxOptions(**options)
+        except TypeError as e:
+            raise ConfigError(f"onnx backend: {e}; options are {[f.name for f in fields(OnnxOptions)]}") from e
+        self._table = support.table(_ACT_DTYPES[self.options.act_dtype], self.options.quantize_attention)
+
+    # -- what the backend supports ----------------------------------------------------------------
+    def is_available(self):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False, "onnxruntime is not installed: pip install onnxruntime (or pip install 'qcompile[onnx]')"
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            return False, "onnx is not installed: pip install onnx"
+        return True, ""
+
+    def support_table(self):
+        return self._table
+
+    def capabilities(self):
+        return support.CAPABILITIES
+
+    def default_config(self) -> QConfig:
+        return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
+                       activations=ActivationSpec(observer="mse"))
+
+    def fusion_rules(self) -> RuleSet:
+        return RuleSet(Rule(row.name, row.ops) for row in self._table)
+
+    def act_spec(self, a: ActivationSpec) -> QuantSpec:
+        return QuantSpec(dtype=_ACT_DTYPES[self.options.act_dtype], bits=a.bits, symmetric=a.symmetric,
+                         observer=a.observer, percentile=a.percentile)
+
+    def weight_spec(self, w: WeightSpec, row, node) -> QuantSpec:
+        gran = w.granularity if w.granularity in row.weight_granularities else "per_tensor"
+        # output channels: axis 1 for ConvTranspose ([Cin, Cout/g, k, k]) and for an embedding table's
+        # hidden columns (the gathered rows keep them), axis 0 otherwise
+        axis = (1 if row.ops[0] in ("conv_transpose2d", "embedding") else 0) if gran == "per_channel" else None
+        return QuantSpec(dtype=torch.int8, bits=w.bits, symmetric=True, narrow=self.options.weight_narrow,
+                         reduce_range=self.options.weight_reduce_range, granularity=gran, axis=axis,
+                         observer=w.observer)
+
+    def prepare_passes(self, config: QConfig) -> list:
+        return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
+                Annotate(self._table, config, SpecMaker(self.act_spec, self.weight_spec), self.name, support.NOTES)]
+
+    # -- lowering and running ---------------------------------------------------------------------
+    def emit_options(self) -> EmitOptions:
+        o = self.options
+        return EmitOptions(opset=o.opset, dynamic_batch=o.dynamic_batch, linear_nd=o.linear_nd)
+
+    def lower_passes(self) -> list:
+        """Passes on the reference graph before emission (in place: the reference then states exactly
+        what the emitted model computes)."""
+        return [QuantizeBias()]
+
+    def lower(self, reference, example_inputs) -> OnnxLowered:
+        PassManager(self.lower_passes())(reference)
+        return lower(reference, tuple(example_inputs.args), dict(example_inputs.kwargs), self.emit_options(),
+                     self.options.threads)
+
+    def runtime_name(self) -> str:
+        from .runtime import ort_version
+        return f"onnxruntime-CPU {ort_version()}"
+
+    def run(self, lowered: OnnxLowered, args, kwargs):
+        flat = flat_inputs(args, kwargs)
+        outs = iter(lowered.session.run(None, feeds(lowered.emitted, flat)))
+        leaves = [torch.from_numpy(next(outs)) if name is not None else const
+                  for name, const in zip(lowered.emitted.outputs, lowered.emitted.out_template)]
+        if lowered.out_spec is None:
+            return leaves[0] if len(leaves) == 1 else tuple(leaves)
+        return torch.utils._pytree.tree_unflatten(leaves, lowered.out_spec)
+
+    # -- persistence and verification -------------------------------------------------------------
+    def save(self, artifact, path: str) -> None:
+        import onnx
+        model = artifact.lowered.model
+        if model.ByteSize() > 2**31 - 1:
+            raise ConfigError("onnx backend: the model exceeds protobuf's 2 GB limit; external data is not "
+                              "supported (the file must be self-contained)")
+        onnx.save_model(model, path, save_as_external_data=False)
+
+    def verify_runtime(self, artifact) -> dict:
+        from .verify import layer_parity, summarize
+        low: OnnxLowered = artifact.lowered
+        flat = flat_inputs(artifact.example_inputs.args, artifact.example_inputs.kwargs)
+        parity = layer_parity(artifact.reference, low.emitted, flat, self.options.parity_sqnr_db,
+                              self.options.threads)
+        rg = low.runtime
+        out = summarize(parity, self.options.parity_sqnr_db)
+        out.update({
+            "onnx_opset": low.emitted.opset, "dynamic_batch": low.emitted.dynamic_batch,
+            "ort_int8_ops": dict(rg.int_ops), "ort_float_ops": dict(rg.float_ops),
+            "ort_int8_op_count": sum(rg.int_ops.values()), "ort_float_op_count": sum(rg.float_ops.values()),
+            "ort_float_between_qdq": list(rg.float_between_qdq), "ort_unmapped_ops": dict(rg.unmapped),
+            "probe_matches_session": parity["probe_int_ops"] == _kernels(rg.int_ops),
+            "onnx_file_bytes": low.model.ByteSize(), "notes": list(low.notes),
+        })
+        return out
+
+
+def _kernels(ops) -> dict:
+    from .runtime import INT_KERNELS
+    return {k: v for k, v in ops.items() if k in INT_KERNELS}

@@ -1,0 +1,132 @@
+"""x86 lowering of dynamic-mode linears: activations quantized at run time, int8 weights.
+
+==========================  ==================================================================
+per-token int8 activations  row-wise scale chosen per call, ``torch._int_mm`` (int8 x int8 -> int32)
+                            with the per-channel weight scale applied to the int32 result
+per-tensor uint8            ``quantized::linear_dynamic`` (fbgemm: quantizes x per tensor inside)
+==========================  ==================================================================
+
+A dynamic chain the rules cannot run (other dtypes / asymmetric weights) keeps the reference ops
+(choose parameters, quantize, dequantize, fp32 linear) and is reported as a fallback.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from qcompile.errors import ConfigError
+from qcompile.ir import get_attr_value
+from qcompile.specs import QuantSpec
+
+from .weight_only import Lowered, Rewriter, _finish, _rows, int_weight
+
+aten, qd, qops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.quantized
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+def linear_dynamic_per_token(x, w_t, w_scale, bias):
+    """Symmetric int8 per-row activations (``choose_qparams_per_token``) times int8 weights ``[K, N]``."""
+    x2 = _rows(x)
+    s = x2.abs().amax(-1, keepdim=True).clamp(min=1e-5).div(127)
+    q = x2.mul(1.0 / s).round().clamp(-128, 127).to(torch.int8)
+    y = torch._int_mm(q, w_t) * w_scale
+    return _finish(y.mul_(s), x, bias)
+
+
+def linear_dynamic_per_token_affine(x, w_t, w_scale, w_colsum, bias):
+    """Affine int8 per-row activations (``choose_qparams_per_token_asymmetric``): one zero-point fix-up."""
+    x2 = _rows(x)
+    s, zp = qd.choose_qparams_per_token_asymmetric(x2, torch.int8)
+    q = qd.quantize_per_token(x2, s, zp, -128, 127, torch.int8)
+    acc = torch._int_mm(q, w_t).float()
+    y = torch.addr(acc, zp.reshape(-1).float(), w_colsum, alpha=-1).mul_(w_scale)
+    return _finish(y.mul_(s.float()), x, bias)
+
+
+def linear_dynamic_fbgemm(x, packed, reduce_range: bool):
+    return qops.linear_dynamic(x, packed, reduce_range)
+
+
+# -- the rule ---------------------------------------------------------------------------------------
+def _chain(x):
+    """(float source, choose op, quant_min, quant_max, dtype) of a dynamic quantize chain, or None."""
+    if not isinstance(x, fx.Node) or x.target not in (qd.dequantize_per_token.default, qd.dequantize_per_tensor.tensor):
+        return None
+    q = x.args[0]
+    scale = q.args[1]
+    if scale.target != operator.getitem:
+        return None
+    choose = scale.args[0]
+    return choose.args[0], choose.target, q.args[3], q.args[4], q.args[5]
+
+
+def _weight(rw: Rewriter, node: fx.Node):
+    """int8 codes ``[N, K]`` and scale ``[N]`` of a symmetric per-row weight, or a reason."""
+    w = int_weight(rw.gm, node.args[1])
+    if w is None or w.q.dim() != 2 or w.group_size is not None:
+        return "the weight is not a per-channel / per-tensor integer constant"
+    n = w.q.shape[0]
+    s, z = w.per_row(n)
+    if bool((z != 0).any()) or w.q.dtype != torch.int8:
+        return "dynamic kernels need symmetric int8 weights"
+    return w.q, s.contiguous()
+
+
+def linear_dynamic(rw: Rewriter, node: fx.Node):
+    if node.target != aten.linear.default or (chain := _chain(node.args[0])) is None:
+        return None
+    src, choose, qmin, qmax, dtype = chain
+    bias = node.args[2] if len(node.args) > 2 else None
+    weight = _weight(rw, node)
+    if isinstance(weight, str):
+        return weight
+    q, s = weight
+    n, k = q.shape
+    rw.tag(bias, node.name, "bias")
+    if choose in (qd.choose_qparams_per_token.default, qd.choose_qparams_per_token_asymmetric.default):
+        w_t = rw.const(q.t().contiguous(), node, node.name, "codes", n * k)
+        scale = rw.const(s, node, node.name, "scales")
+        if choose == qd.choose_qparams_per_token.default:
+            return rw.emit(node, linear_dynamic_per_token, (src, w_t, scale, bias),
+                           "torch._int_mm (int8 per-token activations, symmetric)")
+        colsum = rw.const(q.float().sum(1), node, node.name, "zero_points")
+        return rw.emit(node, linear_dynamic_per_token_affine, (src, w_t, scale, colsum, bias),
+                       "torch._int_mm (int8 per-token activations, affine)")
+    if choose == qd.choose_qparams.tensor and dtype == torch.uint8 and qmin == 0 and qmax in (127, 255):
+        qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(n, dtype=torch.long), 0)
+        b = None if bias is None else get_attr_value(rw.gm, bias).detach().float()
+        packed = qops.linear_prepack(qw, b)  # the bias lives in the packed weight
+        rw.result.storage.pop(getattr(bias, "target", None), None)
+        node_packed = rw.const(packed, node, node.name, "packed", n * k)
+        return rw.emit(node, linear_dynamic_fbgemm, (src, node_packed, qmax == 127),
+                       f"quantized::linear_dynamic (uint8 per-tensor activations{', reduce_range' if qmax == 127 else ''})")
+    return f"no x86 dynamic kernel for {getattr(choose, '__name__', choose)} with {dtype} [{qmin}, {qmax}]"
+
+
+RULES = [linear_dynamic]
+
+
+# -- specs (the backend's SpecMaker hooks for mode="dynamic") ------------------------------------------
+def act_spec(a) -> QuantSpec:
+    """per_token: int8 (symmetric by default, affine if asked); per_tensor: uint8 affine (fbgemm), 7-bit if bits=7."""
+    if a.granularity == "per_token":
+        if a.bits != 8:
+            raise ConfigError(f"x86 dynamic per-token activations are 8-bit, got bits={a.bits}")
+        return QuantSpec(dtype=torch.int8, bits=8, symmetric=a.symmetric, granularity="per_token", dynamic=True)
+    if a.granularity == "per_tensor":
+        if a.symmetric or a.bits not in (7, 8):
+            raise ConfigError("x86 dynamic per-tensor activations are affine uint8 (fbgemm's linear_dynamic): "
+                              "use ActivationSpec(granularity='per_tensor', symmetric=False, bits=8 or 7)")
+        return QuantSpec(dtype=torch.uint8, bits=8, reduce_range=a.bits == 7, dynamic=True)
+    raise ConfigError(f"x86 dynamic activations are per_token or per_tensor, got {a.granularity!r}")
+
+
+def weight_spec(w, row, node) -> QuantSpec:
+    if w.dtype != "int" or w.bits != 8 or not w.symmetric or w.granularity == "per_group":
+        raise ConfigError("x86 dynamic mode runs symmetric int8 per-channel / per-tensor weights "
+                          f"(got {w}); low-bit or group-wise weights are mode='weight_only'")
+    gran = w.granularity
+    return QuantSpec(dtype=torch.int8, bits=8, symmetric=True, granularity=gran,
+                     axis=0 if gran == "per_channel" else None, observer=w.observer)

@@ -1,0 +1,353 @@
+"""x86 lowering of graphs that compute in float: weight-only linears / embeddings (and the shared
+rewriter the dynamic rules of ``dynamic.py`` plug into).
+
+Each rule looks at one reference node (``linear``, ``embedding``) whose weight is a dequantize of an
+integer / NF4 constant and replaces it with a kernel call on the stored low-bit weight:
+
+=================  =====================================================================================
+int8 per-channel   ``aten._weight_int8pack_mm`` (int8 weight kernel; affine weights: one row-sum fix-up)
+int2..4 per-group  ``aten._weight_int4pack_mm_for_cpu`` (packed 4-bit, groups 32..256; N % 16 == 0)
+NF4                no NF4 kernel on x86: packed codes dequantized to fp32 at every call, then fp32 GEMM
+anything else      int codes kept, dequantized at every call (memory saved, slower than float)
+embedding          rows gathered from the int (4-bit: packed) table, then dequantized
+=================  =====================================================================================
+
+The report says which one ran: a dequantize-at-every-call kernel is slower than float.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qcompile.errors import ConfigError
+from qcompile.ir import copy_meta, get_attr_value, module_path
+from qcompile.lowbit import dequantize_nf4, nf4_values, pack_int4, unpack_int4
+from qcompile.specs import NF4Spec, QuantSpec
+
+aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
+_INT4_GROUPS = (256, 128, 64, 32)
+SMALL_M = 16  # rows up to which the int8-weight kernel beats dequantize + fp32 GEMM (bench/bench_linear.py)
+
+
+@dataclass
+class IntWeight:
+    """An integer weight behind a dequantize node: ``w = (q - zero_point) * scale``."""
+
+    q: torch.Tensor
+    scale: torch.Tensor       # [N] (per channel), [N, K/g] (per group) or 0-d
+    zero_point: torch.Tensor  # same shape
+    quant_min: int
+    quant_max: int
+    group_size: int | None = None
+
+    @property
+    def bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.quant_max - self.quant_min + 1)))
+
+    def per_row(self, n: int):
+        """(scale, zero point) as ``[N]`` when the weight has one scale per output row, else None."""
+        if self.group_size is not None:
+            return None
+        return self.scale.float().reshape(-1).expand(n), self.zero_point.float().reshape(-1).expand(n)
+
+    def grouped(self, k: int, g: int):
+        """(scale, zero point) as ``[N, K/g]`` for a group size ``g`` the parameters are uniform over."""
+        n = self.q.shape[0]
+        if self.group_size is None:
+            s, z = self.per_row(n)
+            return s[:, None].expand(n, k // g), z[:, None].expand(n, k // g)
+        if g != self.group_size:
+            return None
+        return self.scale.float().reshape(n, -1), self.zero_point.float().reshape(n, -1)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.q.float()
+        if self.group_size is None:
+            n = q.shape[0]
+            s, z = self.per_row(n)
+            shape = (n,) + (1,) * (q.dim() - 1)
+            return (q - z.reshape(shape)) * s.reshape(shape)
+        s, z = self.scale.float().reshape(q.shape[0], -1), self.zero_point.float().reshape(q.shape[0], -1)
+        g = self.group_size
+        return (q - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
+
+
+def int_weight(gm: fx.GraphModule, dq: fx.Node) -> IntWeight | None:
+    """The integer constant and parameters behind a weight dequantize node (None if it is not one)."""
+    if not isinstance(dq, fx.Node) or not dq.args or not isinstance(dq.args[0], fx.Node) or dq.args[0].op != "get_attr":
+        return None
+    q, a = get_attr_value(gm, dq.args[0]), dq.args
+    val = lambda x: get_attr_value(gm, x) if isinstance(x, fx.Node) else torch.tensor(x)  # noqa: E731
+    if dq.target == qd.dequantize_per_tensor.default:
+        return IntWeight(q, val(a[1]).float(), val(a[2]), a[3], a[4])
+    if dq.target == qd.dequantize_per_channel.default and int(a[3]) == 0:
+        return IntWeight(q, val(a[1]), val(a[2]), a[4], a[5])
+    if dq.target == qd.dequantize_per_channel_group.default:
+        z = val(a[2]) if a[2] is not None else torch.zeros(1)
+        return IntWeight(q, val(a[1]), z, a[3], a[4], int(a[6]))
+    return None
+
+
+# -- kernels (call_function targets of the lowered graph) -----------------------------------------
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _finish(y, x, bias):
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
+def linear_int8_weight(x, w_int8, scale, row_fix, bias):
+    """``x @ ((q - z) * s)^T``: int8-weight kernel for few rows, dequantize + fp32 GEMM for many."""
+    x2 = _rows(x)
+    if x2.shape[0] <= SMALL_M:
+        y = aten._weight_int8pack_mm(x2, w_int8, scale)
+        if row_fix is not None:  # affine weights: subtract sum(x) * s * z
+            y = y - x2.sum(-1, keepdim=True) * row_fix
+    else:
+        w = w_int8.float() * scale[:, None]
+        if row_fix is not None:
+            w = w - row_fix[:, None]
+        y = F.linear(x2, w)
+    return _finish(y, x, bias)
+
+
+def linear_int4(x, packed, group_size: int, scales_and_zeros, bias):
+    y = aten._weight_int4pack_mm_for_cpu(_rows(x), packed, group_size, scales_and_zeros)
+    return _finish(y, x, bias)
+
+
+def linear_nf4(x, packed, absmax, group_size: int, bias):
+    return F.linear(x, dequantize_nf4(packed, absmax, group_size), bias)
+
+
+def _expand_params(p, group_size: int):
+    """Per-row ``[..., 1]`` or per-group ``[..., K/g]`` parameters broadcast over ``[..., K]``."""
+    return p.float().repeat_interleave(group_size, -1) if group_size else p.float()[..., None]
+
+
+def linear_dequant(x, q, scale, zero_point, group_size: int, bias):
+    w = q.float()
+    if zero_point is not None:
+        w = w - _expand_params(zero_point, group_size)
+    return F.linear(x, w * _expand_params(scale, group_size), bias)
+
+
+def embedding_int(ids, q, scale, zero_point, group_size: int, packed: bool):
+    rows = q[ids]
+    rows = (unpack_int4(rows) if packed else rows).float()
+    if zero_point is not None:
+        rows = rows - _expand_params(zero_point[ids], group_size)
+    return rows * _expand_params(scale[ids], group_size)
+
+
+def embedding_nf4(ids, packed, absmax, group_size: int):
+    codes = unpack_int4(packed[ids])
+    return nf4_values(codes) * absmax[ids].repeat_interleave(group_size, -1)
+
+
+# -- the rewriter -------------------------------------------------------------------------------
+@dataclass
+class FloatLowerResult:
+    """Like the static ``LowerResult``; ``storage`` tags stored constants: attr -> (layer, role, weights)."""
+
+    gm: fx.GraphModule
+    kernels: dict = field(default_factory=dict)
+    fallbacks: dict = field(default_factory=dict)
+    taps: dict = field(default_factory=dict)
+    storage: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lowered:
+    kernel: str
+
+
+class Rewriter:
+    """Rewrite a copy of the reference graph node by node. A rule returns None (not its pattern),
+    :class:`Lowered` (the node now calls a kernel) or a reason string (the node keeps its reference ops)."""
+
+    def __init__(self, ref: fx.GraphModule, rules: list):
+        self.gm = copy.deepcopy(ref)
+        self.rules, self.result, self._n = rules, FloatLowerResult(self.gm), 0
+
+    def const(self, value, before: fx.Node, layer: str, role: str, weights: int = 0) -> fx.Node:
+        self._n += 1
+        name = f"_lowered_{role}_{self._n}"
+        if isinstance(value, torch.Tensor):
+            self.gm.register_buffer(name, value.detach().contiguous())
+        else:
+            setattr(self.gm, name, value)  # a packed kernel weight (ScriptObject)
+        self.result.storage[name] = (layer, role, weights)
+        with self.gm.graph.inserting_before(before), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx warns about get_attr of a non-tensor attribute
+            return self.gm.graph.get_attr(name)
+
+    def tag(self, node, layer: str, role: str, weights: int = 0) -> None:
+        """Account a reference constant the kernel keeps using (bias, NF4 codes...)."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            self.result.storage[node.target] = (layer, role, weights)
+
+    def emit(self, node: fx.Node, fn, args, kernel: str) -> Lowered:
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_function(fn, tuple(args))
+        copy_meta(node, new)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        return Lowered(kernel)
+
+    def run(self) -> FloatLowerResult:
+        for node in list(self.gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            for rule in self.rules:
+                out = rule(self, node)
+                if isinstance(out, Lowered):
+                    self.result.kernels[node.name] = out.kernel
+                elif isinstance(out, str):
+                    self.result.fallbacks[node.name] = out
+                if out is not None:
+                    break
+        self.gm.graph.eliminate_dead_code()
+        used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        for name in [b for b, _ in self.gm.named_buffers() if b not in used and "." not in b]:
+            delattr(self.gm, name)
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+        return self.result
+
+
+# -- weight-only rules ----------------------------------------------------------------------------
+def _int8_rows(w: IntWeight, n: int):
+    """int8 codes, scale [N] and the affine fix-up ``s * z`` (None when symmetric) for per-row weights."""
+    s, z = w.per_row(n)
+    shift = 128 if w.quant_max > 127 else 0
+    q8 = (w.q.int() - shift).to(torch.int8)
+    z = z - shift
+    return q8, s.contiguous(), ((s * z).contiguous() if bool((z != 0).any()) else None)
+
+
+def _int4_pack(w: IntWeight):
+    """(packed [N, K/2], group size, scales-and-zeros [K/g, N, 2]) for the int4 CPU kernel, or a reason."""
+    n, k = w.q.shape
+    if w.bits > 4:
+        return f"{w.bits}-bit values"
+    if n % 16:
+        return f"the int4 kernel needs out_features % 16 == 0 (got {n})"
+    g = w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
+    if g not in _INT4_GROUPS or k % g:
+        return f"the int4 kernel needs groups of 32/64/128/256 dividing in_features={k} (got {g})"
+    s, z = w.grouped(k, g)
+    codes = (w.q.int() - w.quant_min).to(torch.int32)
+    packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    zero = (8 + w.quant_min - z) * s  # kernel: (code - 8) * scale + zero
+    return packed, g, torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def _zero_points(z: torch.Tensor, dtype: torch.dtype):
+    """Zero points stored in the codes' dtype (they lie on the same grid); None when all are 0."""
+    return None if not bool((z != 0).any()) else z.round().to(dtype).contiguous()
+
+
+def _is_dynamic_act(x) -> bool:
+    return isinstance(x, fx.Node) and x.target in (qd.dequantize_per_token.default, qd.dequantize_per_tensor.tensor)
+
+
+def linear_weight_only(rw: Rewriter, node: fx.Node):
+    if node.target != aten.linear.default or _is_dynamic_act(node.args[0]):
+        return None
+    x, wdq = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    rw.tag(bias, node.name, "bias")
+    if isinstance(wdq, fx.Node) and wdq.target == qc.dequantize_nf4.default:
+        packed, absmax, g = wdq.args
+        n, k = rw.gm.get_buffer(packed.target).shape[0], rw.gm.get_buffer(packed.target).shape[1] * 2
+        rw.tag(packed, node.name, "codes", n * k)
+        rw.tag(absmax, node.name, "scales")
+        for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
+            rw.tag(a, node.name, "scales")
+        return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias),
+                       "nf4: packed codes dequantized to fp32 at every call + fp32 linear (no NF4 kernel on x86)")
+    w = int_weight(rw.gm, wdq)
+    if w is None or w.q.dim() != 2:
+        return None
+    n, k = w.q.shape
+    int4 = _int4_pack(w)
+    if not isinstance(int4, str):
+        packed, g, sz = int4
+        args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(sz, node, node.name, "scales"), bias)
+        return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g})")
+    if w.group_size is None:
+        q8, s, fix = _int8_rows(w, n)
+        args = (x, rw.const(q8, node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),
+                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias)
+        note = "" if w.bits > 4 else f" ({w.bits}-bit values stored as int8: {int4})"
+        return rw.emit(node, linear_int8_weight, args,
+                       f"aten._weight_int8pack_mm (<= {SMALL_M} rows; dequantize + fp32 GEMM above){note}")
+    z = _zero_points(w.zero_point.reshape(n, -1), w.q.dtype)
+    args = (x, rw.const(w.q, node, node.name, "codes", n * k),
+            rw.const(w.scale.float().reshape(n, -1), node, node.name, "scales"),
+            None if z is None else rw.const(z, node, node.name, "zero_points"), w.group_size, bias)
+    return rw.emit(node, linear_dequant, args,
+                   f"int{w.bits} g{w.group_size}: no kernel ({int4}); codes dequantized at every call + fp32 linear")
+
+
+def embedding_weight_only(rw: Rewriter, node: fx.Node):
+    if node.target != aten.embedding.default:
+        return None
+    wdq, ids = node.args[0], node.args[1]
+    if isinstance(wdq, fx.Node) and wdq.target == qc.dequantize_nf4.default:
+        packed, absmax, g = wdq.args
+        shape = rw.gm.get_buffer(packed.target).shape
+        rw.tag(packed, node.name, "codes", shape[0] * shape[1] * 2)
+        rw.tag(absmax, node.name, "scales")
+        for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
+            rw.tag(a, node.name, "scales")
+        return rw.emit(node, embedding_nf4, (ids, packed, absmax, g), "nf4 rows gathered, then dequantized")
+    w = int_weight(rw.gm, wdq)
+    if w is None or w.q.dim() != 2:
+        return None
+    v, d = w.q.shape
+    s, z = (w.scale.float(), w.zero_point.float()) if w.group_size else w.per_row(v)
+    if w.bits <= 4 and d % 2 == 0:
+        codes, z, packed = pack_int4((w.q.int() - w.quant_min)), _zero_points(z - w.quant_min, torch.uint8), True
+    else:
+        codes, z, packed = w.q, _zero_points(z, w.q.dtype), False
+    args = (ids, rw.const(codes, node, node.name, "codes", v * d), rw.const(s.contiguous(), node, node.name, "scales"),
+            None if z is None else rw.const(z, node, node.name, "zero_points"), w.group_size or 0, packed)
+    return rw.emit(node, embedding_int, args,
+                   f"int{w.bits} rows gathered{' (packed 4-bit)' if packed else ''}, then dequantized")
+
+
+RULES = [linear_weight_only, embedding_weight_only]
+
+
+# -- specs (the backend's SpecMaker hook for mode="weight_only") ---------------------------------------
+def weight_spec(w, row, node):
+    """int: signed [-2^(b-1), 2^(b-1)-1] when symmetric, unsigned [0, 2^b - 1] affine; nf4: NF4Spec."""
+    shape = _weight_shape(node.args[row.weight_arg])
+    if w.granularity == "per_group" and shape is not None and shape[-1] % w.group_size:
+        raise ConfigError(f"{node.name} ({module_path(node) or 'top'}): group_size={w.group_size} does not divide "
+                          f"its input dimension {shape[-1]}; pick a divisor or exclude the module")
+    if w.dtype == "nf4":
+        return NF4Spec(group_size=w.group_size, double_quant=w.double_quant)
+    gran = w.granularity
+    return QuantSpec(dtype=torch.int8 if w.symmetric else torch.uint8, bits=w.bits, symmetric=w.symmetric,
+                     granularity=gran, axis=0 if gran == "per_channel" else None,
+                     group_size=w.group_size if gran == "per_group" else None, observer=w.observer)
+
+
+def _weight_shape(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return tuple(get_attr_value(node.graph.owning_module, node).shape)
+    return None

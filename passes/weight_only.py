@@ -1,0 +1,206 @@
+"""Calibration-driven weight rounding (GPTQ) on a prepared graph, layer by layer.
+
+Sequential GPTQ: the layers with annotated weights (linear, conv2d) are visited in topological
+order, in *rounds* of layers that do not feed each other (Q/K/V of an attention block share one
+round, and one Hessian since they read the same input). For each round, the calibration samples are
+run through a copy of the graph *up to the last layer input needed* (taps raise to stop the forward
+early), the Hessian of each input is accumulated (``K x K`` memory, activations are never kept),
+and each weight is replaced by its GPTQ rounding. Later rounds therefore see the already-quantized
+earlier layers, as in the GPTQ paper; memory stays bounded by one round's Hessians.
+
+The result is written where convert reads it: the weight constant holds the on-grid values and the
+weight node's ``WEIGHT_QPARAMS`` meta the parameters, so convert recovers the exact integer codes.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from qcompile import annotation as A
+from qcompile.gptq import ConvGeometry, GPTQConfig, Hessian, gptq_grouped, make_grid, rtn
+from qcompile.ir import get_attr_value
+from qcompile.specs import NF4Spec, QuantSpec
+
+from .convert import WEIGHT_QPARAMS
+from .insert_observers import OBSERVED
+from .pattern import op_kind
+
+ROUNDING = "qcompile_weight_rounding"  # gm.meta: layer name -> stats of the rounding
+
+
+@dataclass
+class Layer:
+    name: str        # the linear / conv node
+    act: str         # its activation input node
+    weight: str      # its weight get_attr node
+    spec: object     # QuantSpec | NF4Spec
+    conv: ConvGeometry | None = None
+
+    @property
+    def tap_key(self):
+        return (self.act, self.conv)
+
+
+def _geometry(node: fx.Node, w: torch.Tensor) -> ConvGeometry:
+    get = lambda i, d: tuple(node.args[i]) if len(node.args) > i else d  # noqa: E731
+    groups = int(node.args[6]) if len(node.args) > 6 else 1
+    return ConvGeometry(tuple(w.shape[2:]), get(3, (1, 1)), get(4, (0, 0)), get(5, (1, 1)), groups)
+
+
+def weighted_layers(gm: fx.GraphModule) -> list[Layer]:
+    """Linear / conv2d nodes whose weight constant carries a weight spec, in graph order."""
+    layers, observers = [], set(gm.meta.get(OBSERVED, {}))
+    for node in gm.graph.nodes:
+        ann = A.get_annotation(node)
+        kind = op_kind(node)
+        if ann is None or kind not in ("linear", "conv2d"):
+            continue
+        spec, w = ann.input_specs.get(1), node.args[1]
+        if not isinstance(spec, (QuantSpec, NF4Spec)) or not isinstance(w, fx.Node) or w.op != "get_attr":
+            continue
+        if len(w.users) != 1:
+            continue  # a shared (tied) weight: rounding it for one user would change the others
+        conv = _geometry(node, get_attr_value(gm, w)) if kind == "conv2d" else None
+        act = node.args[0]
+        while act.op == "call_module" and act.target in observers:  # the float value the observer watches
+            act = act.args[0]
+        layers.append(Layer(node.name, act.name, w.name, spec, conv))
+    return layers
+
+
+def _ancestors(node: fx.Node) -> set[str]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.name not in seen:
+            seen.add(n.name)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def rounds(gm: fx.GraphModule, layers: list[Layer]) -> list[list[Layer]]:
+    """Consecutive layers grouped so that no layer of a round depends on another of the same round."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: list[list[Layer]] = []
+    for layer in layers:
+        anc = _ancestors(nodes[layer.act])
+        if out and not any(r.name in anc for r in out[-1]):
+            out[-1].append(layer)
+        else:
+            out.append([layer])
+    return out
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Tap(nn.Module):
+    """Accumulates the Hessian of the value flowing through it; the last tap of a round stops the forward."""
+
+    def __init__(self, hessian: Hessian, state: dict):
+        super().__init__()
+        self.hessian, self.state = hessian, state
+
+    def forward(self, x):
+        self.hessian.add(x)
+        self.state["fired"] += 1
+        if self.state["fired"] == self.state["total"]:
+            raise _Stop
+        return x
+
+
+def _set_attr(mod: nn.Module, target: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = target.rpartition(".")
+    owner = mod.get_submodule(owner_name) if owner_name else mod
+    if isinstance(getattr(owner, attr, None), nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
+
+
+def _runner(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph without observers, sharing gm's constants."""
+    graph = copy.deepcopy(gm.graph)
+    observers = set(gm.meta.get(OBSERVED, {}))
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target in observers:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return fx.GraphModule(gm, graph)
+
+
+class GPTQRounding:
+    """Apply GPTQ to every annotated linear / conv2d weight of a prepared graph.
+
+    ``samples``: a re-iterable of ``(args, kwargs)`` calibration inputs."""
+
+    def __init__(self, config: GPTQConfig = GPTQConfig()):
+        self.config = config
+
+    def __call__(self, gm: fx.GraphModule, samples) -> dict:
+        runner = _runner(gm)
+        stats = gm.meta.setdefault(ROUNDING, {})
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for group in rounds(gm, weighted_layers(gm)):
+            hessians = self._collect(runner, group, samples)
+            for layer in group:
+                w_node = nodes[layer.weight]
+                w = get_attr_value(gm, w_node).detach().float()
+                q, params = gptq_grouped(w, hessians[layer.tap_key], layer.spec, self.config)
+                stats[layer.name] = _stats(w, q, hessians[layer.tap_key], layer.spec)
+                for mod in (gm, runner):
+                    _set_attr(mod, w_node.target, q.to(w.dtype))
+                w_node.meta[WEIGHT_QPARAMS] = params
+        return stats
+
+    def _collect(self, runner: fx.GraphModule, group: list[Layer], samples) -> dict:
+        by_name = {n.name: n for n in runner.graph.nodes}
+        hessians, taps, state = {}, [], {"fired": 0, "total": 0}
+        for layer in group:
+            if layer.tap_key in hessians:
+                continue
+            w = get_attr_value(runner, by_name[layer.weight])
+            k = w[0].numel() if layer.conv else w.shape[1]
+            hessians[layer.tap_key] = Hessian(k, layer.conv.groups if layer.conv else 1, layer.conv)
+            name = f"_gptq_tap_{len(taps)}"
+            runner.add_submodule(name, _Tap(hessians[layer.tap_key], state))
+            with runner.graph.inserting_after(by_name[layer.act]):
+                taps.append(runner.graph.call_module(name, (by_name[layer.act],)))
+        state["total"] = len(taps)
+        runner.recompile()
+        try:
+            with torch.no_grad():
+                for args, kwargs in samples:
+                    state["fired"] = 0
+                    try:
+                        runner(*args, **kwargs)
+                    except _Stop:
+                        pass
+        finally:
+            for t in taps:
+                runner.graph.erase_node(t)
+                runner.delete_submodule(t.target)
+            runner.recompile()
+        return hessians
+
+
+def _stats(w: torch.Tensor, q: torch.Tensor, hess: Hessian, spec) -> dict:
+    """Proxy output error ``tr(D H D^T) / tr(W H W^T)`` of GPTQ and of round-to-nearest on the same grid."""
+    w2, q2 = w.reshape(w.shape[0], -1), q.reshape(q.shape[0], -1)
+    rows = w2.shape[0] // hess.groups
+    err = err_rtn = sig = 0.0
+    for g in range(hess.groups):
+        sl, h = slice(g * rows, (g + 1) * rows), hess.matrix(g).float()
+        quad = lambda d: float(((d @ h) * d).sum())  # noqa: E731
+        err += quad(w2[sl] - q2[sl])
+        err_rtn += quad(w2[sl] - rtn(w2[sl], make_grid(spec))[0])
+        sig += quad(w2[sl])
+    sig = max(sig, 1e-30)
+    return {"algorithm": "gptq", "rel_error": err / sig, "rtn_rel_error": err_rtn / sig,
+            "calibration_rows": hess.rows}

@@ -1,0 +1,255 @@
+"""Weight rounding: round-to-nearest (RTN) and GPTQ (Frantar et al., 2022).
+
+GPTQ quantizes a weight ``W [N, K]`` one input column at a time and spreads each column's rounding
+error over the columns not yet quantized, weighted by the inverse Hessian of the layer's
+reconstruction loss ``||W X - Q X||^2`` (``H = X^T X`` from calibration inputs ``X [M, K]``).
+This module is the math, on plain tensors:
+
+* :class:`Hessian` accumulates ``X^T X`` batch by batch (memory ``K x K``, never the activations);
+  conv inputs are unfolded (im2col) first, one Hessian per conv group.
+* :class:`UniformGrid` / :class:`NF4Grid` say how a block of columns is rounded (the grid of a
+  ``QuantSpec`` or NF4) and assemble the final ``QParams`` / ``NF4Params``.
+* :func:`gptq` is the Cholesky-based algorithm with lazy batch updates (``block_size`` columns
+  at a time), optional act-order (columns by decreasing Hessian diagonal, groups kept static so
+  they stay contiguous in the original order) and damping.
+
+The graph side (which layers, in which order, with which calibration inputs) is
+``qcompile.passes.weight_only``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .lowbit import NF4Params, nf4_codes, nf4_params, nf4_values
+from .specs import NF4Spec, QParams, QuantSpec
+
+ALGORITHMS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """block_size: columns updated lazily together; damp: fraction of the mean Hessian diagonal
+    added to it; act_order: quantize columns by decreasing Hessian diagonal."""
+
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+
+
+# -- Hessians ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel_size: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
+class Hessian:
+    """Streaming ``sum(x x^T)`` over calibration rows; ``groups`` independent blocks for grouped convs."""
+
+    def __init__(self, k: int, groups: int = 1, conv: ConvGeometry | None = None):
+        self.k, self.groups, self.conv = k, groups, conv
+        self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().float()
+        if self.conv is not None:
+            c = self.conv
+            x = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # [B, C*kh*kw, L]
+            x = x.transpose(1, 2).reshape(-1, x.shape[1])
+        else:
+            x = x.reshape(-1, x.shape[-1])
+        x = x.reshape(x.shape[0], self.groups, self.k)
+        for g in range(self.groups):
+            xg = x[:, g]
+            self.sum[g] += (xg.T @ xg).double()
+        self.rows += x.shape[0]
+
+    def matrix(self, group: int = 0) -> Tensor:
+        if self.rows == 0:
+            raise ValueError("no calibration rows reached this layer")
+        return self.sum[group] / self.rows
+
+
+# -- grids -------------------------------------------------------------------------------------
+class UniformGrid:
+    """The integer grid of a weight ``QuantSpec`` (per_tensor / per_channel along axis 0 / per_group).
+
+    Ranges come from the same observers convert uses for round-to-nearest (minmax, mse...)."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+        self.group_size = spec.group_size if spec.granularity == "per_group" else None
+        rows = "per_tensor" if spec.granularity == "per_tensor" else "per_channel"
+        self.row_spec = replace(spec, granularity=rows, axis=0 if rows == "per_channel" else None, group_size=None)
+
+    def fit(self, block: Tensor):
+        from .passes.convert import weight_qparams
+        qp = weight_qparams(block, self.row_spec)
+        n = block.shape[0]
+        return qp.scale.float().expand(n).clone(), qp.zero_point.float().expand(n).clone()
+
+    def fake(self, cols: Tensor, params) -> Tensor:
+        s, z = params[0].reshape(-1, 1), params[1].reshape(-1, 1)
+        q = torch.clamp(torch.round(cols / s) + z, self.spec.quant_min, self.spec.quant_max)
+        return (q - z) * s
+
+    def assemble(self, groups: list, shape: tuple) -> QParams:
+        spec = self.spec
+        scale = torch.stack([g[0] for g in groups], dim=1)
+        zp = torch.stack([g[1] for g in groups], dim=1).round().to(torch.int64)
+        if self.group_size is None:
+            scale, zp = scale[:, 0], zp[:, 0]
+            if spec.granularity == "per_tensor":
+                scale, zp = scale[0], zp[0]
+        return QParams(scale=scale, zero_point=zp, quant_min=spec.quant_min, quant_max=spec.quant_max,
+                       dtype=spec.dtype, axis=0 if spec.granularity == "per_channel" else None,
+                       group_size=self.group_size)
+
+
+class NF4Grid:
+    """NF4 codes times per-group absmax; the absmax (double-quantized) is fixed before rounding."""
+
+    def __init__(self, spec: NF4Spec):
+        self.spec, self.group_size = spec, spec.group_size
+        self.params: NF4Params | None = None
+
+    def prepare(self, w: Tensor) -> None:
+        s = self.spec
+        self.params = nf4_params(w, s.group_size, s.double_quant, s.scale_block)
+
+    def static(self, group: int):
+        return self.params.absmax[:, group]
+
+    def fake(self, cols: Tensor, absmax) -> Tensor:
+        a = absmax.reshape(-1, 1)
+        return nf4_values(nf4_codes(cols / a)) * a
+
+    def assemble(self, groups: list, shape: tuple) -> NF4Params:
+        return self.params
+
+
+def make_grid(spec):
+    if isinstance(spec, NF4Spec):
+        return NF4Grid(spec)
+    if isinstance(spec, QuantSpec):
+        return UniformGrid(spec)
+    raise TypeError(f"no weight grid for spec {spec!r}")
+
+
+# -- GPTQ ---------------------------------------------------------------------------------------
+def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1 = U^T U``, retrying with more damping.
+
+    With ``J`` the exchange matrix and ``J H J = L L^T``: ``U = J L^-1 J`` (one Cholesky and one
+    triangular inverse, float32, instead of Cholesky, inverse and a second Cholesky)."""
+    h = h.float()
+    k = h.shape[0]
+    eye = torch.eye(k)
+    mean_diag = torch.diagonal(h).mean().clamp_min(1e-12)
+    rev = torch.arange(k - 1, -1, -1)
+    for d in (damp, damp * 10, damp * 100, 1.0):
+        lower, info = torch.linalg.cholesky_ex((h + d * mean_diag * eye)[rev][:, rev])
+        if int(info) == 0:
+            inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            u = inv[rev][:, rev]
+            if bool(torch.isfinite(u).all()):
+                return u
+    raise ValueError("the Hessian is not positive definite even with damping 1.0")
+
+
+def _static_params(grid, w: Tensor, k: int):
+    """Per-group parameters fixed from the original weight (NF4, per-channel, or act-order groups)."""
+    if isinstance(grid, NF4Grid):
+        grid.prepare(w)
+        return [grid.static(g) for g in range(k // grid.group_size)]
+    g = grid.group_size or k
+    return [grid.fit(w[:, i:i + g]) for i in range(0, k, g)]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def gptq(w: Tensor, h: Tensor, grid, cfg: GPTQConfig = GPTQConfig()):
+    """Quantize a 2-D weight with GPTQ. Returns (weight on the grid, dequantized [N, K]; its params).
+
+    Works on ``W^T`` so that a column and the rows still to update are contiguous memory (an update of
+    a strided column block is ~1000x slower with two threads here)."""
+    W = w.detach().float().clone()
+    n, k = W.shape
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    g = grid.group_size or k
+    dynamic = grid.group_size is not None and not cfg.act_order and not isinstance(grid, NF4Grid)
+    params = None if dynamic else _static_params(grid, W, k)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if cfg.act_order else torch.arange(k)
+    Wt, h = W[:, perm].t().contiguous(), h[perm][:, perm]
+    hinv = _inverse_hessian_factor(h, cfg.damp)
+    bs = max(cfg.block_size // g, 1) * g if dynamic else cfg.block_size
+    Qt, found, group_of = torch.zeros_like(Wt), [], (perm // g).tolist()
+    for i1 in range(0, k, bs):
+        i2 = min(i1 + bs, k)
+        W1, Err1, hinv1 = Wt[i1:i2].clone(), torch.zeros(i2 - i1, n), hinv[i1:i2, i1:i2]
+        with _one_thread():  # tiny ops: OpenMP only adds barrier stalls (100x under contention here)
+            for i in range(i2 - i1):
+                if dynamic and (i1 + i) % g == 0:
+                    found.append(grid.fit(W1[i:i + g].t()))
+                q = grid.fake(W1[i][:, None], found[-1] if dynamic else params[group_of[i1 + i]])[:, 0]
+                Qt[i1 + i] = q
+                err = (W1[i] - q) / hinv1[i, i]
+                W1[i:].addr_(hinv1[i, i:], err, alpha=-1)
+                Err1[i] = err
+        Wt[i2:] -= hinv[i1:i2, i2:].t() @ Err1
+    Q = Qt.t()[:, torch.argsort(perm)].contiguous()
+    return Q, grid.assemble(found if dynamic else params, tuple(w.shape))
+
+
+def rtn(w: Tensor, grid):
+    """Round-to-nearest on the same grid: the baseline GPTQ is compared with."""
+    W = w.detach().float()
+    k = W.shape[1]
+    params = _static_params(grid, W, k)
+    g = grid.group_size or k
+    Q = torch.cat([grid.fake(W[:, i:i + g], params[i // g]) for i in range(0, k, g)], dim=1)
+    return Q, grid.assemble(params, tuple(w.shape))
+
+
+def gptq_grouped(w: Tensor, hess: Hessian, spec, cfg: GPTQConfig = GPTQConfig()):
+    """GPTQ of a conv / linear weight of any rank: rows ``[out, in * kh * kw]``, one Hessian per conv group."""
+    w2 = w.detach().float().reshape(w.shape[0], -1)
+    rows = w2.shape[0] // hess.groups
+    outs, params = [], []
+    for gi in range(hess.groups):
+        q, p = gptq(w2[gi * rows:(gi + 1) * rows], hess.matrix(gi), make_grid(spec), cfg)
+        outs.append(q)
+        params.append(p)
+    return torch.cat(outs).reshape(w.shape), _concat_params(params)
+
+
+def _concat_params(params: list):
+    if len(params) == 1:
+        return params[0]
+    p0 = params[0]
+    if isinstance(p0, QParams) and p0.axis is None and p0.group_size is None:
+        raise ValueError("grouped GPTQ needs per-channel or per-group weight parameters")
+    cat = lambda attr: torch.cat([getattr(p, attr) for p in params])  # noqa: E731
+    if isinstance(p0, QParams):
+        return replace(p0, scale=cat("scale"), zero_point=cat("zero_point"))
+    raise ValueError("grouped convolutions with NF4 weights are not supported")
