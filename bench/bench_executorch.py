@@ -11,7 +11,7 @@ Both int8 flows calibrate on the same images. SQNR is measured against the float
 images. Latency: every round runs each program once in shuffled order (interleaved, so machine noise
 hits all variants alike); the table shows medians and the median of per-round paired ratios.
 
-    python3 bench/bench_executorch.py             # res 224, 16 calibration images, 60 rounds, 1 thread
+    python3 bench/bench_executorch.py             # res 224, 16 calibration images, 100 rounds, 1 thread
     python3 bench/bench_executorch.py --quick     # res 96, fewer images / rounds (smoke test)
 """
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--calib", type=int, default=16, help="calibration images (batch 1)")
     p.add_argument("--eval", type=int, default=8, help="held-out images for SQNR")
-    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="ExecuTorch thread pool size (all variants)")
     p.add_argument("--no-qout", action="store_true", help="skip the quantize_outputs=True variant")
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     from qcompile.backends.executorch.runtime import set_threads, thread_count
 
     torch.manual_seed(a.seed)
+    torch.set_num_threads(1)  # export / calibration: 2 intra-op threads thrash on a shared 2-core machine
     model = zoo.make_mobilenet_v2(res=a.res)
     x = zoo.image_batches(1, batch=1, res=a.res, seed=123)[0]
     calib = zoo.image_batches(a.calib, batch=1, res=a.res, seed=1)

@@ -77,9 +77,10 @@ class Annotate(Pass):
                                f"{row.name}: the int8 kernel needs float tensor inputs at args {row.act_args}")
         if row.check and (reason := row.check(nodes)):
             return self._float(nodes, A.FLOAT_UNSUPPORTED, f"{row.name}: {reason}")
-        if row.kind != ANCHOR and not any(a.name in quantized for a in acts):
+        if row.kind != ANCHOR and not all(a.name in quantized for a in acts):
             return self._float(nodes, A.FLOAT_UNSUPPORTED,
-                               "kept float: its inputs are float, so int8 here would only add quantize/dequantize")
+                               "kept float: an input is float (quantizing it here would add a quantize step and "
+                               "its range, e.g. a transformer residual stream, may not suit int8)")
         act_spec = self.specs.act(mc.activations)
         inputs = {i: act_spec for i in row.act_args}
         if row.weight_arg is not None:

@@ -38,7 +38,7 @@ class GPTQConfig:
 
     block_size: int = 128
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True  # MiniLM int4 g128: min cosine 0.9726 vs 0.9708 without (groups stay static, no cost)
 
 
 # -- Hessians ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ those q/dq nodes tagged "implicit" by the partitioner (folded into the op rather
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -89,19 +88,12 @@ class Delegation:
                 kernels[node.name] = self.kernel(node.name)
         return kernels, fallbacks
 
-    def portable_ops(self) -> Counter:
-        """Op -> count of edge nodes left on the portable kernels (what ``get_delegation_info`` tallies)."""
-        return Counter(e.op for edges in list(self.nodes.values()) + list(self.qdq.values())
-                       for e in edges if not e.delegated)
-
 
 # -- reading the lowered graph ------------------------------------------------------------------------
 def op_name(node: fx.Node) -> str:
-    name = getattr(node.target, "__name__", None) or str(node.target)
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-1] in ("default", "Tensor", "Scalar", "dim", "int", "vec", "using_ints"):
-        parts = parts[:-1]
-    return parts[-1]
+    """``aten.convolution.default`` -> ``convolution`` (namespace.op.overload -> op)."""
+    parts = (getattr(node.target, "__name__", None) or str(node.target)).split(".")
+    return parts[1] if len(parts) >= 3 else parts[-1]
 
 
 def _is_qdq_target(target) -> bool:

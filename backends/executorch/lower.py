@@ -1,8 +1,10 @@
 """Lower the quantize/dequantize reference graph to an ExecuTorch program with XNNPACK delegation.
 
-    reference graph (copy) ── tag every node with its reference name, one dequantize per consumer
+    reference graph (copy) ── tag nodes with their reference names; dequantize the weights of float-output
+    │                         GEMMs; hardsigmoid -> hardtanh / div; one dequantize per consumer; drop
+    │                         unused constants
         └─ torch.export (static shapes of the example inputs)      quantized_decomposed q/dq + ATen
-            └─ to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()])
+            └─ to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()]), "why not" log captured
                 └─ read back the delegation (delegation.py) ── kernels / fallbacks per reference node
                     └─ to_executorch() ── .pte buffer, loaded in executorch.runtime
 
@@ -218,7 +220,13 @@ def to_edge_xnnpack(ep: torch.export.ExportedProgram):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     with capture_why_not() as reasons:
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        try:
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        except Exception as e:  # noqa: BLE001 - translated into an actionable error
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise QCompileError(f"executorch backend: to_edge_transform_and_lower failed: {type(e).__name__}: "
+                                f"{first}\n  fix: exclude the module the error names (exclude=[...]) so it stays "
+                                f"float, or compile for another backend") from e
     return edge, reasons
 
 

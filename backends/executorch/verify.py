@@ -1,4 +1,4 @@
-"""Runtime verification for the ExecuTorch backend: delegation shares, sizes, and float-output parity.
+"""Runtime verification for the ExecuTorch backend: delegation shares, sizes, non-delegated nodes.
 
 ``Artifact.verify`` compares the runtime's outputs with the reference graph; this adds what only the
 lowered program knows: which share of nodes (and of conv / linear nodes) XNNPACK runs in int8, the
@@ -12,7 +12,7 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.ir import get_attr_value
 
-from .support import GEMM_KINDS
+from .support import GEMM_KINDS, NOTES
 
 _WEIGHT_OPS = GEMM_KINDS + ("embedding", "conv_transpose2d")
 
@@ -57,10 +57,11 @@ def non_delegated(report, delegation) -> dict:
     """Every report node that does not run inside XNNPACK: ``name -> "op: reason"``."""
     out = {}
     for r in report.rows:
-        where = delegation.placement(r.name)
-        if where in ("portable", "mixed"):
-            why = delegation.why(r.name) or r.reason or "no XNNPACK partitioner config claims it"
-            out[r.name] = f"{delegation.ops(r.name, False)} on the portable kernels: {why}"
+        if delegation.placement(r.name) not in ("portable", "mixed"):
+            continue
+        ops = delegation.ops(r.name, False)
+        why = delegation.why(r.name) or NOTES.get(r.op) or f"no XNNPACK partitioner config takes {ops}"
+        out[r.name] = f"{ops} on the portable kernels: {why}"
     return out
 
 

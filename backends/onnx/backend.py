@@ -37,7 +37,6 @@ class OnnxOptions:
     weight_reduce_range: 7-bit weights (ORT's reduce_range, for AVX2 CPUs without VNNI).
     weight_narrow: symmetric int8 weights in [-127, 127] (TensorRT's and ORT's convention) instead of [-128, 127].
     quantize_attention: int8 activation x activation matmuls (QLinearMatMul).
-    linear_nd: "matmul" (MatMul + Add, -> MatMulIntegerToFloat) or "gemm" (Reshape -> QGemm) for N-D linear.
     dynamic_batch: symbolic batch dimension (falls back to the example batch if the graph bakes it in).
     threads: ORT intra-op threads (None: ORT's default).
     parity_sqnr_db: per-layer SQNR (vs the reference graph) below which a layer counts as a drop."""
@@ -47,7 +46,6 @@ class OnnxOptions:
     weight_reduce_range: bool = False
     weight_narrow: bool = True
     quantize_attention: bool = True
-    linear_nd: str = "matmul"
     dynamic_batch: bool = True
     threads: int | None = None
     parity_sqnr_db: float = 25.0
@@ -55,8 +53,6 @@ class OnnxOptions:
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
             raise ConfigError(f"onnx backend: act_dtype must be one of {list(_ACT_DTYPES)}, got {self.act_dtype!r}")
-        if self.linear_nd not in ("matmul", "gemm"):
-            raise ConfigError(f"onnx backend: linear_nd must be 'matmul' or 'gemm', got {self.linear_nd!r}")
 
 
 class OnnxBackend:
@@ -115,7 +111,7 @@ class OnnxBackend:
     # -- lowering and running ---------------------------------------------------------------------
     def emit_options(self) -> EmitOptions:
         o = self.options
-        return EmitOptions(opset=o.opset, dynamic_batch=o.dynamic_batch, linear_nd=o.linear_nd)
+        return EmitOptions(opset=o.opset, dynamic_batch=o.dynamic_batch)
 
     def lower_passes(self) -> list:
         """Passes on the reference graph before emission (in place: the reference then states exactly
@@ -142,11 +138,19 @@ class OnnxBackend:
 
     # -- persistence and verification -------------------------------------------------------------
     def save(self, artifact, path: str) -> None:
+        """Write one self-contained .onnx file (int8 initializers inside, no external data), with the
+        backend options and the report summary as model metadata."""
+        import json
+
         import onnx
-        model = artifact.lowered.model
+        model = onnx.ModelProto()
+        model.CopyFrom(artifact.lowered.model)
         if model.ByteSize() > 2**31 - 1:
             raise ConfigError("onnx backend: the model exceeds protobuf's 2 GB limit; external data is not "
                               "supported (the file must be self-contained)")
+        onnx.helper.set_model_props(model, {
+            "qcompile.backend_options": json.dumps(self.options.__dict__),
+            "qcompile.report_summary": json.dumps(artifact.report.summary(), default=str)})
         onnx.save_model(model, path, save_as_external_data=False)
 
     def verify_runtime(self, artifact) -> dict:

@@ -47,7 +47,6 @@ _SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_s
 class EmitOptions:
     opset: int | None = None       # None: the lowest opset the graph needs (>= 13)
     dynamic_batch: bool = True     # symbolic batch dimension on inputs and outputs
-    linear_nd: str = "matmul"      # N-D linear: "matmul" (MatMul + Add) or "gemm" (Reshape -> Gemm -> Reshape)
 
 
 @dataclass(frozen=True)

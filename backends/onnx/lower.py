@@ -56,7 +56,7 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
         why = _dynamic_batch_problem(session, emitted, flat)
         if why:
             notes.append(f"dynamic batch disabled: the graph bakes in the example batch size ({why})")
-            emitted = emit(ref, tuple(flat), EmitOptions(opts.opset, False, opts.linear_nd))
+            emitted = emit(ref, tuple(flat), EmitOptions(opts.opset, False))
             session, optimized = make_session(emitted.model, threads)
     rg = analyze(optimized, {n.name for n in emitted.model.graph.node})
     low = OnnxLowered(emitted.model, session, emitted, rg, _out_spec(ref), notes=notes)
@@ -119,8 +119,5 @@ def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[d
 
 
 def _pick(found: list) -> tuple[str, bool]:
-    for rank_ in (lambda f: f[0] in INT_KERNELS, lambda f: f[1], lambda f: True):
-        hit = next((f for f in found if rank_(f)), None)
-        if hit is not None:
-            return hit
-    raise AssertionError("unreachable")
+    """Prefer an integer kernel (QLinearConv...), then any op on integers, then the float op."""
+    return next((f for f in found if f[0] in INT_KERNELS), None) or next((f for f in found if f[1]), found[0])

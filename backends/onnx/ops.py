@@ -172,11 +172,8 @@ def conv_transpose(em: Emitter, node: fx.Node):
 
 def linear(em: Emitter, node: fx.Node):
     x, w, b = node.args[0], node.args[1], arg(node, 2, "bias")
-    n_out = node.meta["val"].shape[-1]
     if rank(x) == 2:
         return em.add("Gemm", [em.value(x), em.value(w), bias(em, node, b)], node, transB=1)
-    if em.opts.linear_nd == "gemm":
-        return _linear_nd_gemm(em, node, x, w, b, n_out)
     if isinstance(w, fx.Node) and w.target in DQ_OPS:
         wt = weight(em, w, node, transpose=True)
     elif em.const_of(w) is not None:  # a float weight: store it transposed
@@ -186,24 +183,6 @@ def linear(em: Emitter, node: fx.Node):
         wt = em.add("Transpose", [em.value(w)], node, suffix="/weight_T", perm=[1, 0])
     y = em.add("MatMul", [em.value(x), wt], node, suffix="/MatMul" if b is not None else "")
     return em.add("Add", [y, bias(em, node, b)], node) if b is not None else y
-
-
-def _linear_nd_gemm(em: Emitter, node, x, w, b, n_out):
-    """N-D linear as Reshape(-1, K) -> Gemm -> Reshape back, reshaping the *quantized* input so the
-    DequantizeLinear still feeds the Gemm directly (ORT's QGemm pattern)."""
-    k = node.meta["val"].shape[:-1]
-    xv = em.value(x)
-    flat = em.ints([-1, int(x.meta["val"].shape[-1])])
-    if x.target == qd.dequantize_per_tensor.default:
-        q = em.value(x.args[0])
-        q2 = em.add("Reshape", [q, flat], node, suffix="/flatten_q")
-        x2 = em.add("DequantizeLinear", [q2, *em.cache[("dq", x.name)]], node, suffix="/flatten_dq")
-    else:
-        x2 = em.add("Reshape", [xv, flat], node, suffix="/flatten")
-    y = em.add("Gemm", [x2, em.value(w), bias(em, node, b)], node, suffix="/Gemm", transB=1)
-    lead = em.add("Shape", [xv], node, suffix="/lead_shape", start=0, end=len(k))
-    shape = em.add("Concat", [lead, em.ints([n_out])], node, suffix="/out_shape", axis=0)
-    return em.add("Reshape", [y, shape], node)
 
 
 def matmul(em: Emitter, node: fx.Node):

@@ -24,11 +24,27 @@ from __future__ import annotations
 import torch
 
 from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, Capabilities, OpSupport
+from qcompile.passes.pattern import op_kind
 from qcompile.specs import FixedSpec
 
 
+# ops whose ONNX form ORT runs in float: an int8 value feeding only these is dequantized right away
+_FLOAT_CONSUMERS = {"layer_norm", "gelu", "hardswish", "hardsigmoid", "batch_norm"}
+
+
+def _feeds_float_only(nodes) -> str | None:
+    users = list(nodes[-1].users)
+    if users and all(op_kind(u) in _FLOAT_CONSUMERS for u in users):
+        kinds = sorted({op_kind(u) for u in users})
+        return (f"kept float: it only feeds {', '.join(kinds)}, which ORT runs in float (a uint8 output would be "
+                f"dequantized right away, and float keeps the residual stream exact)")
+    return None
+
+
 def _add_check(nodes):
-    return "add with alpha != 1" if nodes[0].kwargs.get("alpha", 1) != 1 else None
+    if nodes[0].kwargs.get("alpha", 1) != 1:
+        return "add with alpha != 1"
+    return _feeds_float_only(nodes)
 
 
 def _val(node):
@@ -84,7 +100,7 @@ def table(act_dtype: torch.dtype = torch.uint8, quantize_attention: bool = True)
         OpSupport("linear", ("linear",), ANCHOR, (0,), 1, 2),
         OpSupport("add_relu", ("add", "relu"), PROPAGATE, (0, 1), check=_add_check),
         OpSupport("add", ("add",), PROPAGATE, (0, 1), check=_add_check),
-        OpSupport("mul", ("mul",), PROPAGATE, (0, 1)),
+        OpSupport("mul", ("mul",), PROPAGATE, (0, 1), check=_feeds_float_only),
         OpSupport("adaptive_avg_pool2d", ("adaptive_avg_pool2d",), PROPAGATE, (0,), check=_adaptive_check),
         OpSupport("avg_pool2d", ("avg_pool2d",), PROPAGATE, (0,)),
         OpSupport("mean", ("mean",), PROPAGATE, (0,), check=_mean_check),

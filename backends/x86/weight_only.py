@@ -28,7 +28,7 @@ from torch import fx
 from qcompile.errors import ConfigError
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.lowbit import dequantize_nf4, nf4_values, pack_int4, unpack_int4
-from qcompile.specs import NF4Spec, QuantSpec
+from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 _INT4_GROUPS = (256, 128, 64, 32)
@@ -330,8 +330,13 @@ RULES = [linear_weight_only, embedding_weight_only]
 
 
 # -- specs (the backend's SpecMaker hook for mode="weight_only") ---------------------------------------
-def weight_spec(w, row, node):
-    """int: signed [-2^(b-1), 2^(b-1)-1] when symmetric, unsigned [0, 2^b - 1] affine; nf4: NF4Spec."""
+def weight_spec(w, row, node, embedding: str = "int8"):
+    """int: signed [-2^(b-1), 2^(b-1)-1] when symmetric, unsigned [0, 2^b - 1] affine; nf4: NF4Spec.
+    Embedding tables are 8-bit symmetric rows unless ``embedding="same"`` (X86Options.embedding_weights)."""
+    if embedding not in ("int8", "same"):
+        raise ConfigError(f"x86 embedding_weights must be 'int8' or 'same', got {embedding!r}")
+    if row.name == "embedding_weight_only" and embedding == "int8":
+        w = WeightSpec(bits=8, granularity="per_channel", symmetric=True, observer=w.observer)
     shape = _weight_shape(node.args[row.weight_arg])
     if w.granularity == "per_group" and shape is not None and shape[-1] % w.group_size:
         raise ConfigError(f"{node.name} ({module_path(node) or 'top'}): group_size={w.group_size} does not divide "

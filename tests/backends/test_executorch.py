@@ -1,0 +1,355 @@
+"""ExecuTorch backend: .pte programs with XNNPACK delegation, run in executorch.runtime.
+
+Default tests use small models (lowering costs seconds per model); the full zoo is @pytest.mark.slow.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qcompile
+from qcompile import annotation as A
+from qcompile import zoo
+from qcompile.backends import get_backend
+from qcompile.backends.support import SHARED, OpSupport
+from qcompile.errors import ConfigError, StrictFallbackError
+from qcompile.specs import ActivationSpec, WeightSpec
+
+pytest.importorskip("executorch")
+from qcompile.backends.executorch import support  # noqa: E402
+from qcompile.backends.executorch.backend import INSTALL_HINT, ExecuTorchBackend  # noqa: E402
+from qcompile.backends.executorch.taps import layer_parity  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Small models: one intra-op thread. On this shared 2-core machine torch's default of 2 threads
+    thrashes (digits training: 107 s with 2 threads vs 3.5 s with 1 under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- models ------------------------------------------------------------------------------------------
+class MobileBlockNet(nn.Module):
+    """MobileNet-style ops (conv-bn-relu6, depthwise, hardswish, squeeze-excite, residual add, max-pool,
+    global pool, linear) plus a layer_norm, which XNNPACK does not have."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
+        self.se1, self.se2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.pool = nn.MaxPool2d(2)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x)
+        s = F.hardsigmoid(self.se2(F.relu(self.se1(F.adaptive_avg_pool2d(y, 1)))))
+        x = self.pool(x + self.pw(y * s))
+        return self.fc(self.norm(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def _images(n, seed, res=32):
+    return zoo.image_batches(n, batch=1, res=res, seed=seed)
+
+
+def _mobile_model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MobileBlockNet()
+    return zoo.calibrate_bn(model, _images(4, seed=5))
+
+
+def _tiny_bert_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (2, 16), generator=g)
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    mask[1, 12:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, data = zoo.train_digits_cnn()
+    x_test, y_test = data[2], data[3]
+    calib = [data[0][i:i + 8] for i in range(0, 256, 8)]
+    art = qcompile.compile(model, (x_test[:8],), backend="executorch", calibration=calib, progress=False)
+    return art, model, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def mobile():
+    model = _mobile_model()
+    x = _images(1, seed=123)[0]
+    art = qcompile.compile(model, (x,), backend="mobile", calibration=_images(8, seed=1), progress=False)
+    return art, model, x
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = zoo.bert_encoder_shaped(vocab=100, hidden=32, layers=1, heads=2, intermediate=64, max_len=32).eval()
+    calib = [_tiny_bert_inputs(seed) for seed in range(1, 5)]
+    art = qcompile.compile(model, _tiny_bert_inputs(), backend="xnnpack", calibration=calib, progress=False)
+    return art
+
+
+def _row(report, name):
+    return next(r for r in report.rows if r.name == name)
+
+
+def _rows_of(report, op):
+    return [r for r in report.rows if r.op == op]
+
+
+# -- backend object, capabilities, support table ------------------------------------------------------
+def test_registry_aliases_and_runtime_name():
+    for name in ("executorch", "mobile", "xnnpack"):
+        be = get_backend(name)
+        assert isinstance(be, ExecuTorchBackend) and be.file_extensions == (".pte",)
+    assert get_backend("executorch").runtime_name().startswith("ExecuTorch 1.5.1")
+    assert get_backend("executorch").runtime_name().endswith("+ XNNPACK")
+
+
+def test_is_available_names_the_missing_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    ok, why = ExecuTorchBackend().is_available()
+    assert not ok and "torchao" in why and INSTALL_HINT in why
+    assert INSTALL_HINT == "pip install executorch==1.5.1 torchao==0.18.*"
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="options are"):
+        ExecuTorchBackend(threads=2)
+    with pytest.raises(ConfigError, match="num_threads"):
+        ExecuTorchBackend(num_threads=0)
+
+
+def test_specs_follow_xnnpack_quantizer():
+    be = ExecuTorchBackend()
+    act = be.act_spec(ActivationSpec())
+    assert (act.dtype, act.quant_min, act.quant_max, act.symmetric) == (torch.int8, -128, 127, False)
+    row = next(r for r in be.support_table() if r.name == "conv2d")
+    w = be.weight_spec(WeightSpec(), row, None)
+    assert (w.dtype, w.quant_min, w.quant_max, w.symmetric, w.granularity, w.axis) == \
+        (torch.int8, -127, 127, True, "per_channel", 0)
+
+
+@pytest.mark.parametrize("bad", [dict(weights=WeightSpec(symmetric=False)), dict(weights=WeightSpec(bits=4)),
+                                 dict(activations=ActivationSpec(bits=7))])
+def test_capabilities_reject_what_xnnpack_cannot_run(bad):
+    with pytest.raises(ConfigError, match="executorch"):
+        qcompile.explain(nn.Linear(4, 4).eval(), (torch.randn(2, 4),), backend="executorch", **bad)
+
+
+_EDGE_TARGET = {"conv2d": "convolution.default", "conv1d": "convolution.default", "linear": "linear.default",
+                "add": "add.Tensor", "mul": "mul.Tensor", "relu": "relu.default", "relu6": "hardtanh.default",
+                "hardtanh": "hardtanh.default", "max_pool2d": "max_pool2d.default", "mean": "mean.dim",
+                "adaptive_avg_pool2d": "mean.dim", "flatten": "view_copy.default", "reshape": "view_copy.default",
+                "permute": "permute_copy.default", "hardswish": "hardswish.default", "sigmoid": "sigmoid.default",
+                "avg_pool2d": "avg_pool2d.default", "softmax": "_softmax.default", "gelu": "gelu.default"}
+
+
+def _xnnpack_precisions():
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    return {cfg.target_name: ConfigPrecisionType.STATIC_QUANT in cfg().supported_precision_types()
+            for cfg in ALL_PARTITIONER_CONFIGS}
+
+
+def test_support_table_mirrors_xnnpack_partitioner_configs():
+    static_quant = _xnnpack_precisions()
+    for row in support.TABLE:  # every op of every int8 row has a STATIC_QUANT config
+        for kind in row.ops:
+            assert static_quant[_EDGE_TARGET[kind]], f"{row.name}: XNNPACK has no int8 {kind}"
+    for kind in ("hardswish", "sigmoid", "avg_pool2d", "softmax", "gelu"):  # FP32-only: noted, not claimed
+        assert static_quant[_EDGE_TARGET[kind]] is False
+        assert "FP32-only" in support.NOTES[kind] and not any(kind in r.ops for r in support.TABLE)
+
+
+def test_explain_predicts_xnnpack_constraints():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return F.max_pool2d(F.hardswish(self.conv(x)), kernel_size=2, stride=3) + 0
+
+    rep = qcompile.explain(Net().eval(), (torch.randn(1, 3, 16, 16),), backend="executorch")
+    assert _row(rep, "conv2d").status == A.INT8
+    assert "FP32-only" in _row(rep, "hardswish").reason
+    assert _row(rep, "max_pool2d").status != A.INT8  # stride 3 > kernel 2: XNNPACK would decline it
+
+
+# -- digits CNN (real data) ---------------------------------------------------------------------------
+def test_digits_runs_in_executorch_and_matches_reference(digits):
+    art, model, x_test, y_test = digits
+    v = art.report.verify
+    assert v["within_one_step"] >= 0.99
+    assert v["delegated_conv_linear_share"] == 1.0 and v["portable_nodes"] == 0
+    assert v["delegation"]["delegated_subgraphs"] == 1
+    int8 = [r for r in art.report.rows if r.status == A.INT8]
+    assert int8 and all(r.kernel.startswith("XNNPACK int8") for r in int8)
+    acc_q, acc_f = zoo.accuracy(art, x_test, y_test), zoo.accuracy(model, x_test, y_test)
+    assert acc_q >= acc_f - 0.01
+
+
+def test_digits_pte_file_loads_in_executorch_runtime(digits, tmp_path):
+    from executorch.runtime import Runtime
+    art, _, x_test, _ = digits
+    path = art.save(str(tmp_path / "digits.pte"))
+    assert os.path.getsize(path) == art.report.sizes["pte_bytes"] == art.lowered.pte_bytes
+    program = Runtime.get().load_program(path)
+    out = program.load_method("forward").execute([x_test[:8]])[0]
+    assert torch.equal(out, art(x_test[:8]))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".qcompile-")]  # atomic save left no temp file
+
+
+def test_digits_qc_file_round_trip(digits, tmp_path):
+    art, _, x_test, _ = digits
+    loaded = qcompile.load(art.save(str(tmp_path / "digits.qc")))  # the reference graph, lowered again
+    assert isinstance(loaded.backend, ExecuTorchBackend)
+    assert torch.equal(loaded(x_test[:8]), art(x_test[:8]))
+    assert [r.kernel for r in loaded.report.rows] == [r.kernel for r in art.report.rows]
+
+
+def test_digits_sizes_in_report(digits):
+    art = digits[0]
+    sizes = art.report.sizes
+    assert 0 < sizes["pte_bytes"] < sizes["total_bytes"]  # int8 weights: smaller than the float model
+    assert sizes["int8_weight_share"] > 0.95  # every conv weight; the output layer (float output) keeps fp32
+    assert art.report.verify["int8_weight_share"] == sizes["int8_weight_share"]
+
+
+def test_other_batch_sizes_run_in_slices(digits):
+    art, _, x_test, _ = digits
+    full = art(x_test[:16])  # two slices of the exported batch of 8
+    assert full.shape == (16, 10)
+    assert torch.equal(full[:8], art(x_test[:8]))
+    assert torch.allclose(art(x_test[:5]), art(x_test[:8])[:5], atol=1e-6)  # zero-padded slice
+
+
+# -- mobile-style CNN with an op XNNPACK lacks ---------------------------------------------------------
+def test_mobile_cnn_every_conv_and_linear_is_delegated(mobile):
+    art = mobile[0]
+    v = art.report.verify
+    gemm = _rows_of(art.report, "conv2d") + _rows_of(art.report, "linear")
+    assert len(gemm) == 6 and v["delegated_conv_linear_share"] == 1.0
+    assert all(r.kernel.startswith("XNNPACK") for r in gemm)
+    assert all(r.kernel.startswith("XNNPACK int8") for r in gemm if r.status == A.INT8)
+    assert _row(art.report, "linear").status == A.FLOAT_OUTPUT and "fp32" in _row(art.report, "linear").kernel
+
+
+def test_mobile_cnn_report_names_what_xnnpack_lacks(mobile):
+    art = mobile[0]
+    ln = _row(art.report, "layer_norm")
+    assert ln.kernel.startswith("portable") and "layer_norm" in ln.reason
+    assert "layer_norm" in art.report.verify["non_delegated"]
+    assert "XNNPACK has no layer_norm" in art.report.verify["non_delegated"]["layer_norm"]
+    hsw = _row(art.report, "hardswish")
+    assert hsw.status != A.INT8 and hsw.kernel == "XNNPACK fp32 hardswish" and "FP32-only" in hsw.reason
+    assert "layer_norm" in str(art.report)  # the printed report shows it
+
+
+def test_mobile_cnn_parity(mobile):
+    art, model, x = mobile
+    v = art.report.verify
+    assert v["within_one_step"] >= 0.99
+    assert abs(v["sqnr_vs_float_db"] - v["reference_sqnr_vs_float_db"]) < 1.0
+
+
+def test_mobile_cnn_layer_by_layer_parity(mobile):
+    summary = layer_parity(mobile[0]).summary()
+    assert summary["taps_consistent"]
+    assert summary["tapped_layers"] >= 10
+    assert summary["layer_values_within_one_step"] >= 0.99
+    assert summary["forced_outputs_within_one_step"] >= 0.99
+
+
+# -- an int8 op that XNNPACK declines is reported, never silently float --------------------------------
+class _ClaimsAvgPool(ExecuTorchBackend):
+    """A (wrong) support table claiming an int8 avg_pool2d, which XNNPACK only runs in fp32."""
+
+    def support_table(self):
+        return super().support_table() + [OpSupport("avg_pool2d", ("avg_pool2d",), SHARED, (0,))]
+
+
+class _PoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(F.avg_pool2d(torch.relu(self.a(x)), 2))
+
+
+def test_declined_int8_op_is_reported_as_runtime_fallback():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    art = qcompile.compile(_PoolNet().eval(), (x,), backend=_ClaimsAvgPool(), calibration=[x], progress=False)
+    row = _row(art.report, "avg_pool2d")
+    assert row.status == A.FLOAT_RUNTIME
+    assert "XNNPACK runs avg_pool2d in fp32 only" in row.reason
+    assert art.report.verify["int8_fell_back"]["avg_pool2d"] == row.reason
+    assert _row(art.report, "conv2d").kernel == "XNNPACK int8 convolution"
+    with pytest.raises(StrictFallbackError, match="avg_pool2d"):
+        qcompile.compile(_PoolNet().eval(), (x,), backend=_ClaimsAvgPool(), calibration=[x], strict=True,
+                         allow_float={"layer_norm"}, progress=False)
+
+
+# -- BERT-shaped encoder ------------------------------------------------------------------------------
+def test_tiny_bert_runs_and_matches_reference(tiny_bert):
+    art = tiny_bert
+    v = art.report.verify
+    assert v["within_one_step"] >= 0.99
+    linears = _rows_of(art.report, "linear")
+    assert len(linears) == 6 and all(r.kernel == "XNNPACK int8 linear" for r in linears)
+    assert all(r.kernel.startswith("portable") for r in _rows_of(art.report, "layer_norm"))
+    assert all(r.kernel.startswith("portable") for r in _rows_of(art.report, "embedding"))
+    reasons = " ".join(v["non_delegated"].values())  # XNNPACK's own "why not", captured from its partitioner
+    assert "unsqueeze_copy only supported on the trailing dimension" in reasons
+    ids, mask = _tiny_bert_inputs(seed=9)
+    assert art(ids, mask).shape == (2, 16, 32)
+
+
+# -- the zoo (slow: each lowering takes 20-60 s on two cores) ------------------------------------------
+def _zoo_calibration(name):
+    if name == "bert_encoder":
+        return [zoo._bert_inputs(seed=s) for s in range(1, 9)]
+    if name == "digits_cnn":
+        _, data = zoo.train_digits_cnn()
+        return [data[0][i:i + 8] for i in range(0, 256, 8)]
+    return zoo.image_batches(16, batch=1, res=224, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert_encoder", "digits_cnn"])
+def test_zoo_compiles_to_pte_runs_and_matches_reference(name, tmp_path):
+    from executorch.runtime import Runtime
+    model, inputs = zoo.get_model(name)
+    art = qcompile.compile(model, inputs, backend="executorch", calibration=_zoo_calibration(name), progress=False)
+    v = art.report.verify
+    assert v["delegated_conv_linear_share"] == 1.0
+    if name != "bert_encoder":
+        assert v["portable_nodes"] == 0 and v["delegation"]["delegated_subgraphs"] == 1
+    # end to end, deep CNNs compound rare one-step rounding differences (see docs); the runtime must not
+    # cost accuracy against float, and each layer must agree with the reference given the same input
+    assert abs(v["sqnr_vs_float_db"] - v["reference_sqnr_vs_float_db"]) < 1.0
+    summary = layer_parity(art).summary()
+    assert summary["taps_consistent"] and summary["layer_values_within_one_step"] >= 0.99
+    assert summary["forced_outputs_within_one_step"] >= 0.99
+    path = art.save(str(tmp_path / f"{name}.pte"))
+    method = Runtime.get().load_program(path).load_method("forward")
+    flat = [t for t in inputs if isinstance(t, torch.Tensor)]
+    assert torch.equal(method.execute(flat)[0], art(*inputs))

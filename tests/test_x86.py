@@ -1,0 +1,124 @@
+"""End-to-end static int8 on the x86 backend over the model zoo: SQNR vs float, agreement of the
+lowered kernels with the reference graph, and exactly which nodes fell back."""
+import pytest
+import torch
+
+import qcompile
+from qcompile import zoo
+from qcompile.backends.x86.verify import layer_agreement
+from qcompile.qparams import sqnr
+
+
+def _gauss(n, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    model = zoo.resnet18_shaped().eval()
+    cal, (x,) = _gauss(4, (2, 3, 112, 112), 1), _gauss(1, (2, 3, 112, 112), 2)
+    return model, x, qcompile.compile(model, (x,), backend="x86", calibration=cal, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    model = zoo.make_mobilenet_v2(seed=0, res=96)
+    cal, x = zoo.image_batches(4, batch=2, res=96, seed=1), zoo.image_batches(1, batch=2, res=96, seed=2)[0]
+    return model, x, qcompile.compile(model, (x,), backend="x86", calibration=cal, progress=False)
+
+
+def test_resnet_sqnr_and_parity(resnet):
+    model, x, art = resnet
+    with torch.no_grad():
+        assert sqnr(model(x), art(x)) >= 30.0
+    assert art.report.verify["sqnr_vs_float_db"] >= 30.0
+    # parity is judged on quantized outputs, whose step is the real output quantization step
+    cal = _gauss(4, (2, 3, 112, 112), 1)
+    art_q = qcompile.compile(model, (x,), backend="x86", calibration=cal, progress=False, quantize_outputs=True)
+    assert art_q.report.verify["within_one_step"] >= 0.99
+    layers = layer_agreement(art_q.reference, art_q.lowered, (x,), {})
+    assert len(layers) > 25 and min(r["within_one_step"] for r in layers[:6]) >= 0.999  # before cascading
+
+
+def test_resnet_every_conv_is_int8(resnet):
+    _, _, art = resnet
+    rows = art.report.rows
+    assert art.report.float_nodes() == {}
+    convs = [r for r in rows if r.op == "conv2d"]
+    assert len(convs) == 20 and all(r.status == "int8" and r.kernel.startswith("quantized::conv2d") for r in convs)
+    (fc,) = [r for r in rows if r.op == "linear"]
+    assert fc.status == qcompile.annotation.FLOAT_OUTPUT  # logits stay float by default
+    assert art.report.share("macs") > 0.99
+
+
+def test_resnet_lowered_graph_has_no_qdq_between_int8_ops(resnet):
+    _, _, art = resnet
+    targets = [str(n.target) for n in art.lowered.gm.graph.nodes if n.op == "call_function"]
+    assert sum("quantize_per_tensor" in t for t in targets) == 1  # only the model input
+    assert sum("dequantize" in t for t in targets) == 1  # only before the float fc
+    assert any("add_relu" in t for t in targets) and any("conv2d_relu" in t for t in targets)
+
+
+def test_mobilenet_depthwise_hardswish_se(mobilenet):
+    model, x, art = mobilenet
+    with torch.no_grad():
+        assert sqnr(model(x), art(x)) >= 30.0
+    assert art.report.float_nodes() == {}
+    kernels = {r.kernel for r in art.report.rows}
+    assert "int8 lookup table (hardswish.default)" in kernels and "quantized::mul" in kernels
+    layers = layer_agreement(art.reference, art.lowered, (x,), {})
+    assert min(r["within_one_step"] for r in layers[:8]) >= 0.999  # before rounding flips cascade
+    assert min(r["within_one_step"] for r in layers) >= 0.98  # cascaded over 50+ layers
+    assert art.report.verify["within_one_step"] >= 0.97
+
+
+def test_depthwise_weights_are_7bit(mobilenet):
+    _, _, art = mobilenet
+    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    ranges = {}
+    for n in art.reference.graph.nodes:
+        if n.target == dq:
+            user = next(iter(n.users))
+            groups = user.args[6] if len(user.args) > 6 else 1
+            ranges.setdefault(groups > 1, set()).add((n.args[4], n.args[5]))
+    assert ranges[True] == {(-64, 63)}
+
+
+def test_bert_encoder_fallbacks_are_exactly_expected():
+    model, example = zoo.get_model("bert_encoder")
+    g = torch.Generator().manual_seed(3)
+    cal = [(torch.randint(0, 1000, (2, 32), generator=g), torch.ones(2, 32, dtype=torch.long)) for _ in range(4)]
+    art = qcompile.compile(model, example, backend="x86", calibration=cal, progress=False)
+    float_ops = {r.op for r in art.report.rows if r.status.startswith("float: unsupported")}
+    assert {"layer_norm", "softmax", "gelu", "matmul", "embedding"} <= float_ops
+    assert all(r.status == "int8" for r in art.report.rows if r.op == "linear")
+    assert art.report.verify["within_one_step"] >= 0.99
+    assert art.report.verify["sqnr_vs_float_db"] >= 25.0
+    assert all(art.report.float_nodes()[n] for n in art.report.float_nodes())  # every fallback has a reason
+
+
+def test_digits_int8_accuracy_within_one_point():
+    model, (x_tr, _, x_te, y_te) = zoo.train_digits_cnn()
+    art = qcompile.compile(model, (x_te[:8],), backend="x86", calibration=[x_tr[i:i + 64] for i in range(0, 512, 64)],
+                           progress=False)
+    acc_f, acc_q = zoo.accuracy(model, x_te, y_te), zoo.accuracy(art, x_te, y_te)
+    assert acc_f >= 0.95
+    assert acc_q >= acc_f - 0.01
+
+
+def test_real_transformers_bert_captures_and_quantizes():
+    model, tok = zoo.load_minilm()
+    enc = tok(zoo.SENTENCES[:8], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    example = (enc["input_ids"], enc["attention_mask"])
+    report = qcompile.explain(model, example, backend="x86")
+    linears = [r for r in report.rows if r.op == "linear"]
+    assert len(linears) == 6 * 6 + 1  # q, k, v, out, ffn1, ffn2 per layer + pooler
+    cal = [example]
+    art = qcompile.compile(model, example, backend="x86", calibration=cal, progress=False)
+    emb_f = zoo.embed(model, tok, zoo.SENTENCES, max_length=32)
+    emb_q = zoo.embed(art, tok, zoo.SENTENCES, max_length=32)
+    cos = torch.nn.functional.cosine_similarity(emb_f, emb_q).min().item()
+    assert cos >= 0.92  # static per-tensor activations; mode='dynamic' is the path for more (issue 5)
+    assert all(r.status == "int8" for r in art.report.rows if r.op == "linear" and r.module.startswith("encoder"))
