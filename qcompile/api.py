@@ -56,6 +56,10 @@ class PreparedModel(nn.Module):
             for sample in tqdm(data, desc="calibrating", disable=progress is False if progress is not None else None,
                                leave=False):
                 args, kwargs = _sample_to_inputs(sample, n_inputs)
+                if kwargs and not self._ctx.inputs.kwargs:  # dict sample, positionally captured model
+                    names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
+                    if set(kwargs) <= set(names):
+                        args, kwargs = tuple(kwargs[n] for n in names if n in kwargs), {}
                 self(*args, **kwargs)
                 seen += 1
         if seen == 0:
