@@ -21,7 +21,7 @@ from _timing import interleaved, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.qparams import sqnr  # noqa: E402
-from qcompile.zoo import image_batches, make_resnet18  # noqa: E402
+from qcompile.zoo import resnet18_shaped  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -54,9 +54,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = make_resnet18(seed=0)
-    calib = image_batches(args.calib, batch=4, seed=1)
-    held = image_batches(4, batch=4, seed=2)
+    model = resnet18_shaped().eval()  # torchvision-style init (a BN-calibrated random net is chaotic)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 224, 224, generator=g) for _ in range(args.calib)]
+    held = [torch.randn(4, 3, 224, 224, generator=g) for _ in range(4)]
     x = held[0]
     ao, ao_compile = torch_ao(model, x, calib)
     art, qc_compile = qc(model, x, calib)

@@ -28,6 +28,9 @@ X = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
 X_MANY = torch.randn(48, 256, generator=torch.Generator().manual_seed(2))  # above the int8 kernel's row limit
 
 
+BF16_DB = 40  # lowered vs reference: the kernels take bf16 activations and scales by default (43-47 dB measured)
+
+
 def compile_wo(model, weights, x=X, **kw):
     return qcompile.compile(model, (x,), backend="x86", mode="weight_only", weights=weights, **kw)
 
@@ -76,20 +79,29 @@ def test_nf4_beats_symmetric_int4_on_gaussian_weights_and_double_quant_is_free()
 def test_int8_per_channel_uses_int8_weight_kernel_for_few_rows_and_matches_reference():
     m = mlp()
     art = compile_wo(m, WeightSpec(bits=8))
-    assert all("aten._weight_int8pack_mm" in k for k in kernels(art).values()) and len(kernels(art)) == 2
+    assert all("aten._weight_int8pack_mm (bf16" in k for k in kernels(art).values()) and len(kernels(art)) == 2
     with torch.no_grad():
-        for x in (X, X_MANY):
-            assert sqnr(m(x), art(x)) > 38  # 39.7 dB measured
-            assert sqnr(art.run_reference(x), art(x)) > 80
-    assert art.report.bits_per_weight() == {"linear": 8 + 32 / 256, "linear_1": 8 + 32 / 512}
+        assert sqnr(m(X), art(X)) > 36  # bf16 kernel path
+        assert sqnr(art.run_reference(X), art(X)) > BF16_DB
+        assert sqnr(m(X_MANY), art(X_MANY)) > 38  # dequantize + fp32 GEMM path: 39.7 dB measured
+        assert sqnr(art.run_reference(X_MANY), art(X_MANY)) > 80
+    assert art.report.bits_per_weight() == {"linear": 8 + 32 / 256, "linear_1": 8 + 32 / 512}  # fp32 scales
+
+
+@pytest.mark.parametrize("weights", [WeightSpec(bits=8, symmetric=False), WeightSpec(bits=4, group_size=64)])
+def test_fp32_kernels_compute_exactly_what_the_reference_says(weights):
+    art = compile_wo(mlp(), weights, backend_options={"weight_only_activations": "fp32"})
+    assert all("fp32 activations" in k for k in kernels(art).values())
+    with torch.no_grad():
+        assert sqnr(art.run_reference(X), art(X)) > 80
 
 
 def test_int8_affine_weights_are_corrected_exactly():
     m = mlp()
     art = compile_wo(m, WeightSpec(bits=8, symmetric=False))
     with torch.no_grad():
-        for x in (X, X_MANY):
-            assert sqnr(art.run_reference(x), art(x)) > 80
+        assert sqnr(art.run_reference(X), art(X)) > BF16_DB
+        assert sqnr(art.run_reference(X_MANY), art(X_MANY)) > 80
     # int8 codes + fp32 scale + fp32 (scale * zero point) per output channel
     assert art.report.bits_per_weight()["linear"] == 8 + 64 / 256
 
@@ -100,11 +112,11 @@ def test_int4_group_wise_runs_the_int4_kernel(group, symmetric):
     art = compile_wo(m, WeightSpec(bits=4, group_size=group, symmetric=symmetric))
     assert all(k.startswith("aten._weight_int4pack_mm_for_cpu") for k in kernels(art).values())
     with torch.no_grad():
-        assert sqnr(art.run_reference(X), art(X)) > 60
+        assert sqnr(art.run_reference(X), art(X)) > BF16_DB
         assert 15 < sqnr(m(X), art(X)) < 30
-    # packed codes (4 bits) + fp32 scale and fp32 zero per group
-    assert art.report.bits_per_weight() == {"linear": 4 + 64 / group, "linear_1": 4 + 64 / group}
-    assert art.report.sizes["bits_per_quantized_weight"] == pytest.approx(4 + 64 / group)
+    # packed codes (4 bits) + bf16 scale and bf16 zero per group
+    assert art.report.bits_per_weight() == {"linear": 4 + 32 / group, "linear_1": 4 + 32 / group}
+    assert art.report.sizes["bits_per_quantized_weight"] == pytest.approx(4 + 32 / group)
 
 
 def test_int4_falls_back_with_the_reason_when_the_kernel_cannot_run():
@@ -113,11 +125,11 @@ def test_int4_falls_back_with_the_reason_when_the_kernel_cannot_run():
     art = compile_wo(m, WeightSpec(bits=4))  # per-channel int4
     ks = kernels(art)
     assert "stored as int8" in ks["linear"] and "out_features % 16" in ks["linear"]
-    assert "stored as int8" in ks["linear_1"]
+    assert "in_features=40 is not a multiple of 16" in ks["linear_1"]
     art_g = compile_wo(nn.Sequential(nn.Linear(96, 32)).eval(), WeightSpec(bits=4, group_size=48), x=torch.randn(2, 96))
     assert "codes dequantized at every call" in kernels(art_g)["linear"]
     with torch.no_grad():
-        assert sqnr(art.run_reference(X), art(X)) > 80
+        assert sqnr(art.run_reference(X), art(X)) > BF16_DB
 
 
 def test_group_size_that_does_not_divide_the_input_is_a_config_error():
@@ -160,7 +172,7 @@ def test_embedding_tables_are_gathered_from_packed_int4():
                      backend_options={"embedding_weights": "same"})
     assert "packed 4-bit" in kernels(art)["embedding"]
     with torch.no_grad():
-        assert sqnr(art.run_reference(ids), art(ids)) > 80
+        assert sqnr(art.run_reference(ids), art(ids)) > BF16_DB
         assert sqnr(m(ids), art(ids)) > 15
     emb_bytes = sum(r["bytes"] for r in art.report.storage if r["layer"] == "embedding")
     assert emb_bytes == 1000 * 32 + 1000 * 2 * 4 + 1000 * 2  # packed codes, fp32 scales, uint8 zero points
@@ -172,7 +184,7 @@ def test_int4_g128_stack_is_at_most_016_of_float_bytes():
     art = compile_wo(m, WeightSpec(bits=4, group_size=128), x=torch.randn(1, 1024))
     sizes = art.report.sizes
     assert sizes["stored_bytes"] == sum(r["bytes"] for r in art.report.storage)
-    assert sizes["stored_vs_float"] <= 0.16  # 4.5 bits / 32 = 0.1406 plus fp32 biases
+    assert sizes["stored_vs_float"] <= 0.16  # 4.25 bits / 32 = 0.133 plus fp32 biases
     assert sizes["float_model_bytes"] == sum(p.numel() * 4 for p in m.parameters())
 
 
@@ -209,4 +221,4 @@ def test_minilm_int4_g128_round_to_nearest(minilm):
     cos = (embed_all(art) * ref).sum(-1)
     assert cos.min() >= 0.945 and cos.mean() >= 0.955
     linears = {k: v for k, v in art.report.bits_per_weight().items() if "embedding" not in k}
-    assert set(linears.values()) == {4.5}
+    assert set(linears.values()) == {4.25}

@@ -107,7 +107,8 @@ def summarize(parity: dict, threshold_db: float) -> dict:
     layers = parity["layers"]
     finite = [r["sqnr_db"] for r in layers if math.isfinite(r["sqnr_db"])]
     first = parity["first_drop"]
-    worst = max(layers, key=lambda r: r["local_drop_db"], default=None)
+    # a drop from 70 to 55 dB is still agreement: only layers within 15 dB of the threshold count
+    worst = max((r for r in layers if r["sqnr_db"] < threshold_db + 15), key=lambda r: r["local_drop_db"], default=None)
     return {
         "layers_compared": len(layers),
         "min_layer_sqnr_db": min(finite) if finite else math.inf,

@@ -32,7 +32,7 @@ from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 _INT4_GROUPS = (256, 128, 64, 32)
-SMALL_M = 16  # rows up to which the int8-weight kernel beats dequantize + fp32 GEMM (bench/bench_linear.py)
+KERNEL_MAX_ROWS = 32  # the weight-only kernels are GEMVs: cost grows with rows; above, int8 dequantizes + fp32 GEMM
 
 
 @dataclass
@@ -104,15 +104,16 @@ def _finish(y, x, bias):
     return y if bias is None else y + bias
 
 
-def linear_int8_weight(x, w_int8, scale, row_fix, bias):
-    """``x @ ((q - z) * s)^T``: int8-weight kernel for few rows, dequantize + fp32 GEMM for many."""
+def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype):
+    """``x @ ((q - z) * s)^T``: int8-weight kernel for few rows (``act_dtype`` bf16 runs the vectorised
+    kernel, fp32 a ~6x slower one), dequantize + fp32 GEMM for many."""
     x2 = _rows(x)
-    if x2.shape[0] <= SMALL_M:
-        y = aten._weight_int8pack_mm(x2, w_int8, scale)
+    if x2.shape[0] <= KERNEL_MAX_ROWS:
+        y = aten._weight_int8pack_mm(x2.to(act_dtype), w_int8, scale.to(act_dtype)).float()
         if row_fix is not None:  # affine weights: subtract sum(x) * s * z
             y = y - x2.sum(-1, keepdim=True) * row_fix
     else:
-        w = w_int8.float() * scale[:, None]
+        w = w_int8.float() * scale.float()[:, None]
         if row_fix is not None:
             w = w - row_fix[:, None]
         y = F.linear(x2, w)
@@ -120,8 +121,9 @@ def linear_int8_weight(x, w_int8, scale, row_fix, bias):
 
 
 def linear_int4(x, packed, group_size: int, scales_and_zeros, bias):
-    y = aten._weight_int4pack_mm_for_cpu(_rows(x), packed, group_size, scales_and_zeros)
-    return _finish(y, x, bias)
+    """Activations in the scales' dtype (bf16: the fast kernel, 4x float at 4096x4096 batch 1; fp32: 6x slower)."""
+    y = aten._weight_int4pack_mm_for_cpu(_rows(x).to(scales_and_zeros.dtype), packed, group_size, scales_and_zeros)
+    return _finish(y.float(), x, bias)
 
 
 def linear_nf4(x, packed, absmax, group_size: int, bias):
@@ -174,8 +176,8 @@ class Rewriter:
     """Rewrite a copy of the reference graph node by node. A rule returns None (not its pattern),
     :class:`Lowered` (the node now calls a kernel) or a reason string (the node keeps its reference ops)."""
 
-    def __init__(self, ref: fx.GraphModule, rules: list):
-        self.gm = copy.deepcopy(ref)
+    def __init__(self, ref: fx.GraphModule, rules: list, kernel_dtype: torch.dtype = torch.bfloat16):
+        self.gm, self.kernel_dtype = copy.deepcopy(ref), kernel_dtype  # activation dtype of weight-only kernels
         self.rules, self.result, self._n = rules, FloatLowerResult(self.gm), 0
 
     def const(self, value, before: fx.Node, layer: str, role: str, weights: int = 0) -> fx.Node:
@@ -251,6 +253,10 @@ def _int4_pack(w: IntWeight):
     return packed, g, torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
 def _zero_points(z: torch.Tensor, dtype: torch.dtype):
     """Zero points stored in the codes' dtype (they lie on the same grid); None when all are 0."""
     return None if not bool((z != 0).any()) else z.round().to(dtype).contiguous()
@@ -282,21 +288,25 @@ def linear_weight_only(rw: Rewriter, node: fx.Node):
     int4 = _int4_pack(w)
     if not isinstance(int4, str):
         packed, g, sz = int4
-        args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(sz, node, node.name, "scales"), bias)
-        return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g})")
-    if w.group_size is None:
+        sz = rw.const(sz.to(rw.kernel_dtype), node, node.name, "scales")
+        args = (x, rw.const(packed, node, node.name, "codes", n * k), g, sz, bias)
+        return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g}, "
+                                                f"{_dtype_name(rw.kernel_dtype)} activations)")
+    if w.group_size is None and k % 16 == 0:  # the int8 kernel reads K in blocks of 16 (wrong results otherwise)
         q8, s, fix = _int8_rows(w, n)
         args = (x, rw.const(q8, node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),
-                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias)
+                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype)
         note = "" if w.bits > 4 else f" ({w.bits}-bit values stored as int8: {int4})"
         return rw.emit(node, linear_int8_weight, args,
-                       f"aten._weight_int8pack_mm (<= {SMALL_M} rows; dequantize + fp32 GEMM above){note}")
-    z = _zero_points(w.zero_point.reshape(n, -1), w.q.dtype)
-    args = (x, rw.const(w.q, node, node.name, "codes", n * k),
-            rw.const(w.scale.float().reshape(n, -1), node, node.name, "scales"),
-            None if z is None else rw.const(z, node, node.name, "zero_points"), w.group_size, bias)
+                       f"aten._weight_int8pack_mm ({_dtype_name(rw.kernel_dtype)} activations, <= {KERNEL_MAX_ROWS} "
+                       f"rows; dequantize + fp32 GEMM above){note}")
+    scale, zp = (w.scale.float().reshape(n, -1), w.zero_point.reshape(n, -1)) if w.group_size else w.per_row(n)
+    z = _zero_points(zp, w.q.dtype)
+    args = (x, rw.const(w.q, node, node.name, "codes", n * k), rw.const(scale.contiguous(), node, node.name, "scales"),
+            None if z is None else rw.const(z, node, node.name, "zero_points"), w.group_size or 0, bias)
+    why = int4 if w.group_size else f"in_features={k} is not a multiple of 16"
     return rw.emit(node, linear_dequant, args,
-                   f"int{w.bits} g{w.group_size}: no kernel ({int4}); codes dequantized at every call + fp32 linear")
+                   f"int{w.bits}: no kernel ({why}); codes dequantized at every call + fp32 linear")
 
 
 def embedding_weight_only(rw: Rewriter, node: fx.Node):
