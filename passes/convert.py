@@ -16,7 +16,7 @@ from qcompile.ir import add_constant, copy_meta, get_attr_value
 from qcompile.qparams import quantize
 from qcompile.specs import FixedSpec, NF4Spec, QParams, QuantSpec
 
-from .dynamic import insert_dynamic_qdq, insert_nf4_weight
+from .dynamic import RNN_SPEC, insert_dynamic_qdq, insert_nf4_weight, quantize_recurrent_weights
 from .infra import Pass, PassResult
 from .insert_observers import OBSERVED
 
@@ -103,6 +103,8 @@ class ConvertToReference(Pass):
                     quantize_weight(gm, node, i, spec)
                 elif isinstance(spec, NF4Spec) and arg.op == "get_attr":
                     insert_nf4_weight(gm, node, i, spec, arg.meta.get(WEIGHT_QPARAMS))
+            if RNN_SPEC in node.meta:  # LSTM / GRU: a list of weight matrices
+                quantize_recurrent_weights(gm, node, node.meta[RNN_SPEC])
         for name in observed:
             gm.delete_submodule(name)
         gm.meta.pop(OBSERVED, None)

@@ -8,7 +8,9 @@ standard ops where they exist:
   dequantize_per_token``; per-tensor: ``choose_qparams.tensor -> quantize_per_tensor.tensor ->
   dequantize_per_tensor.tensor`` (parameters computed from each tensor when the graph runs);
 * NF4 weights: packed codes ``-> qcompile::dequantize_nf4`` (scales through
-  ``qcompile::dequantize_scales`` when double-quantized), see ``qcompile.lowbit``.
+  ``qcompile::dequantize_scales`` when double-quantized), see ``qcompile.lowbit``;
+* LSTM / GRU: the op keeps its parameter list, whose weight matrices become int constants ->
+  ``dequantize_per_channel`` (their activations are quantized inside the kernel's gate GEMMs).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.ir import add_constant, copy_meta, get_attr_value
 from qcompile.lowbit import NF4Params, nf4_params, nf4_quantize, pack_int4
+from qcompile.qparams import quantize
 from qcompile.specs import NF4Spec, QuantSpec
 
 from .infra import Pass, PassResult
@@ -109,3 +112,58 @@ def insert_nf4_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: NF4Sp
         dq = gm.graph.call_function(qc.dequantize_nf4.default, (packed, absmax, p.group_size))
     copy_meta(w_node, dq, keys=("val",))
     node.update_arg(index, dq)
+
+
+# -- recurrent layers (LSTM / GRU): one ATen op holding a list of weight matrices -------------------
+RNN_OPS = (torch.ops.aten.lstm.input, torch.ops.aten.gru.input)
+RNN_SPEC = "qcompile_rnn_weight_spec"  # node.meta: the QuantSpec of a recurrent op's weight matrices
+
+
+class AnnotateRecurrent(Pass):
+    """Claim ``aten.lstm`` / ``aten.gru`` for dynamic int8 (their gate GEMMs quantize activations at run
+    time inside the kernel): int8 status, and the weight spec in ``node.meta[RNN_SPEC]`` for convert."""
+
+    def __init__(self, config, weight_spec, note: str):
+        self.config, self.weight_spec, self.note = config, weight_spec, note
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from qcompile.config import resolve
+        modified = False
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in RNN_OPS:
+                continue
+            mc, kind = resolve(self.config, node), node.target.__name__.split(".")[0]
+            if mc is None:
+                A.set_annotation(node, A.Annotation(status=A.FLOAT_EXCLUDED, reason="excluded by the user's config"))
+            elif not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in node.args[2]):
+                A.set_annotation(node, A.Annotation(status=A.FLOAT_UNSUPPORTED, reason=f"{kind}: weights are not constants"))
+            else:
+                A.set_annotation(node, A.Annotation(status=A.INT8, reason=self.note, group=node.name,
+                                                    pattern=f"{kind}_dynamic"))
+                node.meta[RNN_SPEC] = self.weight_spec(mc.weights, None, node)
+            modified = True
+        return PassResult(gm, modified)
+
+
+def quantize_recurrent_weights(gm: fx.GraphModule, node: fx.Node, spec: QuantSpec) -> None:
+    """Weight matrices of the op's parameter list -> int constants -> dequantize (biases stay float)."""
+    from .convert import weight_qparams  # convert imports this module
+    stride = 4 if node.args[3] else 2  # (w_ih, w_hh[, b_ih, b_hh]) per layer and direction
+    params = list(node.args[2])
+    for j, p in enumerate(params):
+        if j % stride >= 2:
+            continue
+        w = get_attr_value(gm, p).detach().float()
+        qp = weight_qparams(w, spec)
+        consts = [add_constant(gm, f"{node.name}_w{j}_{n}", t, node)
+                  for n, t in (("int", quantize(w, qp)), ("scale", qp.scale.float().reshape(-1)),
+                               ("zp", qp.zero_point.reshape(-1).to(torch.int64)))]
+        if qp.axis is None:  # per-tensor: one scale per matrix, expressed per channel
+            consts[1:] = [add_constant(gm, f"{node.name}_w{j}_{n}", t.expand(w.shape[0]).contiguous(), node)
+                          for n, t in (("scale_rows", qp.scale.float().reshape(1)),
+                                       ("zp_rows", qp.zero_point.reshape(1).to(torch.int64)))]
+        with gm.graph.inserting_before(node):
+            params[j] = gm.graph.call_function(qd.dequantize_per_channel.default,
+                                               (*consts, 0, qp.quant_min, qp.quant_max, qp.dtype))
+        copy_meta(p, params[j], keys=("val",))
+    node.update_arg(2, params)

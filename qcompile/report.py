@@ -205,11 +205,29 @@ def _pieces(name: str, obj, role: str, weights: int):
     unpack = getattr(obj, "unpack", None)
     try:
         w, b = unpack() if unpack is not None else torch.ops.quantized.linear_unpack(obj)
-    except Exception:  # noqa: BLE001 - an opaque object we cannot size
+    except Exception:  # noqa: BLE001 - not a packed linear / conv: a container of them (RNN cell params)?
+        inner = [o for o in _script_objects(obj) if o is not obj]
+        for i, o in enumerate(inner):
+            yield from _pieces(f"{name}.{i}", o, role, 0)
         return
     yield from _pieces(f"{name}.weight", w, "codes", w.numel())
     if b is not None:
         yield f"{name}.bias", b, "bias", 0
+
+
+def _script_objects(obj) -> list:
+    try:
+        state = obj.__getstate__()
+    except Exception:  # noqa: BLE001 - no serialisable state
+        return []
+    found, stack = [], [state]
+    while stack:  # nested tuples / lists of the object's state (e.g. ((name, tensors, ..., objects), type))
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif isinstance(item, torch.ScriptObject):
+            found.append(item)
+    return found
 
 
 def storage_rows(gm: fx.GraphModule, tags: dict | None = None) -> list[dict]:

@@ -36,11 +36,14 @@ def kernels(art):
     return {r.name: r.kernel for r in art.report.rows if r.kernel}
 
 
+PER_TOKEN = ActivationSpec(granularity="per_token", symmetric=True)
+
+
 @pytest.mark.parametrize("acts,kernel,choose", [
-    (None, "torch._int_mm (int8 per-token activations, symmetric)", qd.choose_qparams_per_token.default),
+    (None, "quantized::linear_dynamic (uint8 per-tensor activations)", qd.choose_qparams.tensor),
+    (PER_TOKEN, "torch._int_mm (int8 per-token activations, symmetric)", qd.choose_qparams_per_token.default),
     (PER_TOKEN_AFFINE, "torch._int_mm (int8 per-token activations, affine)",
      qd.choose_qparams_per_token_asymmetric.default),
-    (PER_TENSOR, "quantized::linear_dynamic (uint8 per-tensor activations)", qd.choose_qparams.tensor),
 ])
 def test_linears_run_dynamic_kernels_without_calibration(acts, kernel, choose):
     m = mlp()
@@ -62,7 +65,7 @@ def test_activation_scales_follow_each_token():
     m = mlp()
     x = X.clone()
     x[0, 0] *= 1000
-    tok, ten = dynamic(m, x=x), dynamic(m, x=x, activations=PER_TENSOR)
+    tok, ten = dynamic(m, x=x, activations=PER_TOKEN), dynamic(m, x=x)
     with torch.no_grad():
         ref = m(x)[1]
         assert sqnr(ref, tok(x)[1]) > 38
@@ -78,27 +81,52 @@ def test_one_dynamic_chain_is_shared_by_the_linears_reading_the_same_value():
         def forward(self, x):
             return self.q(x) + self.k(x) * self.v(x)
 
-    art = dynamic(Qkv().eval())
+    art = dynamic(Qkv().eval(), activations=PER_TOKEN)
     chooses = [n for n in art.reference.graph.nodes if n.target == qd.choose_qparams_per_token.default]
     assert len(chooses) == 1 and len(kernels(art)) == 3
     assert all(u.target == operator.getitem for u in chooses[0].users)
 
 
 def test_attention_matmuls_and_other_ops_stay_float_with_the_reason():
-    from qcompile.zoo import make_bert_encoder
-    from qcompile.zoo import _bert_inputs
-    m, inputs = make_bert_encoder(), _bert_inputs()
+    from qcompile.zoo import _bert_inputs, make_bert_encoder
+    m, inputs = make_bert_encoder(hidden=64, layers=1, heads=2, intermediate=128), _bert_inputs()
     art = dynamic(m, x=inputs, verify=False)
     rows = {r.op: r for r in art.report.rows}
-    assert "torch._int_mm" in rows["linear"].kernel
+    assert "quantized::linear_dynamic" in rows["linear"].kernel
     assert rows["matmul"].status != INT8 and "activation x activation" in rows["matmul"].reason
     assert "float in mode='dynamic'" in rows["gelu"].reason or "float in this mode" in rows["gelu"].reason
     with torch.no_grad():
         assert sqnr(m(*inputs), art(*inputs)) > 25
 
 
+def test_lstm_and_gru_run_pytorch_dynamic_recurrent_kernels():
+    class Rnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, bidirectional=True)
+            self.gru, self.fc = nn.GRU(64, 32, batch_first=True), nn.Linear(32, 4)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            z, _ = self.gru(y)
+            return self.fc(z)
+
+    torch.manual_seed(0)
+    m, x = Rnn().eval(), torch.randn(3, 7, 16)
+    art = dynamic(m, x=x)
+    ks = kernels(art)
+    assert ks["lstm"] == "aten.quantized_lstm (fbgemm, dynamic int8 gates)"
+    assert ks["gru"] == "aten.quantized_gru (fbgemm, dynamic int8 gates)"
+    deq = [n for n in art.reference.graph.nodes if n.target == qd.dequantize_per_channel.default]
+    assert len(deq) == 2 * 2 * 2 + 2 + 1  # (w_ih, w_hh) x 2 layers x 2 directions, the GRU's two, the linear
+    ao = torch.ao.quantization.quantize_dynamic(m, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        assert sqnr(m(x), art(x)) > 42 and sqnr(m(x), art(x)) > sqnr(m(x), ao(x))  # 46.2 vs 41.8 dB measured
+    assert set(art.report.bits_per_weight()) == {"lstm", "gru", "linear"}
+
+
 def test_bytes_report_int8_codes_and_scales():
-    art = dynamic(mlp())
+    art = dynamic(mlp(), activations=PER_TOKEN)
     # int8 codes + fp32 per-channel scale
     assert art.report.bits_per_weight() == {"linear": 8 + 32 / 64, "linear_1": 8 + 32 / 128}
     biases = [r for r in art.report.storage if r["role"] == "bias"]
@@ -129,8 +157,8 @@ def test_save_load_roundtrip(tmp_path):
 def minilm():
     from qcompile.zoo import SENTENCES, embed, load_minilm
     model, tok = load_minilm()
-    enc = tok(SENTENCES[:4], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
-    embed_all = lambda fn: embed(fn, tok, SENTENCES, max_length=64)  # noqa: E731
+    enc = tok(SENTENCES[:4], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    embed_all = lambda fn: embed(fn, tok, SENTENCES, max_length=128)  # noqa: E731
     return model, embed_all(model), (enc["input_ids"], enc["attention_mask"]), embed_all
 
 
@@ -141,14 +169,17 @@ def _nearest(e):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("acts", [None, PER_TOKEN_AFFINE], ids=["per-token-symmetric", "per-token-affine"])
-def test_minilm_dynamic_int8_keeps_cosine_099_and_the_retrieval_ranking(minilm, acts):
+@pytest.mark.parametrize("acts,min_cos", [(None, 0.99), (PER_TOKEN, 0.995), (PER_TOKEN_AFFINE, 0.997)],
+                         ids=["per-tensor-default", "per-token-symmetric", "per-token-affine"])
+def test_minilm_dynamic_int8_keeps_cosine_099_and_the_retrieval_ranking(minilm, acts, min_cos):
+    """Measured min cosine (24 sentences): per-tensor 0.9917 (seq 128) / 0.9907 (seq 64), per-token 0.9962,
+    affine per-token 0.9984; torch.ao quantize_dynamic 0.915."""
     from qcompile.zoo import PARAPHRASE_PAIRS
     model, ref, ex, embed_all = minilm
     art = qcompile.compile(model, ex, backend="x86", mode="dynamic", activations=acts, verify=False)
     emb = embed_all(art)
     cos = (emb * ref).sum(-1)
-    assert cos.min() >= 0.99  # 0.996 symmetric, 0.9985 affine measured (torch.ao quantize_dynamic: 0.915)
+    assert cos.min() >= min_cos
     for i, j in PARAPHRASE_PAIRS:  # every paraphrase still retrieves its partner first
         assert _nearest(emb)[i, 0] == j and _nearest(emb)[j, 0] == i
     assert (_nearest(emb)[:, 0] == _nearest(ref)[:, 0]).float().mean() >= 0.95

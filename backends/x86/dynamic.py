@@ -126,7 +126,46 @@ def linear_dynamic(rw: Rewriter, node: fx.Node):
     return f"no x86 dynamic kernel for {getattr(choose, '__name__', choose)} with {dtype} [{qmin}, {qmax}]"
 
 
-RULES = [linear_dynamic]
+# -- LSTM / GRU: PyTorch's dynamic quantized recurrent kernels ------------------------------------------
+def lstm_dynamic(x, hx, cells, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    return torch.quantized_lstm(x, hx, cells, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+                                dtype=torch.qint8, use_dynamic=True)
+
+
+def gru_dynamic(x, hx, cells, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    return torch.quantized_gru(x, hx, cells, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+def _packed(w, bias):
+    q = torch._make_per_channel_quantized_tensor(w.q, w.scale.double().reshape(-1),
+                                                 w.zero_point.long().reshape(-1), 0)
+    return qops.linear_prepack(q, bias)
+
+
+def recurrent_dynamic(rw: Rewriter, node: fx.Node):
+    """``aten.lstm`` / ``aten.gru`` with int8 weight matrices -> ``quantized_lstm`` / ``quantized_gru``
+    (fbgemm gate GEMMs with per-tensor dynamic activations; 7-bit activations without VNNI)."""
+    if node.target not in (aten.lstm.input, aten.gru.input):
+        return None
+    from .backend import cpu_has_vnni  # backend imports this module
+    params, has_biases = node.args[2], node.args[3]
+    stride = 4 if has_biases else 2
+    cells = []
+    for c in range(0, len(params), stride):
+        w_ih, w_hh = (int_weight(rw.gm, p) for p in params[c:c + 2])
+        if w_ih is None or w_hh is None or w_ih.group_size or w_ih.q.dtype != torch.int8:
+            return "recurrent weights are not per-channel int8 constants"
+        b_ih, b_hh = ((get_attr_value(rw.gm, b).detach().float() for b in params[c + 2:c + 4]) if has_biases
+                      else (torch.zeros(w_ih.q.shape[0]), torch.zeros(w_hh.q.shape[0])))
+        cell = qops.make_quantized_cell_params_dynamic(_packed(w_ih, b_ih), _packed(w_hh, b_hh), b_ih, b_hh,
+                                                       not cpu_has_vnni())  # reduce_range on AVX2 (saturation)
+        cells.append(rw.const(cell, node, node.name, "packed", w_ih.q.numel() + w_hh.q.numel()))
+    lstm = node.target == aten.lstm.input
+    return rw.emit(node, lstm_dynamic if lstm else gru_dynamic, (node.args[0], node.args[1], cells, *node.args[3:]),
+                   f"aten.quantized_{'lstm' if lstm else 'gru'} (fbgemm, dynamic int8 gates)")
+
+
+RULES = [linear_dynamic, recurrent_dynamic]
 
 
 # -- specs (the backend's SpecMaker hooks for mode="dynamic") ------------------------------------------
@@ -144,10 +183,12 @@ def act_spec(a) -> QuantSpec:
     raise ConfigError(f"x86 dynamic activations are per_token or per_tensor, got {a.granularity!r}")
 
 
-def weight_spec(w, row, node) -> QuantSpec:
+def weight_spec(w, row, node, max_bits: int = 8) -> QuantSpec:
+    """Symmetric int8 per-channel / per-tensor; ``max_bits`` 7 on CPUs without VNNI, where the u8 x s8
+    pair sums of fbgemm's and oneDNN's AVX2 int8 GEMMs saturate int16 (bench/x86_kernels.py)."""
     if w.dtype != "int" or w.bits != 8 or not w.symmetric or w.granularity == "per_group":
         raise ConfigError("x86 dynamic mode runs symmetric int8 per-channel / per-tensor weights "
                           f"(got {w}); low-bit or group-wise weights are mode='weight_only'")
     gran = w.granularity
-    return QuantSpec(dtype=torch.int8, bits=8, symmetric=True, granularity=gran,
+    return QuantSpec(dtype=torch.int8, bits=min(8, max_bits), symmetric=True, granularity=gran,
                      axis=0 if gran == "per_channel" else None, observer=w.observer)
