@@ -122,3 +122,22 @@ def test_real_transformers_bert_captures_and_quantizes():
     cos = torch.nn.functional.cosine_similarity(emb_f, emb_q).min().item()
     assert cos >= 0.92  # static per-tensor activations; mode='dynamic' is the path for more (issue 5)
     assert all(r.status == "int8" for r in art.report.rows if r.op == "linear" and r.module.startswith("encoder"))
+
+
+def test_input_quantize_native_by_default_exact_on_request(resnet):
+    """The native quantize rounds x / scale (the reference: x * (1 / scale)): at most one step apart, on
+    a tiny share of values; exact_quantize=True reproduces the reference's integers bit for bit."""
+    model, x, art = resnet
+    cal = _gauss(4, (2, 3, 112, 112), 1)
+    exact = qcompile.compile(model, (x,), backend="x86", calibration=cal, progress=False, verify=False,
+                             backend_options={"exact_quantize": True})
+    targets = lambda a: [n.target for n in a.lowered.gm.graph.nodes if n.op == "call_function"]  # noqa: E731
+    assert torch.quantize_per_tensor in targets(art) and torch.quantize_per_tensor not in targets(exact)
+    (q,) = [n for n in art.reference.graph.nodes if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
+            and n.args[0].op == "placeholder"]
+    ref_ints = q.target(x, *q.args[1:]).to(torch.int32)
+    native = torch.quantize_per_tensor(x, float(q.args[1]), int(q.args[2]), torch.quint8).int_repr().to(torch.int32)
+    diff = (native - ref_ints).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    with torch.no_grad():
+        assert sqnr(art(x), exact(x)) > 40  # same model, one input step apart on a few values

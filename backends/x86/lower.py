@@ -159,23 +159,20 @@ class Lowerer:
             self.env[q.name] = prev
             return
         x = self.as_float(src)
+        if self.channels_last and _ndim(src) == 4:  # convert the float: cheaper than the quint8 afterwards
+            x = self.call(torch.Tensor.contiguous, (x,))
+            x.kwargs = {"memory_format": torch.channels_last}
         qmin, qmax = int(q.args[3]), int(q.args[4])
-        full_range = (qmin, qmax) == (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
-        if self.exact_quantize or not full_range or dtype not in _TORCH_DTYPE:
-            if self.channels_last and _ndim(src) == 4:
-                x = self.call(torch.Tensor.contiguous, (x,))
-                x.kwargs = {"memory_format": torch.channels_last}
+        full_range = dtype in _TORCH_DTYPE and (qmin, qmax) == (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+        if self.exact_quantize or not full_range:
             # the reference's own quantize op, then a zero-copy view as a quantized tensor: bit-exact
             # with the reference graph (it rounds x * (1 / scale)), five passes over the float tensor
             ints = self.call(qd.quantize_per_tensor.default, (x, *q.args[1:]), src)
             out = self.call(torch._make_per_tensor_quantized_tensor, (ints, scale, zp), src)
         else:
-            # one native pass (rounds x / scale: a value on a rounding tie can land one step away
-            # from the reference, 7 of 602k on an image batch), then the int8 layout copy
+            # one native pass; it rounds x / scale, so a value on a rounding tie can land one step
+            # away from the reference (7 of 602k values of an image batch)
             out = self.call(torch.quantize_per_tensor, (x, scale, zp, _TORCH_DTYPE[dtype]), src)
-            if self.channels_last and _ndim(src) == 4:
-                out = self.call(torch.Tensor.contiguous, (out,))
-                out.kwargs = {"memory_format": torch.channels_last}
         self.env[q.name] = Value(out, True, scale, zp)
         self.result.taps[q.name] = out.name
 
