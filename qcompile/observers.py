@@ -15,7 +15,7 @@ per_tensor    minmax -> MinMaxObserver, moving_average -> MovingAverageMinMaxObs
 per_channel   mse -> PerChannelMSEObserver, moving_average ->
               MovingAveragePerChannelMinMaxObserver, percentile / entropy / minmax ->
               PerChannelMinMaxObserver (a histogram per channel is not worth its memory)
-per_group     PerGroupMinMaxObserver whatever ``spec.observer`` says (weights only)
+per_group     mse -> PerGroupMSEObserver, anything else -> PerGroupMinMaxObserver (weights only)
 per_token     ConfigError: per-token activations are quantized dynamically, nothing to calibrate
 ============  =======================================================================
 """
@@ -33,7 +33,7 @@ from .specs import QParams, QuantSpec
 __all__ = [
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver",
     "PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver", "PerChannelMSEObserver",
-    "PerGroupMinMaxObserver", "make_observer", "histogram_percentile_range", "histogram_mse_range",
+    "PerGroupMinMaxObserver", "PerGroupMSEObserver", "make_observer", "histogram_percentile_range", "histogram_mse_range",
     "histogram_entropy_range", "histogram_mse_costs", "histogram_kl_costs",
 ]
 
@@ -205,6 +205,10 @@ class PerChannelMSEObserver(Observer):
     def _calculate(self) -> QParams:
         axis = self.spec.axis
         w = self.weight.movedim(axis, 0).reshape(self.weight.shape[axis], -1)
+        return compute_qparams(*self._search(w), self.spec)
+
+    def _search(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """The MSE-best range of every row of ``w`` [rows, n]."""
         mn, mx = torch.aminmax(w, dim=1)
         mn, mx = mn.clamp(max=0.0), mx.clamp(min=0.0)
         alphas = torch.linspace(1.0, self.min_fraction, self.n_candidates)
@@ -215,7 +219,7 @@ class PerChannelMSEObserver(Observer):
             top = cost.topk(min(self.refine, len(alphas)), dim=1, largest=False).indices.T
             cand = torch.cat([torch.ones(1, w.shape[0]), alphas[top]])
         best = self._exact_best(w, mn, mx, cand)
-        return compute_qparams(mn * best, mx * best, self.spec)
+        return mn * best, mx * best
 
     def _model_costs(self, w: Tensor, mn: Tensor, mx: Tensor, alphas: Tensor) -> Tensor:
         """Analytic per-channel MSE of every candidate, [channels, candidates]."""
@@ -249,6 +253,28 @@ class PerChannelMSEObserver(Observer):
             best_err = torch.where(better, err_min, best_err)
             best = torch.where(better, a.gather(0, idx[None])[0], best)
         return best
+
+
+class PerGroupMSEObserver(PerChannelMSEObserver):
+    """Per-group range minimising each group's quantization MSE (low-bit group-wise weights): the
+    per-channel search run on every group of ``spec.group_size`` values along the last axis. A ragged
+    last group is padded with zeros, which every range represents exactly."""
+
+    granularities = ("per_group",)
+
+    def _observe(self, x: Tensor) -> None:
+        mn, mx = reduce_minmax(x, self.spec)
+        self._check_finite(mn, mx)
+        self.weight = x.clone()
+
+    def _calculate(self) -> QParams:
+        w, g = self.weight, int(self.spec.group_size)
+        k = w.shape[-1]
+        n_groups = -(-k // g)
+        rows = torch.nn.functional.pad(w.reshape(-1, k), (0, n_groups * g - k)).reshape(-1, g)
+        mn, mx = self._search(rows)
+        shape = (*w.shape[:-1], n_groups)
+        return compute_qparams(mn.reshape(shape), mx.reshape(shape), self.spec)
 
 
 # ---------------------------------------------------------------- histogram range searches
@@ -526,6 +552,6 @@ def make_observer(spec: QuantSpec, name: str = "<unnamed>") -> Observer:
             return MovingAveragePerChannelMinMaxObserver(spec, name)
         return PerChannelMinMaxObserver(spec, name)
     if spec.granularity == "per_group":
-        return PerGroupMinMaxObserver(spec, name)
+        return (PerGroupMSEObserver if spec.observer == "mse" else PerGroupMinMaxObserver)(spec, name)
     raise ConfigError(f"{name!r}: per_token specs are quantized dynamically at run time; "
                       f"there is nothing to calibrate (do not insert an observer)")

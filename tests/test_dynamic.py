@@ -155,11 +155,8 @@ def test_save_load_roundtrip(tmp_path):
 # -- the real model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():
-    from qcompile.zoo import SENTENCES, embed, load_minilm
-    model, tok = load_minilm()
-    enc = tok(SENTENCES[:4], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
-    embed_all = lambda fn: embed(fn, tok, SENTENCES, max_length=128)  # noqa: E731
-    return model, embed_all(model), (enc["input_ids"], enc["attention_mask"]), embed_all
+    from qcompile.zoo import minilm_case
+    return minilm_case(max_length=128)
 
 
 def _nearest(e):
@@ -175,9 +172,10 @@ def test_minilm_dynamic_int8_keeps_cosine_099_and_the_retrieval_ranking(minilm, 
     """Measured min cosine (24 sentences): per-tensor 0.9917 (seq 128) / 0.9907 (seq 64), per-token 0.9962,
     affine per-token 0.9984; torch.ao quantize_dynamic 0.915."""
     from qcompile.zoo import PARAPHRASE_PAIRS
-    model, ref, ex, embed_all = minilm
-    art = qcompile.compile(model, ex, backend="x86", mode="dynamic", activations=acts, verify=False)
-    emb = embed_all(art)
+    ref = minilm.reference
+    art = qcompile.compile(minilm.model, minilm.example_inputs, backend="x86", mode="dynamic", activations=acts,
+                           verify=False)
+    emb = minilm.embed(art)
     cos = (emb * ref).sum(-1)
     assert cos.min() >= min_cos
     for i, j in PARAPHRASE_PAIRS:  # every paraphrase still retrieves its partner first

@@ -203,22 +203,17 @@ def test_save_load_roundtrip(tmp_path, weights):
 # -- the real model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():
-    """(BertModel, tokenizer, float embeddings of zoo.SENTENCES, example inputs, embed(fn)); seq 64 keeps it quick."""
-    from qcompile.zoo import SENTENCES, embed, load_minilm
-    model, tok = load_minilm()
-    enc = tok(SENTENCES[:4], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
-    embed_all = lambda fn: embed(fn, tok, SENTENCES, max_length=64)  # noqa: E731
-    return model, tok, embed_all(model), (enc["input_ids"], enc["attention_mask"]), embed_all
+    from qcompile.zoo import minilm_case
+    return minilm_case(max_length=64)  # seq 64 keeps it quick
 
 
 @pytest.mark.slow
 def test_minilm_int4_g128_round_to_nearest(minilm):
     """Round-to-nearest int4 g128 (affine): min cosine 0.953 measured -- the 0.97 of issue 5 needs GPTQ
     (tests/test_gptq.py: 0.97+ with 64 calibration sentences)."""
-    model, tok, ref, ex, embed_all = minilm
-    art = qcompile.compile(model, ex, backend="x86", mode="weight_only", verify=False,
+    art = qcompile.compile(minilm.model, minilm.example_inputs, backend="x86", mode="weight_only", verify=False,
                            weights=WeightSpec(bits=4, group_size=128, symmetric=False))
-    cos = (embed_all(art) * ref).sum(-1)
+    cos = (minilm.embed(art) * minilm.reference).sum(-1)
     assert cos.min() >= 0.945 and cos.mean() >= 0.955
     linears = {k: v for k, v in art.report.bits_per_weight().items() if "embedding" not in k}
     assert set(linears.values()) == {4.25}
