@@ -12,7 +12,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 from torch import fx
 
 from qcompile import annotation as A
-from qcompile.ir import add_constant, copy_meta, get_attr_value
+from qcompile.ir import add_constant, copy_meta, erase_dead_params, get_attr_value
 from qcompile.qparams import quantize
 from qcompile.specs import FixedSpec, NF4Spec, QParams, QuantSpec
 
@@ -108,7 +108,6 @@ class ConvertToReference(Pass):
         for name in observed:
             gm.delete_submodule(name)
         gm.meta.pop(OBSERVED, None)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
+        erase_dead_params(gm)  # the float weights now read through their integer form
         return PassResult(gm, True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.ir import add_constant, get_attr_value, is_param
+from qcompile.ir import add_constant, erase_dead_params, get_attr_value, is_param
 
 from .infra import Pass, PassResult
 from .pattern import Rule, RuleSet
@@ -82,12 +82,5 @@ class FoldBatchNorm(Pass):
                     gm.graph.erase_node(n)
             modified = True
         if modified:
-            gm.graph.eliminate_dead_code()
-            _drop_unused_attrs(gm)
+            erase_dead_params(gm)
         return PassResult(gm, modified)
-
-
-def _drop_unused_attrs(gm: fx.GraphModule) -> None:
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)

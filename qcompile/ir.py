@@ -53,11 +53,23 @@ def copy_meta(src: fx.Node, dst: fx.Node, keys=("nn_module_stack", "stack_trace"
 
 
 def erase_dead_params(gm: fx.GraphModule) -> None:
-    """Erase unused get_attr nodes (and the buffers they referenced when nothing else does)."""
+    """Erase unused get_attr nodes and dead code, then the parameters and buffers no get_attr node
+    reads any more (e.g. float weights replaced by their integer form), so sizes and saved files only
+    count what the graph computes with. Submodules the graph calls keep their state."""
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used or name.startswith(called):
+            continue
+        owner, _, attr = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        if hasattr(mod, attr):
+            delattr(mod, attr)
+    gm.delete_all_unused_submodules()
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:

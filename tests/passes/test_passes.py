@@ -54,6 +54,20 @@ def test_fold_batch_norm_structure_and_numbers():
     gm = PassManager([Normalize(), FoldBatchNorm()])(capture(m, (x,))).graph_module
     assert _kinds(gm) == ["conv2d", "relu", "max_pool2d", "flatten"]
     torch.testing.assert_close(gm(x), m(x), atol=1e-5, rtol=1e-5)
+    # the batch-norm's tensors and the pre-fold weight are gone from the module, not only from the graph
+    state = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    reads = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert set(state) == reads and len(reads) == 2
+
+
+def test_reference_graph_holds_only_integer_weights():
+    import qcompile
+    m, x = ConvBnRelu().eval(), torch.randn(2, 3, 10, 10)
+    art = qcompile.compile(m, (x,), backend="x86", calibration=[x], progress=False, verify=False)
+    tensors = dict(art.reference.named_parameters()) | dict(art.reference.named_buffers())
+    weights = [k for k, t in tensors.items() if t.dim() == 4]
+    assert len(weights) == 1 and tensors[weights[0]].dtype == torch.int8  # no float copy of the conv weight
+    assert art.report.sizes["int8_share_of_bytes"] > 0.6  # 108 int8 weight bytes; bias, scales, int64 zero points: 64
 
 
 def test_largest_pattern_wins():
