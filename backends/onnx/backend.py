@@ -4,6 +4,12 @@
     art.save("model.onnx")   # standard QDQ ONNX, weights stored as int8 inside the file
     y = art(x)               # runs through onnxruntime (CPU EP, all graph optimizations)
     print(art.report)        # what ORT runs in int8 (QLinearConv, QGemm, ...) and what in float
+
+    # no calibration: int8 weights, activations quantized at run time (DynamicQuantizeMatMul)
+    art = qcompile.compile(model, (x,), backend="onnx", mode="dynamic")
+    # no calibration: int4 group-wise weights, fp32 activations (com.microsoft MatMulNBits)
+    art = qcompile.compile(model, (x,), backend="onnx", mode="weight_only",
+                           weights=qcompile.WeightSpec(bits=4, group_size=128))
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 from qcompile.config import QConfig
 from qcompile.errors import ConfigError
 from qcompile.passes.annotate import Annotate, SpecMaker
+from qcompile.passes.dynamic import FloatOutputGroups
 from qcompile.passes.fold_batch_norm import FoldBatchNorm
 from qcompile.passes.fuse import FuseGroups
 from qcompile.passes.normalize import Normalize
@@ -22,7 +29,7 @@ from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 
 from qcompile.passes.infra import PassManager
 
-from . import support
+from . import modes, support
 from .bias import QuantizeBias
 from .emit import EmitOptions
 from .lower import OnnxLowered, feeds, flat_inputs, lower
@@ -39,7 +46,10 @@ class OnnxOptions:
     quantize_attention: int8 activation x activation matmuls (QLinearMatMul).
     dynamic_batch: symbolic batch dimension (falls back to the example batch if the graph bakes it in).
     threads: ORT intra-op threads (None: ORT's default).
-    parity_sqnr_db: per-layer SQNR (vs the reference graph) below which a layer counts as a drop."""
+    parity_sqnr_db: per-layer SQNR (vs the reference graph) below which a layer counts as a drop.
+    accuracy_level: mode="weight_only", MatMulNBits' accuracy_level. None: 0 (fp32 activations, matches the
+      reference graph) for 2/4-bit weights, 4 (activations quantized to int8 per block inside the kernel) for
+      8-bit ones, whose fp32 path ORT-CPU runs ~10x slower than an fp32 MatMul (docs/backends/onnx.md)."""
 
     opset: int | None = None
     act_dtype: str = "uint8"
@@ -49,10 +59,14 @@ class OnnxOptions:
     dynamic_batch: bool = True
     threads: int | None = None
     parity_sqnr_db: float = 25.0
+    accuracy_level: int | None = None
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
             raise ConfigError(f"onnx backend: act_dtype must be one of {list(_ACT_DTYPES)}, got {self.act_dtype!r}")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise ConfigError(f"onnx backend: accuracy_level must be None or 0..4 (MatMulNBits), "
+                              f"got {self.accuracy_level!r}")
 
 
 class OnnxBackend:
@@ -81,12 +95,16 @@ class OnnxBackend:
     def support_table(self):
         return self._table
 
-    def capabilities(self):
-        return support.CAPABILITIES
+    def capabilities(self, mode: str = "static"):
+        return support.MODE_CAPABILITIES.get(mode, support.CAPABILITIES)
 
-    def default_config(self) -> QConfig:
-        return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
-                       activations=ActivationSpec(observer="mse"))
+    def default_config(self, mode: str = "static") -> QConfig:
+        weights = WeightSpec(bits=8, granularity="per_channel", symmetric=True)
+        if mode == "dynamic":  # DynamicQuantizeLinear: uint8 per tensor, affine
+            return QConfig(weights=weights, activations=ActivationSpec(granularity="per_tensor", symmetric=False))
+        if mode == "weight_only":
+            return QConfig(weights=weights)
+        return QConfig(weights=weights, activations=ActivationSpec(observer="mse"))
 
     def fusion_rules(self) -> RuleSet:
         return RuleSet(Rule(row.name, row.ops) for row in self._table)
@@ -104,14 +122,31 @@ class OnnxBackend:
                          reduce_range=self.options.weight_reduce_range, granularity=gran, axis=axis,
                          observer=w.observer)
 
-    def prepare_passes(self, config: QConfig) -> list:
+    def prepare_passes(self, config: QConfig, mode: str = "static") -> list:
+        if mode in ("dynamic", "weight_only"):
+            return self._float_mode_passes(config, mode)
         return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
                 Annotate(self._table, config, SpecMaker(self.act_spec, self.weight_spec), self.name, support.NOTES)]
+
+    def _float_mode_passes(self, config: QConfig, mode: str) -> list:
+        """dynamic / weight_only: the claimed linears (embeddings) compute and return float (see modes.py);
+        the pass list is the x86 backend's, with ONNX Runtime's tables and specs."""
+        o = self.options
+        if mode == "dynamic":
+            table, notes = support.DYNAMIC_TABLE, support.DYNAMIC_NOTES
+            specs = SpecMaker(modes.dynamic_act_spec, lambda w, row, node: modes.dynamic_weight_spec(
+                w, row, node, narrow=o.weight_narrow, reduce_range=o.weight_reduce_range))
+        else:
+            table, notes, specs = support.WEIGHT_ONLY_TABLE, support.WEIGHT_ONLY_NOTES, SpecMaker(
+                lambda a: None, modes.weight_only_spec)
+        return [Normalize(), FoldBatchNorm(), FuseGroups(RuleSet(Rule(r.name, r.ops) for r in table)),
+                Annotate(table, config, specs, self.name, notes),
+                FloatOutputGroups({r.name: r.note for r in table}, mode, notes)]
 
     # -- lowering and running ---------------------------------------------------------------------
     def emit_options(self) -> EmitOptions:
         o = self.options
-        return EmitOptions(opset=o.opset, dynamic_batch=o.dynamic_batch)
+        return EmitOptions(opset=o.opset, dynamic_batch=o.dynamic_batch, accuracy_level=o.accuracy_level)
 
     def lower_passes(self) -> list:
         """Passes on the reference graph before emission (in place: the reference then states exactly
@@ -157,9 +192,12 @@ class OnnxBackend:
         from .verify import layer_parity, summarize
         low: OnnxLowered = artifact.lowered
         flat = flat_inputs(artifact.example_inputs.args, artifact.example_inputs.kwargs)
-        parity = layer_parity(artifact.reference, low.emitted, flat, self.options.parity_sqnr_db,
-                              self.options.threads)
         rg = low.runtime
+        if low.emitted.quantized:
+            parity = layer_parity(artifact.reference, low.emitted, flat, self.options.parity_sqnr_db,
+                                  self.options.threads)
+        else:  # dynamic / weight-only: no fixed-parameter QuantizeLinear to probe (the model output is compared)
+            parity = {"layers": [], "first_drop": None, "probe_int_ops": _kernels(rg.int_ops)}
         out = summarize(parity, self.options.parity_sqnr_db)
         out.update({
             "onnx_opset": low.emitted.opset, "dynamic_batch": low.emitted.dynamic_batch,

@@ -11,7 +11,13 @@ our report all point back to the model's source:
   the right ``axis`` (0 for Conv / Gemm, 1 for ConvTranspose and for MatMul's transposed weight);
 * other ATen ops -> their ONNX equivalents (``ops.py``, ``ops_basic.py``); nodes computed from
   constants alone are folded into initializers. An op with no mapping raises
-  :class:`UnsupportedError` naming the node, its module and source line.
+  :class:`UnsupportedError` naming the node, its module and source line;
+* dynamic / weight-only graphs (run-time ``choose_qparams`` chains, per-group and NF4 weights) ->
+  ``DynamicQuantizeLinear`` + ``MatMulInteger``, ``com.microsoft`` ``MatMulNBits`` / ``MatMulBnb4``
+  (``ops_lowbit.py``); low-bit weight dequantizes are never folded to float.
+
+Every initializer a layer stores is tagged (``Emitter.tag``: codes / scales / zero points / bias) for the
+stored-bytes report.
 
 The ONNX ``onnx.helper`` API builds every message; nothing is written as raw protobuf.
 """
@@ -25,12 +31,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx
 
+import qcompile.lowbit  # noqa: F401  registers qcompile::dequantize_nf4
 from qcompile.errors import ConfigError, UnsupportedError, where
 from qcompile.ir import get_attr_value, module_path
 
 qd = torch.ops.quantized_decomposed
 Q_OPS = {qd.quantize_per_tensor.default}
 DQ_OPS = {qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default}
+# low-bit weight dequantizes (weight-only mode): emitted where a linear reads them, never folded to float
+LOWBIT_DQ_OPS = {qd.dequantize_per_channel_group.default, torch.ops.qcompile.dequantize_nf4.default}
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 MAX_OPSET = 21  # newest opset every handler here is written against (ORT 1.18+ runs it)
 
@@ -47,6 +56,7 @@ _SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_s
 class EmitOptions:
     opset: int | None = None       # None: the lowest opset the graph needs (>= 13)
     dynamic_batch: bool = True     # symbolic batch dimension on inputs and outputs
+    accuracy_level: int | None = None  # MatMulNBits accuracy_level (None: 0 for <= 4-bit blocks, 4 for 8-bit)
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,8 @@ class Emitted:
     quantized: list = field(default_factory=list)    # QInfo of every activation quantize node
     weights: dict = field(default_factory=dict)      # ONNX weight DQ node name -> reference dq node name
     notes: list = field(default_factory=list)
+    storage: dict = field(default_factory=dict)      # initializer -> (reference layer, role, weights it holds)
+    kernel_notes: dict = field(default_factory=dict)  # reference node -> (ONNX op emitted for it, what it runs)
 
 
 def np_dtype(dtype: torch.dtype):
@@ -96,10 +108,15 @@ class Emitter:
         self.lazy: dict[str, object] = {}      # fx name -> emit(em, node), run on first use (weights)
         self.cache: dict[tuple, object] = {}   # memo for handlers (weight layouts, shapes)
         self.batch = self._example_batch()
-        self.dynamic = options.dynamic_batch and self.batch is not None
+        # torch.export specializes a batch of 1: such a graph may bake it in without any shape showing it
+        # (MiniLM captured at batch 1 ran at batch 3 without error, 17 dB from float), so it stays fixed
+        self.dynamic = options.dynamic_batch and self.batch is not None and self.batch > 1
         self._batch_value: str | None = None
         self.opset = self._choose_opset()
         self.out = Emitted(None, self.opset, self.dynamic, [], [], [])
+        if options.dynamic_batch and self.batch == 1:
+            self.out.notes.append("dynamic batch disabled: the example batch is 1, which torch.export specializes "
+                                  "(compile with an example batch >= 2 for a symbolic batch dimension)")
 
     # -- setup ------------------------------------------------------------------------------------
     def _example_batch(self) -> int | None:
@@ -169,6 +186,12 @@ class Emitter:
         self.inits[name] = numpy_helper.from_array(arr, name)
         if key is not None:
             self._init_keys[key] = name
+        return name
+
+    def tag(self, name: str, layer: str, role: str, weights: int = 0) -> str:
+        """Account initializer ``name`` to reference layer ``layer`` in the storage report (role: codes,
+        scales, zero_points, bias); the first tag of a shared initializer wins."""
+        self.out.storage.setdefault(name, (layer, role, int(weights)))
         return name
 
     def ints(self, values, hint: str = "const") -> str:
@@ -286,7 +309,7 @@ class Emitter:
             raise UnsupportedError(f"onnx backend: could not emit {where(node)}: {type(e).__name__}: {e}") from e
 
     def _foldable(self, node: fx.Node) -> bool:
-        if node.target in Q_OPS or node.target in DQ_OPS:
+        if node.target in Q_OPS or node.target in DQ_OPS or node.target in LOWBIT_DQ_OPS:
             return False
         deps = node.all_input_nodes
         return all(d.name in self.consts for d in deps) and not any(
@@ -317,7 +340,7 @@ class Emitter:
             opsets.append(helper.make_opsetid("com.microsoft", 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qcompile",
                                   producer_version=_version())
-        model.ir_version = helper.find_min_ir_version_for(opsets)
+        model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
         self.out.model = model
         return model
 

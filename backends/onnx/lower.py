@@ -6,8 +6,10 @@ DequantizeLinear and QuantizeLinear is a fallback ("float on onnxruntime-CPU: <o
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import torch
 from torch import fx
@@ -32,6 +34,8 @@ class OnnxLowered:
     kernels: dict = field(default_factory=dict)    # reference node -> ORT kernel
     fallbacks: dict = field(default_factory=dict)  # reference node -> why it runs in float on ORT
     notes: list = field(default_factory=list)
+    gm: fx.GraphModule | None = None      # storage view: the initializers as (meta) buffers, see storage_view
+    storage: dict = field(default_factory=dict)    # buffer of ``gm`` -> (reference layer, role, weights)
 
 
 def emit(ref: fx.GraphModule, example_args: tuple, opts: EmitOptions) -> Emitted:
@@ -56,12 +60,54 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
         why = _dynamic_batch_problem(session, emitted, flat)
         if why:
             notes.append(f"dynamic batch disabled: the graph bakes in the example batch size ({why})")
-            emitted = emit(ref, tuple(flat), EmitOptions(opts.opset, False))
+            emitted = emit(ref, tuple(flat), dataclasses.replace(opts, dynamic_batch=False))
             session, optimized = make_session(emitted.model, threads)
     rg = analyze(optimized, {n.name for n in emitted.model.graph.node})
     low = OnnxLowered(emitted.model, session, emitted, rg, _out_spec(ref), notes=notes)
     low.kernels, low.fallbacks = classify(ref, emitted, rg)
+    for name, (op, note) in emitted.kernel_notes.items():  # what the emitted low-bit / dynamic op runs
+        if low.kernels.get(name) in _NOTED.get(op, ()):
+            low.kernels[name] = f"{low.kernels[name]} ({note})"
+    for name in folded_by_ort(emitted, rg):
+        low.kernels.setdefault(name, "none: ORT folded it into a constant at session load (constant inputs)")
+    low.gm, low.storage = storage_view(emitted.model, emitted.storage)
     return low
+
+
+def folded_by_ort(emitted: Emitted, rg: RuntimeGraph) -> list:
+    """Reference nodes whose ONNX nodes compute from initializers alone (e.g. the position-embedding
+    gather of a fixed ``arange``): ORT folds them into constants at session load, nothing runs for them."""
+    const = {i.name for i in emitted.model.graph.initializer}
+    folded = set()
+    for n in emitted.model.graph.node:  # topological order
+        if n.op_type != "DequantizeLinear" and all(i in const for i in n.input if i):  # ORT keeps DQ unfolded
+            const.update(n.output)
+            folded.add(n.name)
+    return [fx_name for fx_name, names in emitted.onnx_of.items()
+            if names and all(n in folded and n not in rg.ops for n in names)]
+
+
+# emitted op -> the ORT kernels its note describes (a note never goes to a kernel ORT put in its place)
+_NOTED = {"MatMulInteger": ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger"),
+          "MatMulNBits": ("MatMulNBits",), "MatMulBnb4": ("MatMulBnb4",), "Gather": ("Gather",)}
+
+
+def storage_view(model: onnx.ModelProto, tags: dict) -> tuple[fx.GraphModule, dict]:
+    """The model's initializers as an fx.GraphModule of meta-device buffers (shapes and dtypes, no data)
+    read by the core's storage report (``qcompile.report.storage_rows``: stored bytes, bits per weight).
+    Buffer names are the initializer names with ``.`` -> ``_`` (fx attribute names); tags follow them."""
+    root, graph, out_tags = torch.nn.Module(), fx.Graph(), {}
+    for init in model.graph.initializer:
+        dtype = torch.from_numpy(np.zeros(1, onnx.helper.tensor_dtype_to_np_dtype(init.data_type))).dtype
+        name = init.name.replace(".", "_")
+        while hasattr(root, name):
+            name += "_"
+        root.register_buffer(name, torch.empty(tuple(init.dims), dtype=dtype, device="meta"))
+        graph.get_attr(name)
+        if init.name in tags:
+            out_tags[name] = tags[init.name]
+    graph.output(None)
+    return fx.GraphModule(root, graph, class_name="OnnxInitializers"), out_tags
 
 
 def flat_inputs(args: tuple, kwargs: dict) -> list:
@@ -78,15 +124,25 @@ def _out_spec(ref: fx.GraphModule):
 
 
 def _dynamic_batch_problem(session, emitted: Emitted, flat: list) -> str | None:
-    """Run at batch + 1; a graph that baked the example batch into a constant fails or misshapes here."""
+    """Run at batch + 1 (the first sample repeated at the end); a graph that baked the example batch into a
+    constant fails or misshapes here, or changes the example's rows. (A batch-1 capture is never made
+    dynamic, see ``Emitter``: a repeated sample cannot show that it mixes samples.)"""
     grown = [torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in flat]
     batch = next(v.shape[0] for v in grown if isinstance(v, torch.Tensor) and v.dim() > 0)
     try:
+        base = session.run(None, feeds(emitted, flat))
         outs = session.run(None, feeds(emitted, grown))
     except Exception as e:  # noqa: BLE001 - the message is the reason
         return str(e).splitlines()[0][:200]
     bad = [o.shape for o in outs if o.ndim and o.shape[0] != batch]
-    return f"outputs {bad} do not follow the batch" if bad else None
+    if bad:
+        return f"outputs {bad} do not follow the batch"
+    for o, b in zip(outs, base):
+        if o.ndim and np.issubdtype(o.dtype, np.floating) and b.size:
+            tol = 1e-3 * max(float(np.abs(b).max()), 1e-6)
+            if not (np.allclose(o[:-1], b, rtol=0, atol=tol) and np.allclose(o[-1], b[0], rtol=0, atol=tol)):
+                return "a batch of one more sample changes the other samples' outputs"
+    return None
 
 
 def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[dict, dict]:

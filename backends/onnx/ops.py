@@ -122,6 +122,12 @@ def weight(em: Emitter, dq: fx.Node, owner: fx.Node | None, transpose: bool = Fa
     qi = em.init(q, base, share=False)
     si = em.init(s.reshape(shape), f"{base}:scale", dtype=torch.float32, share=False)
     zi = em.init(z.reshape(shape), f"{base}:zero_point", dtype=q.dtype, share=False)
+    if role == "bias":
+        em.tag(qi, owner.name, "bias")
+    else:
+        em.tag(qi, owner.name, "codes", q.numel())
+        em.tag(si, owner.name, "scales")
+        em.tag(zi, owner.name, "zero_points")
     attrs = {"axis": axis} if axis is not None else {}
     out = em.add("DequantizeLinear", [qi, si, zi], owner, name=f"{base}:dq", **attrs)
     em.out.weights[out] = dq.name

@@ -1,7 +1,8 @@
 """ATen -> ONNX for element-wise, activation, pooling, normalization and cast ops.
 
 Each handler is ``fn(emitter, node) -> ONNX value name``. ``OPS`` here merges ``ops.OPS`` (QDQ and
-compute ops) and ``ops_shape.SHAPE_OPS``: it is the complete table the emitter dispatches on.
+compute ops), ``ops_shape.SHAPE_OPS`` and ``ops_lowbit.OPS`` (dynamic / weight-only forms): it is the complete
+table the emitter dispatches on.
 Python scalars become initializers with the dtype of the tensor they combine with (integer mask
 arithmetic stays integer); operands torch would promote are cast.
 """
@@ -19,6 +20,7 @@ from .emit import TORCH_TO_ONNX, Emitter
 from .ops import OPS as COMPUTE_OPS
 from .ops import OpEntry, arg, axes, rank
 from .ops import val as _val
+from .ops_lowbit import OPS as LOWBIT_OPS
 from .ops_shape import SHAPE_OPS
 
 aten = torch.ops.aten
@@ -279,3 +281,4 @@ OPS.update({
     aten.where.ScalarSelf: _E(where_, "Where"), aten.where.Scalar: _E(where_, "Where"),
     aten.masked_fill.Scalar: _E(masked_fill, "Where"),
 })
+OPS.update(LOWBIT_OPS)  # dynamic / weight-only forms; static graphs fall through to ops.linear / ops_shape.embedding

@@ -103,6 +103,8 @@ def embedding(em, node):
             shape = (-1,) if axis is not None else ()
             si = em.init(s.reshape(shape), f"{path}.weight:scale", dtype=torch.float32, share=False)
             zi = em.init(z.reshape(shape), f"{path}.weight:zero_point", dtype=q.dtype, share=False)
+            for init, role, n in ((qi, "codes", q.numel()), (si, "scales", 0), (zi, "zero_points", 0)):
+                em.tag(init, node.name, role, n)
             rows = em.add("Gather", [qi, em.value(ids)], node, suffix="/gather_int8", axis=0)
             attrs = {"axis": rank(node) - 1} if axis is not None else {}
             out = em.add("DequantizeLinear", [rows, si, zi], node, **attrs)

@@ -22,16 +22,16 @@ INT_KERNELS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm", "QLinearAdd",
     "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid", "QLinearSoftmax",
     "QLinearLeakyRelu", "QLinearConcat", "QLinearWhere", "ConvInteger", "DynamicQuantizeMatMul",
-    "QLinearReduceMean", "MatMulNBits", "QAttention", "QEmbedLayerNormalization", "QOrderedMatMul",
+    "QLinearReduceMean", "MatMulNBits", "MatMulBnb4", "QAttention", "QEmbedLayerNormalization", "QOrderedMatMul",
 }
-QDQ = {"QuantizeLinear", "DequantizeLinear"}
+QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}  # (de)quantizers: no computation of their own
 _INTS = {TensorProto.UINT8, TensorProto.INT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT4,
          TensorProto.UINT4}
 # index of the output zero point of QLinear* ops (their output dtype)
 _Y_ZP = {"QuantizeLinear": 2, "QLinearConv": 7, "QLinearMatMul": 7, "QLinearAdd": 7, "QLinearMul": 7,
          "QGemm": 8, "QLinearGlobalAveragePool": 4, "QLinearAveragePool": 4, "QLinearSigmoid": 4,
          "QLinearSoftmax": 4, "QLinearLeakyRelu": 4, "QLinearWhere": 8, "QLinearConcat": 1}
-_FLOAT_OUT = {"DequantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits"}
+_FLOAT_OUT = {"DequantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "MatMulBnb4"}
 _TOKEN = re.compile(r"(_token_\d+)+$")
 
 

@@ -135,5 +135,50 @@ NOTES = {
 CAPABILITIES = Capabilities(
     act_dtypes=("uint8", "int8"), act_symmetric=(False, True), act_bits=(8,), act_granularities=("per_tensor",),
     weight_bits=(8, 7), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
-    modes=("static",), unsupported_notes=NOTES,
+    modes=("static", "dynamic", "weight_only"), unsupported_notes=NOTES,
 )
+
+
+# -- dynamic and weight-only modes (``modes.py`` makes their specs, ``ops_lowbit.py`` emits them) ----------
+# The claimed linear computes and returns float; what ORT runs for it (measured, ORT 1.32 CPU EP):
+# * dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias), the form
+#   ORT's own quantize_dynamic writes. ORT fuses it into DynamicQuantizeMatMul (one reader of x) or keeps one
+#   DynamicQuantizeLinear and fuses each reader into MatMulIntegerToFloat (Q / K / V), bias folded in, for
+#   2-D and N-D inputs. The QDQ spelling (DynamicQuantizeLinear -> DequantizeLinear -> MatMul) fuses only for
+#   N-D inputs: on 2-D ones ORT's MatMulAddFusion turns MatMul + Add into a float Gemm first.
+# * weight_only: com.microsoft MatMulNBits (2 / 4 / 8-bit blocks of 16..256 along K, fp32 scales, packed
+#   zero points); NF4 -> com.microsoft MatMulBnb4; embedding tables: Gather on int8 rows, then the row scales.
+DYNAMIC_TABLE = [
+    OpSupport("linear_dynamic", ("linear",), ANCHOR, (0,), 1, 2,
+              note="int8 weights; uint8 activations quantized at run time (DynamicQuantizeLinear)"),
+]
+WEIGHT_ONLY_TABLE = [
+    OpSupport("linear_weight_only", ("linear",), ANCHOR, (0,), 1, 2,
+              weight_granularities=("per_channel", "per_group", "per_tensor"),
+              note="low-bit weights (MatMulNBits / MatMulBnb4), fp32 activations"),
+    OpSupport("embedding_weight_only", ("embedding",), ANCHOR, (), 0, None,
+              weight_granularities=("per_channel", "per_group", "per_tensor"),
+              note="int8 table rows gathered, then scaled"),
+]
+_FLOAT_MODE_NOTES = {
+    "matmul": "kept float: activation x activation matmul (attention); these modes quantize linear weights "
+              "(static mode runs it as QLinearMatMul)",
+    "conv2d": "this mode covers linear layers; use static mode for convolutions (QLinearConv)",
+    "conv1d": "this mode covers linear layers; use static mode for convolutions (QLinearConv)",
+    "softmax": "float in this mode", "layer_norm": "float in this mode (LayerNormalization)",
+    "gelu": "float in this mode (Gelu)",
+}
+DYNAMIC_NOTES = {**_FLOAT_MODE_NOTES,
+                 "embedding": "kept float: an embedding is a gather, not a GEMM (mode='weight_only' shrinks it)"}
+WEIGHT_ONLY_NOTES = dict(_FLOAT_MODE_NOTES)
+
+MODE_CAPABILITIES = {
+    "dynamic": Capabilities(
+        act_dtypes=("uint8",), act_symmetric=(False,), act_bits=(8,), act_granularities=("per_tensor",),
+        weight_bits=(8,), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
+        modes=("static", "dynamic", "weight_only"), unsupported_notes=DYNAMIC_NOTES),
+    "weight_only": Capabilities(
+        act_dtypes=("float32",), act_granularities=(), weight_bits=(8, 7, 6, 5, 4, 3, 2),
+        weight_symmetric=(True, False), weight_granularities=("per_channel", "per_group", "per_tensor"),
+        modes=("static", "dynamic", "weight_only"), unsupported_notes=WEIGHT_ONLY_NOTES),
+}
