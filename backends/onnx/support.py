@@ -134,7 +134,7 @@ NOTES = {
 
 CAPABILITIES = Capabilities(
     act_dtypes=("uint8", "int8"), act_symmetric=(False, True), act_bits=(8,), act_granularities=("per_tensor",),
-    weight_bits=(8, 7), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
+    weight_bits=(8, 7, 6, 5, 4, 3, 2), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
     modes=("static", "dynamic", "weight_only"), unsupported_notes=NOTES,
 )
 

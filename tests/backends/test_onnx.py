@@ -258,6 +258,22 @@ class _Cumsum(nn.Module):
         return torch.cumsum(self.fc(x), dim=1)
 
 
+def test_low_bit_weights_run_in_int8_kernels():
+    """4-bit weights (e.g. from QAT) are int8 initializers holding codes in [-7, 7]: ORT's QLinearConv /
+    QGemm run them exactly (it has no int4 conv kernel)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).eval()
+    x = torch.randn(8, 3, 8, 8)
+    art = qcompile.compile(m, (x,), backend="onnx", calibration=[x], weights=qcompile.WeightSpec(bits=4),
+                           quantize_outputs=True)
+    kernels = {r.name: r.kernel for r in art.report.rows if r.kernel}
+    assert [kernels[k] for k in ("conv2d", "conv2d_1", "linear")] == ["QLinearConv", "QLinearConv", "QGemm"]
+    codes = [t for _, t in art.reference.named_buffers() if t.dtype == torch.int8 and t.dim() > 1]
+    assert len(codes) == 3 and all(int(t.abs().max()) == 7 for t in codes)
+    assert art.report.verify["within_one_step"] == 1.0
+
+
 def test_op_without_onnx_mapping_is_a_clear_error():
     model = _Cumsum().eval()
     calib = [torch.randn(2, 8) for _ in range(2)]
