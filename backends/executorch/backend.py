@@ -25,7 +25,9 @@ _MODULES = ("executorch.exir", "executorch.runtime",
 
 @dataclass(frozen=True)
 class ExecuTorchOptions:
-    """narrow_weights: symmetric weights in [-127, 127] (XNNPACKQuantizer's range; keeps -128 unused).
+    """narrow_weights: 8-bit symmetric weights in [-127, 127] (XNNPACKQuantizer's range; keeps -128 unused).
+        Weights of 4..7 bits always use the full signed range [-2**(b-1), 2**(b-1) - 1] ([-8, 7] at 4
+        bits, as the x86 backend and XNNPACK's qc4w): their codes sit far from -128 anyway.
     num_threads: size of ExecuTorch's XNNPACK thread pool when running (None: leave the runtime default).
         The pool is process-wide: the last value set wins.
     duplicate_dequant: give every consumer its own dequantize node before export (what PT2E's
@@ -83,7 +85,8 @@ class ExecuTorchBackend:
 
     def weight_spec(self, w: WeightSpec, row, node) -> QuantSpec:
         gran = w.granularity if w.granularity in row.weight_granularities else "per_tensor"
-        return QuantSpec(dtype=torch.int8, bits=w.bits, symmetric=True, narrow=self.options.narrow_weights,
+        narrow = self.options.narrow_weights and w.bits == 8
+        return QuantSpec(dtype=torch.int8, bits=w.bits, symmetric=True, narrow=narrow,
                          granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
 
     def prepare_passes(self, config: QConfig) -> list:

@@ -1,8 +1,9 @@
 """Lower the quantize/dequantize reference graph to an ExecuTorch program with XNNPACK delegation.
 
     reference graph (copy) ── tag nodes with their reference names; dequantize the weights of float-output
-    │                         GEMMs; hardsigmoid -> hardtanh / div; one dequantize per consumer; drop
-    │                         unused constants
+    │                         GEMMs; pick the container of low-bit weights (packed 4-bit or int8);
+    │                         hardsigmoid -> hardtanh / div; one dequantize per consumer; drop unused
+    │                         constants
         └─ torch.export (static shapes of the example inputs)      quantized_decomposed q/dq + ATen
             └─ to_edge_transform_and_lower(partitioner=[XnnpackPartitioner()]), "why not" log captured
                 └─ read back the delegation (delegation.py) ── kernels / fallbacks per reference node
@@ -26,10 +27,12 @@ from torch import fx
 from qcompile.errors import QCompileError
 from qcompile.ir import add_constant, get_attr_value
 from qcompile.passes.capture import CapturedInputs
+from qcompile.passes.pattern import op_kind
 
 from .delegation import TAG, Delegation, read_delegation
 from .runtime import PteProgram
-from .verify import weight_storage
+from .support import GEMM_KINDS
+from .verify import INT4_PACKED, weight_storage
 
 qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
 _DQ_ACT = (qd.dequantize_per_tensor.default,)
@@ -51,6 +54,7 @@ class ExecuTorchLowered:
     kernels: dict = field(default_factory=dict)    # reference node -> "XNNPACK int8 convolution" ...
     fallbacks: dict = field(default_factory=dict)  # reference node (meant int8) -> why it is not int8
     weights: dict = field(default_factory=dict)    # weight storage in the program (see weight_storage)
+    containers: dict = field(default_factory=dict) # low-bit GEMM node -> how its weights are stored
     timings: dict = field(default_factory=dict)
 
     @property
@@ -116,6 +120,75 @@ def float_output_weights(gm: fx.GraphModule) -> list[str]:
     return done
 
 
+def _weight_range(dq: fx.Node) -> tuple[int, int]:
+    """(quant_min, quant_max) of a weight dequantize_per_tensor / dequantize_per_channel."""
+    i = 4 if dq.target == qd.dequantize_per_channel.default else 3
+    return int(dq.args[i]), int(dq.args[i + 1])
+
+
+def weight_containers(gm: fx.GraphModule) -> dict[str, str]:
+    """Choose how XNNPACK stores low-bit (4..7-bit) conv / linear weights; returns node -> container.
+
+    XNNPACK's serializer reads the bit width from the weight dequantize's range: a per-channel int8
+    dequantize with ``[quant_min, quant_max] == [-8, 7]`` becomes a ``qcint4`` tensor, two codes per byte,
+    and every other range an int8 (qc8 / qs8) one.
+
+    * linear, 4-bit, even number of input features: packed 4-bit. XNNPACK has a static qs8 x qc4w
+      fully-connected kernel; a per-tensor weight is turned into per-channel with one repeated scale
+      (same arithmetic) because qc4w exists per channel only. Odd input features are not packed:
+      ExecuTorch 1.5.1's ``convert_to_qc4w`` pads each row to even length, which XNNPACK reads as the
+      wrong rows (measured: outputs off by tens of steps).
+    * everything else (conv, depthwise conv, 5..7-bit, odd linear): the codes stay in int8 and run in
+      the int8 kernels exactly. XNNPACK has no static low-bit convolution, and ``convert_to_qc4w``
+      rejects 4-D weights, so the range of a per-channel 4-bit conv dequantize is widened to the int8
+      [-127, 127] for export (the range arguments are bounds, not arithmetic: the codes and the
+      dequantized values do not change).
+    """
+    containers = {}
+    for dq in [n for n in gm.graph.nodes if n.target in _DQ_WEIGHT and n.args and isinstance(n.args[0], fx.Node)
+               and n.args[0].op == "get_attr" and n.args[-1] == torch.int8]:
+        users = [u for u in dq.users if op_kind(u) in GEMM_KINDS and len(u.args) > 1 and u.args[1] is dq]
+        if not users or len(users) != len(dq.users):
+            continue
+        qmin, qmax = _weight_range(dq)
+        if qmax >= 127:
+            continue  # 8-bit: qc8 / qs8 as always
+        bits = (qmax + 1).bit_length()
+        codes = get_attr_value(gm, dq.args[0])
+        if (qmin, qmax) == (-8, 7) and codes.dim() == 2 and codes.shape[1] % 2 == 0 and \
+                all(op_kind(u) == "linear" for u in users):
+            if dq.target == qd.dequantize_per_tensor.default:
+                _per_tensor_to_per_channel(gm, dq, codes.shape[0])
+            form = INT4_PACKED
+        else:
+            if dq.target == qd.dequantize_per_channel.default and (qmin, qmax) == (-8, 7):
+                dq.update_arg(4, -127)
+                dq.update_arg(5, 127)
+            if op_kind(users[0]) == "linear" and bits == 4:
+                why = "an odd number of input features (ExecuTorch 1.5.1 mis-packs qc4w rows of odd length)"
+            elif op_kind(users[0]) == "linear":
+                why = f"XNNPACK has no {bits}-bit kernel"
+            else:
+                why = "XNNPACK has no static low-bit convolution kernel"
+            form = f"{bits}-bit codes stored in int8: {why}"
+        containers.update({u.name: form for u in users})
+    if containers:
+        gm.recompile()
+    return containers
+
+
+def _per_tensor_to_per_channel(gm: fx.GraphModule, dq: fx.Node, channels: int) -> None:
+    """dequantize_per_tensor(w, s, 0, ...) -> dequantize_per_channel(w, [s] * channels, [0] * channels, 0, ...)."""
+    codes, scale, zp, qmin, qmax, dtype = dq.args[:6]
+    s = add_constant(gm, f"{dq.name}_scale", torch.full((channels,), float(scale), dtype=torch.float32), dq)
+    z = add_constant(gm, f"{dq.name}_zp", torch.full((channels,), int(zp), dtype=torch.int64), dq)
+    with gm.graph.inserting_before(dq):
+        new = gm.graph.call_function(qd.dequantize_per_channel.default, (codes, s, z, 0, qmin, qmax, dtype))
+    new.meta = copy.copy(dq.meta)
+    dq.replace_all_uses_with(new)
+    gm.graph.erase_node(dq)
+
+
 def decompose_hardsigmoid(gm: fx.GraphModule) -> bool:
     """hardsigmoid(x) -> hardtanh(x + 3, 0, 6) / 6, PyTorch's own formula (bit-identical). ExecuTorch's
     decomposition introduces int64 constants cast to float on the portable kernels at every call;
@@ -154,16 +227,18 @@ def drop_unused_constants(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx.GraphModule, list[str]]:
-    """A rewritten copy of the reference graph, and the nodes whose weights were dequantized."""
+def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx.GraphModule, list[str], dict]:
+    """A rewritten copy of the reference graph, the nodes whose weights were dequantized, and the
+    containers of low-bit weights (``weight_containers``)."""
     gm = copy.deepcopy(reference)
     tag_nodes(gm)
     float_weights = float_output_weights(gm)
+    containers = weight_containers(gm)
     decompose_hardsigmoid(gm)
     if opts.duplicate_dequant:
         duplicate_dequant(gm)
     drop_unused_constants(gm)
-    return gm, float_weights
+    return gm, float_weights, containers
 
 
 def export_static(gm: fx.GraphModule, inputs: CapturedInputs) -> torch.export.ExportedProgram:
@@ -232,7 +307,7 @@ def to_edge_xnnpack(ep: torch.export.ExportedProgram):
 
 def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions) -> ExecuTorchLowered:
     t0 = time.perf_counter()
-    gm, float_weights = prepare_reference(reference, opts)
+    gm, float_weights, containers = prepare_reference(reference, opts)
     ep = export_static(gm, inputs)
     t1 = time.perf_counter()
     edge, reasons = to_edge_xnnpack(ep)
@@ -242,7 +317,10 @@ def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: Low
     for name in float_weights:
         if name in kernels:
             kernels[name] += " (fp32 weights: float output)"
+    for name, form in containers.items():
+        if name in kernels:
+            kernels[name] += " (4-bit weights packed two per byte: XNNPACK qc4w)" if form == INT4_PACKED else f" ({form})"
     program = PteProgram.from_edge(edge, inputs)
     t3 = time.perf_counter()
-    return ExecuTorchLowered(program, delegation, kernels, fallbacks, weight_storage(gm),
+    return ExecuTorchLowered(program, delegation, kernels, fallbacks, weight_storage(gm, containers), containers,
                              {"export_s": t1 - t0, "to_edge_and_lower_s": t2 - t1, "to_executorch_s": t3 - t2})

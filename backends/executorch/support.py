@@ -11,6 +11,11 @@ Numerics follow ExecuTorch's own ``XNNPACKQuantizer`` (``get_symmetric_quantizat
 activations int8 affine in [-128, 127] per tensor; weights int8 symmetric in the narrow range
 [-127, 127] (zero point 0, what XNNPACK's qs8/qc8 kernels require), per output channel (axis 0)
 or per tensor; bias float (XNNPACK requantizes it to int32 with input scale x weight scale).
+
+Weights of 4..7 bits are symmetric in the full range [-2**(b-1), 2**(b-1) - 1]. XNNPACK has no static
+low-bit convolution, so conv weights keep their codes in int8 (its qc8 / qs8 kernels run them exactly);
+a 4-bit per-channel or per-tensor linear with an even number of input features is stored packed two
+codes per byte (XNNPACK's qs8 x qc4w fully-connected kernel). See ``lower.weight_containers``.
 """
 from __future__ import annotations
 
@@ -142,7 +147,7 @@ NOTES = {
 
 CAPABILITIES = Capabilities(
     act_dtypes=("int8",), act_symmetric=(False, True), act_bits=(8,), act_granularities=("per_tensor",),
-    weight_bits=(8,), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
+    weight_bits=(8, 7, 6, 5, 4), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
     modes=("static",), unsupported_notes=NOTES,
 )
 

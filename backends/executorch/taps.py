@@ -116,7 +116,7 @@ def layer_parity(artifact) -> TapReport:
     from .runtime import PteProgram
     inputs = artifact.example_inputs
     opts = LowerOptions(artifact.backend.options.duplicate_dequant)
-    gm, _ = prepare_reference(artifact.reference, opts)
+    gm, _, _ = prepare_reference(artifact.reference, opts)
     names = add_taps(gm)
     flat_inputs = CapturedInputs(tuple(pytree.tree_leaves((tuple(inputs.args), dict(inputs.kwargs)))), {})
     edge, _ = to_edge_xnnpack(export_static(gm, flat_inputs))

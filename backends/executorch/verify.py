@@ -2,7 +2,8 @@
 
 ``Artifact.verify`` compares the runtime's outputs with the reference graph; this adds what only the
 lowered program knows: which share of nodes (and of conv / linear nodes) XNNPACK runs in int8, the
-.pte size, the share of weights stored as int8, and every node that is not delegated, with the reason.
+.pte size, how the weights are stored (int8, packed 4-bit, or low-bit codes in int8 bytes), and every
+node that is not delegated, with the reason.
 """
 from __future__ import annotations
 
@@ -17,10 +18,19 @@ from .support import GEMM_KINDS, NOTES
 _WEIGHT_OPS = GEMM_KINDS + ("embedding", "conv_transpose2d")
 
 
-def weight_storage(gm: fx.GraphModule) -> dict:
-    """Weights of conv / linear / embedding nodes of the exported graph: how many elements are int8."""
+INT4_PACKED = "4-bit packed two per byte (XNNPACK qc4w)"
+
+
+def weight_storage(gm: fx.GraphModule, containers: dict | None = None) -> dict:
+    """Weights of conv / linear / embedding nodes of the exported graph, as the program stores them.
+
+    ``int8_weight_elements``: one byte each (8-bit weights, and 4..7-bit codes XNNPACK keeps in int8,
+    also counted in ``lowbit_in_int8_weight_elements``); ``int4_packed_weight_elements``: two per byte
+    (``containers[node] == INT4_PACKED``, see ``lower.weight_containers``); the rest fp32.
+    ``weight_bytes`` is what those take in the program, scales excluded."""
     from qcompile.passes.pattern import op_kind
-    int8 = total = 0
+    containers = containers or {}
+    int8 = int4 = lowbit = total = nbytes = 0
     for node in gm.graph.nodes:
         if op_kind(node) not in _WEIGHT_OPS or len(node.args) < 2:
             continue
@@ -31,9 +41,20 @@ def weight_storage(gm: fx.GraphModule) -> dict:
             continue
         t = get_attr_value(gm, w)
         total += t.numel()
-        int8 += t.numel() if t.dtype in (torch.int8, torch.uint8) else 0
-    return {"weight_elements": total, "int8_weight_elements": int8,
-            "int8_weight_share": round(int8 / total, 4) if total else 0.0}
+        form = containers.get(node.name)
+        if t.dtype in (torch.int8, torch.uint8) and form == INT4_PACKED:
+            int4 += t.numel()
+            nbytes += (t.numel() + 1) // 2
+        elif t.dtype in (torch.int8, torch.uint8):
+            int8 += t.numel()
+            lowbit += t.numel() if form else 0
+            nbytes += t.numel()
+        else:
+            nbytes += t.numel() * t.element_size()
+    share = lambda n: round(n / total, 4) if total else 0.0
+    return {"weight_elements": total, "int8_weight_elements": int8, "int8_weight_share": share(int8),
+            "int4_packed_weight_elements": int4, "int4_weight_share": share(int4),
+            "lowbit_in_int8_weight_elements": lowbit, "weight_bytes": nbytes}
 
 
 def delegation_shares(report, delegation) -> dict:

@@ -143,9 +143,12 @@ def test_specs_follow_xnnpack_quantizer():
     w = be.weight_spec(WeightSpec(), row, None)
     assert (w.dtype, w.quant_min, w.quant_max, w.symmetric, w.granularity, w.axis) == \
         (torch.int8, -127, 127, True, "per_channel", 0)
+    for bits, qmin in ((4, -8), (5, -16), (7, -64)):  # low bits: the full signed range, as x86 / XNNPACK's qc4w
+        w = be.weight_spec(WeightSpec(bits=bits), row, None)
+        assert (w.dtype, w.quant_min, w.quant_max) == (torch.int8, qmin, -qmin - 1)
 
 
-@pytest.mark.parametrize("bad", [{"weights": WeightSpec(symmetric=False)}, {"weights": WeightSpec(bits=4)},
+@pytest.mark.parametrize("bad", [{"weights": WeightSpec(symmetric=False)}, {"weights": WeightSpec(bits=3)},
                                  {"activations": ActivationSpec(bits=7)}])
 def test_capabilities_reject_what_xnnpack_cannot_run(bad):
     with pytest.raises(ConfigError, match="executorch"):
@@ -227,7 +230,8 @@ def test_digits_qc_file_round_trip(digits, tmp_path):
 def test_digits_sizes_in_report(digits):
     art = digits[0]
     sizes = art.report.sizes
-    assert 0 < sizes["pte_bytes"] < sizes["total_bytes"]  # int8 weights: smaller than the float model
+    float_bytes = sum(t.numel() * t.element_size() for t in digits[1].state_dict().values())
+    assert 0 < sizes["pte_bytes"] < float_bytes / 2  # int8 weights: smaller than the float model (23.6 vs 58.3 KB)
     assert sizes["int8_weight_share"] > 0.95  # every conv weight; the output layer (float output) keeps fp32
     assert art.report.verify["int8_weight_share"] == sizes["int8_weight_share"]
 
@@ -275,6 +279,75 @@ def test_mobile_cnn_layer_by_layer_parity(mobile):
     assert summary["tapped_layers"] >= 10
     assert summary["layer_values_within_one_step"] >= 0.99
     assert summary["forced_outputs_within_one_step"] >= 0.99
+
+
+# -- low-bit weights ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mobile_4bit():
+    model = _mobile_model()
+    x = _images(1, seed=123)[0]
+    art = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
+                           weights=WeightSpec(bits=4), quantize_outputs=True)
+    return art, model, x
+
+
+def test_mobile_cnn_4bit_weights_delegated_and_within_one_step(mobile_4bit):
+    """4-bit per-channel weights: every conv (depthwise included) and the linear run in XNNPACK's int8
+    kernels; conv codes sit in int8 bytes (no static 4-bit conv in XNNPACK), the linear is packed qc4w."""
+    art = mobile_4bit[0]
+    v, sizes = art.report.verify, art.report.sizes
+    assert v["within_one_step"] >= 0.99 and v["max_error_in_steps"] <= 2.001  # measured: identical logits
+    assert v["delegated_conv_linear_share"] == 1.0 == v["int8_conv_linear_share"]
+    ranges = {(n.args[4], n.args[5]) for n in art.reference.graph.nodes
+              if n.target == torch.ops.quantized_decomposed.dequantize_per_channel.default}
+    assert ranges == {(-8, 7)}
+    for r in _rows_of(art.report, "conv2d"):
+        assert r.kernel == "XNNPACK int8 convolution (4-bit codes stored in int8: XNNPACK has no static " \
+                           "low-bit convolution kernel)"
+    assert _row(art.report, "linear").kernel == "XNNPACK int8 linear (4-bit weights packed two per byte: XNNPACK qc4w)"
+    # stem 16x3x3x3 + depthwise 16x1x3x3 + se 8x16 + 16x8 + pointwise 16x16 in int8 bytes; fc 10x16 packed
+    assert (sizes["lowbit_in_int8_weight_elements"], sizes["int8_weight_elements"]) == (1088, 1088)
+    assert (sizes["int4_packed_weight_elements"], sizes["weight_bytes"]) == (160, 1088 + 80)
+    assert v["int8_weight_share"] + v["int4_weight_share"] == 1.0
+
+
+def test_mobile_cnn_4bit_layer_by_layer_parity(mobile_4bit):
+    summary = layer_parity(mobile_4bit[0]).summary()
+    assert summary["taps_consistent"] and summary["tapped_layers"] >= 10
+    assert summary["layer_values_within_one_step"] == 1.0 and summary["forced_outputs_within_one_step"] == 1.0
+
+
+class _LinearNet(nn.Module):
+    """Linear layers with odd and even numbers of input features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.a, self.b, self.c = nn.Conv2d(1, 4, 3), nn.Linear(144, 33), nn.Linear(33, 24), nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = torch.flatten(torch.relu(self.conv(x)), 1)
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize("bits,granularity", [(4, "per_tensor"), (4, "per_channel"), (6, "per_channel")])
+def test_low_bit_linear_containers_run_exactly(bits, granularity):
+    """qc4w for even input features (a per-tensor weight becomes per-channel with one repeated scale);
+    odd input features keep int8 bytes (ExecuTorch 1.5.1 mis-packs odd qc4w rows); 5..7 bits always int8."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _LinearNet().eval()
+        calib = [torch.randn(4, 1, 8, 8) for _ in range(4)]
+    art = qcompile.compile(model, (calib[0],), backend="executorch", calibration=calib, progress=False,
+                           weights=WeightSpec(bits=bits, granularity=granularity), quantize_outputs=True)
+    v, sizes = art.report.verify, art.report.sizes
+    assert v["within_one_step"] >= 0.99 and v["max_error_in_steps"] <= 2.001
+    assert v["delegated_conv_linear_share"] == 1.0 == v["int8_conv_linear_share"]
+    packed = {r.name for r in art.report.rows if "packed two per byte" in r.kernel}
+    assert packed == ({"linear", "linear_2"} if bits == 4 else set())
+    assert "odd number of input features" in _row(art.report, "linear_1").kernel if bits == 4 else True
+    n_packed = 144 * 33 + 24 * 5 if bits == 4 else 0
+    assert sizes["int4_packed_weight_elements"] == n_packed
+    assert sizes["weight_bytes"] == 36 + 33 * 24 + 144 * 33 + 24 * 5 - n_packed // 2
 
 
 # -- an int8 op that XNNPACK declines is reported, never silently float --------------------------------
