@@ -126,7 +126,7 @@ def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
     cfg = make_config(opts.config, opts.weights, opts.activations, opts.exclude, opts.quantize_outputs)
     validate(cfg, _by_mode(be.capabilities, opts.mode), be.name, opts.mode)
     d = _by_mode(be.default_config, opts.mode)
-    cfg = cfg.with_defaults(d.weights, d.activations)
+    cfg = cfg.with_defaults(d.weights, d.activations, d.quantize_outputs)
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, opts.example_kwargs, train=train)
     t1 = time.perf_counter()

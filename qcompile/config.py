@@ -28,19 +28,23 @@ class QConfig:
     module_types: {nn.Conv2d or "Conv2d": ModuleConfig | None(=exclude)}
     module_names: {"layer4" or regex "layer4\\..*": ModuleConfig | None(=exclude)}
     exclude: module names / regexes / types kept in float.
-    quantize_outputs: quantize the values the model returns (default False: the layer producing an
-      output takes int8 inputs and weights but writes float, so outputs are not rounded to 8 bits)."""
+    quantize_outputs: quantize the values the model returns. None: the backend's default -- False on x86
+      and ONNX (the layer producing an output takes int8 inputs and weights but writes float, so outputs
+      are not rounded to 8 bits), True on ExecuTorch (XNNPACK has no int8-in / float-out kernel: a float
+      output layer would run entirely in fp32; ExecuTorch's own XNNPACKQuantizer flow quantizes it too)."""
 
     weights: WeightSpec | None = None
     activations: ActivationSpec | None = None
     module_types: dict = field(default_factory=dict)
     module_names: dict = field(default_factory=dict)
     exclude: tuple = ()
-    quantize_outputs: bool = False
+    quantize_outputs: bool | None = None
 
-    def with_defaults(self, weights: WeightSpec, activations: ActivationSpec) -> "QConfig":
+    def with_defaults(self, weights: WeightSpec, activations: ActivationSpec,
+                      quantize_outputs: bool | None = None) -> "QConfig":
+        qo = self.quantize_outputs if self.quantize_outputs is not None else bool(quantize_outputs)
         return QConfig(self.weights or weights, self.activations or activations,
-                       dict(self.module_types), dict(self.module_names), tuple(self.exclude), self.quantize_outputs)
+                       dict(self.module_types), dict(self.module_names), tuple(self.exclude), qo)
 
     def all_specs(self):
         yield "global", self.weights, self.activations

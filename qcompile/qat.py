@@ -173,7 +173,7 @@ def prepare_qat(model: nn.Module, example_inputs, backend="x86", *, learn_scale:
     cfg = make_config(opts.config, opts.weights, opts.activations, opts.exclude, opts.quantize_outputs)
     _validate(cfg, _for_mode(be.capabilities), be.name)
     d = _for_mode(be.default_config)
-    cfg = cfg.with_defaults(d.weights, d.activations)
+    cfg = cfg.with_defaults(d.weights, d.activations, d.quantize_outputs)
     t0 = time.perf_counter()
     gm = capture(model, example_inputs, opts.example_kwargs, train=True)
     t1 = time.perf_counter()

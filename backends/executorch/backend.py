@@ -73,8 +73,10 @@ class ExecuTorchBackend:
         return support.CAPABILITIES
 
     def default_config(self) -> QConfig:
+        # quantize_outputs: a float-output classifier would run in fp32 outside XNNPACK's int8 kernels
+        # (MobileNetV2 batch 1: 1.07x ExecuTorch's own flow, 1.00x with the output quantized)
         return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
-                       activations=ActivationSpec(observer="mse"))
+                       activations=ActivationSpec(observer="mse"), quantize_outputs=True)
 
     def fusion_rules(self) -> RuleSet:
         return RuleSet(Rule(row.name, row.ops) for row in self.support_table())

@@ -252,7 +252,18 @@ def test_mobile_cnn_every_conv_and_linear_is_delegated(mobile):
     assert len(gemm) == 6 and v["delegated_conv_linear_share"] == 1.0
     assert all(r.kernel.startswith("XNNPACK") for r in gemm)
     assert all(r.kernel.startswith("XNNPACK int8") for r in gemm if r.status == A.INT8)
-    assert _row(art.report, "linear").status == A.FLOAT_OUTPUT and "fp32" in _row(art.report, "linear").kernel
+    assert _row(art.report, "linear").status == A.INT8  # quantize_outputs defaults to True on executorch
+
+
+def test_float_output_layer_on_request_runs_fp32(mobile):
+    """quantize_outputs=False: the classifier takes int8 inputs, writes float, and XNNPACK (which has no
+    int8-in / float-out GEMM) runs it in fp32 on the dequantized weights -- reported, not hidden."""
+    art, model, x = mobile
+    float_out = qcompile.compile(model, (x,), backend="executorch", calibration=[x], quantize_outputs=False,
+                                 progress=False)
+    row = _row(float_out.report, "linear")
+    assert row.status == A.FLOAT_OUTPUT and "fp32" in row.kernel
+    assert float_out.report.verify["delegated_conv_linear_share"] == 1.0
 
 
 def test_mobile_cnn_report_names_what_xnnpack_lacks(mobile):
