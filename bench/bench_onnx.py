@@ -88,6 +88,8 @@ def session(model_or_path, threads):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # idle sessions' worker threads spin after each run and steal the cores of the one being timed
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else model_or_path
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
@@ -97,7 +99,7 @@ def feed(sess, batch):
 
 
 def time_in_fresh_process(tmp: str, paths: dict, args, processes: int = 5) -> dict:
-    """Median over several fresh processes, each holding only the three sessions and timing them
+    """Median over several fresh processes, each holding only the sessions and timing them
     interleaved (order rotated per process). One process alone swings by +-20% on this shared machine,
     and the bench process itself carries torch.export / calibration / ORT quantizer state."""
     spec = os.path.join(tmp, "timing.json")
@@ -140,9 +142,9 @@ def min_sqnr(model, sess, held):
         return min(sqnr(model(*b), torch.from_numpy(sess.run(None, feed(sess, b))[0])) for b in held)
 
 
-def compile_qc(model, calib, threads, **options):
+def compile_qc(model, calib, threads, compile_kw=None, **options):
     art = qcompile.compile(model, calib[0], backend="onnx", calibration=calib, progress=False,
-                           backend_options=dict(threads=threads, **options))
+                           backend_options=dict(threads=threads, **options), **(compile_kw or {}))
     return art, session(art.lowered.model, threads)
 
 
@@ -153,11 +155,13 @@ def run_workload(work, args, tmp):
     ortq_path = ort_quantize(float_path, calib, names, os.path.join(tmp, "ort_int8.onnx"))
     art, _ = compile_qc(model, calib, args.threads)
     qc_path = art.save(os.path.join(tmp, "qcompile.onnx"))
+    gptq, _ = compile_qc(model, calib, args.threads, compile_kw={"algorithm": "gptq"})
+    gptq_path = gptq.save(os.path.join(tmp, "qcompile_gptq.onnx"))
     torch.save(x, os.path.join(tmp, "x.pt"))
-    lat = time_in_fresh_process(tmp, {"float": float_path, "ort": ortq_path, "qc": qc_path}, args)
-    s_o, s_qc = session(ortq_path, args.threads), session(qc_path, args.threads)
-    size = {k: os.path.getsize(p) for k, p in (("float", float_path), ("ort", ortq_path), ("qc", qc_path))}
-    sq = {"ort": min_sqnr(model, s_o, held), "qc": min_sqnr(model, s_qc, held)}
+    paths = {"float": float_path, "ort": ortq_path, "qc": qc_path, "qc_gptq": gptq_path}
+    lat = time_in_fresh_process(tmp, paths, args)
+    size = {k: os.path.getsize(p) for k, p in paths.items()}
+    sq = {k: min_sqnr(model, session(paths[k], args.threads), held) for k in ("ort", "qc", "qc_gptq")}
     f = lat["float"]
     rows = [
         ["ORT float (torch.onnx.export)", f"{f*1e3:.1f}", "1.00x", "-", "-", f"{size['float']/1e6:.1f}", "1.00"],
@@ -165,6 +169,9 @@ def run_workload(work, args, tmp):
          f"{sq['ort']:.1f}", f"{size['ort']/1e6:.1f}", f"{size['ort']/size['float']:.2f}"],
         ["ORT int8: qcompile backend=onnx", f"{lat['qc']*1e3:.1f}", f"{f/lat['qc']:.2f}x",
          f"{lat['qc']/lat['ort']:.2f}", f"{sq['qc']:.1f}", f"{size['qc']/1e6:.1f}", f"{size['qc']/size['float']:.2f}"],
+        ["ORT int8: qcompile backend=onnx, algorithm='gptq'", f"{lat['qc_gptq']*1e3:.1f}", f"{f/lat['qc_gptq']:.2f}x",
+         f"{lat['qc_gptq']/lat['ort']:.2f}", f"{sq['qc_gptq']:.1f}", f"{size['qc_gptq']/1e6:.1f}",
+         f"{size['qc_gptq']/size['float']:.2f}"],
     ]
     print(f"\n### {title}\n")
     print(table(rows, ["model", "latency ms", "speed-up vs ORT float", "latency / quantize_static",
