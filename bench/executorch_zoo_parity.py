@@ -20,23 +20,14 @@ HEAD = ("| model | compile s | e2e within 1 step | e2e max steps | SQNR runtime 
         "(int8) | portable nodes | .pte MB | int8 weight share |")
 
 
-def calibration(name: str):
-    from qcompile import zoo
-    if name == "bert_encoder":
-        return [zoo._bert_inputs(seed=s) for s in range(1, 9)]
-    if name == "digits_cnn":
-        _, data = zoo.train_digits_cnn()
-        return [data[0][i:i + 8] for i in range(0, 256, 8)]
-    return zoo.image_batches(16, batch=1, res=224, seed=1)
-
-
 def row(name: str) -> str:
     import qcompile
     from qcompile import zoo
     from qcompile.backends.executorch.taps import layer_parity
     model, inputs = zoo.get_model(name)
     t0 = time.perf_counter()
-    art = qcompile.compile(model, inputs, backend="executorch", calibration=calibration(name), progress=False)
+    art = qcompile.compile(model, inputs, backend="executorch", calibration=zoo.calibration_samples(name),
+                           progress=False)
     seconds = time.perf_counter() - t0
     v, s = art.report.verify, layer_parity(art).summary()
     return (f"| {name} | {seconds:.0f} | {v['within_one_step']:.3f} | {v['max_error_in_steps']:.2f} | "

@@ -399,6 +399,17 @@ def train_digits_mobilenet(epochs: int = 8, seed: int = 0, width_mult: float = 0
     return model.eval(), tuple(t.clone() for t in data)
 
 
+def calibration_samples(name: str) -> list:
+    """Calibration samples for a zoo model by name (see ``ZOO``): 8 BERT batches, 256 digits in
+    batches of 8, or 16 single images at 224 px."""
+    if name == "bert_encoder":
+        return [_bert_inputs(seed=s) for s in range(1, 9)]
+    if name == "digits_cnn":
+        _, data = train_digits_cnn()
+        return [data[0][i:i + 8] for i in range(0, 256, 8)]
+    return image_batches(16, batch=1, res=224, seed=1)
+
+
 @dataclass
 class MiniLMCase:
     """The real MiniLM with the zoo sentences at a fixed length: float embeddings and example inputs."""

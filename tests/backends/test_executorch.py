@@ -407,21 +407,12 @@ def test_tiny_bert_runs_and_matches_reference(tiny_bert):
 
 
 # -- the zoo (slow: each lowering takes 20-60 s on two cores) ------------------------------------------
-def _zoo_calibration(name):
-    if name == "bert_encoder":
-        return [zoo._bert_inputs(seed=s) for s in range(1, 9)]
-    if name == "digits_cnn":
-        _, data = zoo.train_digits_cnn()
-        return [data[0][i:i + 8] for i in range(0, 256, 8)]
-    return zoo.image_batches(16, batch=1, res=224, seed=1)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "bert_encoder", "digits_cnn"])
 def test_zoo_compiles_to_pte_runs_and_matches_reference(name, tmp_path):
     from executorch.runtime import Runtime
     model, inputs = zoo.get_model(name)
-    art = qcompile.compile(model, inputs, backend="executorch", calibration=_zoo_calibration(name), progress=False)
+    art = qcompile.compile(model, inputs, backend="executorch", calibration=zoo.calibration_samples(name), progress=False)
     v = art.report.verify
     assert v["delegated_conv_linear_share"] == 1.0
     if name != "bert_encoder":
