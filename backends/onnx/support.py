@@ -151,6 +151,8 @@ CAPABILITIES = Capabilities(
 DYNAMIC_TABLE = [
     OpSupport("linear_dynamic", ("linear",), ANCHOR, (0,), 1, 2,
               note="int8 weights; uint8 activations quantized at run time (DynamicQuantizeLinear)"),
+    OpSupport("matmul_dynamic", ("matmul",), ANCHOR, (0, 1),
+              note="both activations quantized at run time (DynamicQuantizeLinear), integer matmul"),
 ]
 WEIGHT_ONLY_TABLE = [
     OpSupport("linear_weight_only", ("linear",), ANCHOR, (0,), 1, 2,

@@ -143,6 +143,22 @@ def test_dynamic_bert_encoder_matches_float_and_reference(bert_dynamic, tmp_path
     _saved_runs_like_art(art, tmp_path / "bert_dyn.onnx", *ex)
 
 
+def test_dynamic_attention_matmuls_on_request(bert_dynamic):
+    """backend_options={"dynamic_attention": True}: both matmul inputs are quantized at run time and ORT
+    runs the attention matmuls as integer kernels, agreeing with the reference graph."""
+    model, ex, _ = bert_dynamic
+    art = qcompile.compile(model, ex, backend="onnx", mode="dynamic", backend_options={"dynamic_attention": True})
+    matmuls = [r for r in art.report.rows if r.op == "matmul"]
+    assert len(matmuls) == 2 and all(r.status == INT8 and r.kernel == "DynamicQuantizeMatMul" for r in matmuls)
+    chooses = [n for n in art.reference.graph.nodes if n.target == torch.ops.quantized_decomposed.choose_qparams.tensor]
+    assert len(chooses) == 4 + 4  # the linears' 4, plus Q, K^T, softmax output and V of the two matmuls
+    assert art.report.verify["ort_int8_ops"] == {"MatMulIntegerToFloat": 3, "DynamicQuantizeMatMul": 5}
+    v = art.report.verify
+    assert v["within_one_step"] == 1.0 and v["sqnr_vs_reference_db"] > 80  # measured 89 dB
+    with torch.no_grad():
+        assert sqnr(model(*ex), art(*ex)) > 65
+
+
 def test_dynamic_config_errors_name_the_option():
     m = mlp()
     with pytest.raises(ConfigError, match="bits=4"):
