@@ -72,6 +72,22 @@ def erase_dead_params(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
+def record_values(gm: fx.GraphModule, flat_args, names) -> dict:
+    """Run ``gm`` on ``flat_args`` (no grad) and return ``{node name: value}`` for the nodes in ``names``."""
+    wanted, seen = set(names), {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                seen[n.name] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*flat_args)
+    return seen
+
+
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """Directed graph of node names (edges producer -> consumer) with the fx node as attribute."""
     g = nx.DiGraph()

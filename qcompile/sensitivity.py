@@ -4,22 +4,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .ir import module_path
+from .ir import module_path, record_values
 from .qparams import sqnr
 
 qd = torch.ops.quantized_decomposed
-
-
-class _Record(fx.Interpreter):
-    def __init__(self, gm, names=None):
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and (self.names is None or n.name in self.names):
-            self.values[n.name] = out
-        return out
 
 
 def node_sqnr(float_gm: fx.GraphModule, reference: fx.GraphModule, args, kwargs=None) -> list[dict]:
@@ -27,15 +15,13 @@ def node_sqnr(float_gm: fx.GraphModule, reference: fx.GraphModule, args, kwargs=
     flat = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs or {})))[0]
     quantized = {n.args[0].name: n for n in reference.graph.nodes if n.target == qd.quantize_per_tensor.default}
     dq_of = {q.name: next(iter(q.users)).name for q in quantized.values() if q.users}
-    with torch.no_grad():
-        f = _Record(float_gm, set(quantized))
-        f.run(*flat)
-        r = _Record(reference, set(dq_of.values()))
-        r.run(*flat)
+    f_values = record_values(float_gm, flat, quantized)
+    r_values = record_values(reference, flat, dq_of.values())
     rows = []
     for name, q in quantized.items():
         dq = dq_of.get(q.name)
-        if name in f.values and dq in r.values and f.values[name].shape == r.values[dq].shape:
+        fv, rv = f_values.get(name), r_values.get(dq)
+        if isinstance(fv, torch.Tensor) and isinstance(rv, torch.Tensor) and fv.shape == rv.shape:
             rows.append({"value": name, "module": module_path(q.args[0]),
-                         "sqnr_db": round(sqnr(f.values[name].float(), r.values[dq].float()), 2)})
+                         "sqnr_db": round(sqnr(fv.float(), rv.float()), 2)})
     return rows

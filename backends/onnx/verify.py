@@ -19,6 +19,7 @@ import torch
 from onnx import numpy_helper
 from torch import fx
 
+from qcompile.ir import record_values
 from qcompile.qparams import sqnr
 
 from .emit import Emitted
@@ -26,23 +27,8 @@ from .lower import feeds
 from .runtime import INT_KERNELS, analyze, make_session
 
 
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm, names):
-        super().__init__(gm)
-        self.names, self.seen = set(names), {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.seen[n.name] = out
-        return out
-
-
 def reference_values(ref: fx.GraphModule, flat: list, names) -> dict:
-    with torch.no_grad():
-        rec = _Recorder(ref, names)
-        rec.run(*flat)
-    return rec.seen
+    return record_values(ref, flat, names)
 
 
 def probe_model(emitted: Emitted) -> onnx.ModelProto:

@@ -4,19 +4,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.ir import module_path
-
-
-class _Tap(fx.Interpreter):
-    def __init__(self, gm, names):
-        super().__init__(gm)
-        self.names, self.values = set(names), {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out
-        return out
+from qcompile.ir import module_path, record_values
 
 
 def _int(v: torch.Tensor) -> torch.Tensor:
@@ -26,17 +14,14 @@ def _int(v: torch.Tensor) -> torch.Tensor:
 def layer_agreement(ref: fx.GraphModule, lowered, args, kwargs) -> list[dict]:
     """For every quantized value both graphs compute: fraction of elements equal and within one step."""
     taps = lowered.taps
-    with torch.no_grad():
-        r = _Tap(ref, taps.keys())
-        r.run(*torch.utils._pytree.tree_flatten((args, kwargs))[0])
-        l = _Tap(lowered.gm, taps.values())
-        l.run(*torch.utils._pytree.tree_flatten((args, kwargs))[0])
+    flat = torch.utils._pytree.tree_flatten((args, kwargs))[0]
+    ref_values, low_values = record_values(ref, flat, taps.keys()), record_values(lowered.gm, flat, taps.values())
     nodes = {n.name: n for n in ref.graph.nodes}
     rows = []
     for qname, lname in taps.items():
-        if qname not in r.values or lname not in l.values:
+        if qname not in ref_values or lname not in low_values:
             continue
-        a, b = _int(r.values[qname]), _int(l.values[lname])
+        a, b = _int(ref_values[qname]), _int(low_values[lname])
         if a.shape != b.shape:
             b = b.reshape(a.shape)
         d = (a - b).abs()
