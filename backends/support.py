@@ -29,7 +29,8 @@ class OpSupport:
     act_args    argument indices of the anchor node that are activation inputs
     weight_arg / bias_arg  argument indices of the anchor's weight / bias (constants)
     weight_granularities   granularities the kernel accepts for the weight
-    fixed       the output FixedSpec for FIXED entries
+    fixed       the output FixedSpec for FIXED entries; on an ANCHOR entry, fixed output parameters
+                instead of observed ones (a GEMM whose fused clamp bounds its output, e.g. [0, 1])
     check       extra constraint on the matched nodes; returns a reason string when it fails
     """
 

@@ -89,7 +89,7 @@ class Annotate(Pass):
                 return self._float(nodes, A.FLOAT_UNSUPPORTED, f"{row.name}: weight is not a constant")
             inputs[row.weight_arg] = self.specs.weight(mc.weights, row, anchor)
         output = SharedSpec(acts[0].name) if row.kind == SHARED else \
-            {ANCHOR: act_spec, PROPAGATE: act_spec, FIXED: row.fixed}[row.kind]
+            {ANCHOR: row.fixed or act_spec, PROPAGATE: act_spec, FIXED: row.fixed}[row.kind]
         status, reason = A.INT8, row.note
         if not self.config.quantize_outputs and any(u.op == "output" for u in out.users):
             output, status = None, A.FLOAT_OUTPUT

@@ -10,6 +10,7 @@ from qcompile.config import QConfig
 from qcompile.errors import ConfigError
 from qcompile.passes.annotate import Annotate, SpecMaker
 from qcompile.passes.fold_batch_norm import FoldBatchNorm
+from qcompile.passes.fold_hardsigmoid import FoldHardsigmoid
 from qcompile.passes.fuse import FuseGroups
 from qcompile.passes.normalize import Normalize
 from qcompile.passes.pattern import Rule, RuleSet
@@ -31,11 +32,19 @@ class ExecuTorchOptions:
     num_threads: size of ExecuTorch's XNNPACK thread pool when running (None: leave the runtime default).
         The pool is process-wide: the last value set wins.
     duplicate_dequant: give every consumer its own dequantize node before export (what PT2E's
-        convert_pt2e does; XNNPACK's partitioner claims a dequantize together with its one consumer)."""
+        convert_pt2e does; XNNPACK's partitioner claims a dequantize together with its one consumer).
+    fold_hardsigmoid: rewrite conv / linear -> hardsigmoid as conv' / linear' -> hardtanh(0, 1) (weights / 6,
+        bias (b + 3) / 6; passes/fold_hardsigmoid.py): one int8 GEMM with a fused clamp instead of
+        fp32 add / clamp / divide plus conversions and transposes around them.
+    channels_last_inputs: transpose a 4-D float graph input to NHWC in fp32 before quantizing it
+        (XNNPACK's x32 transpose), instead of after, as int8 (its slower x8 transpose); see
+        lower.channels_last_inputs."""
 
     narrow_weights: bool = True
     num_threads: int | None = None
     duplicate_dequant: bool = True
+    fold_hardsigmoid: bool = True
+    channels_last_inputs: bool = True
 
 
 class ExecuTorchBackend:
@@ -93,14 +102,20 @@ class ExecuTorchBackend:
 
     def prepare_passes(self, config: QConfig) -> list:
         specs = SpecMaker(self.act_spec, self.weight_spec)
-        return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
-                Annotate(self.support_table(), config, specs, self.name, support.NOTES)]
+        passes = [Normalize(), FoldBatchNorm()]
+        if self.options.fold_hardsigmoid:
+            passes.append(FoldHardsigmoid())
+        return passes + [FuseGroups(self.fusion_rules()),
+                         Annotate(self.support_table(), config, specs, self.name, support.NOTES)]
 
     # -- lowering and running ---------------------------------------------------------------------
+    def lower_options(self):
+        from .lower import LowerOptions
+        return LowerOptions(self.options.duplicate_dequant, self.options.channels_last_inputs)
+
     def lower(self, reference, example_inputs):
-        from .lower import LowerOptions, lower_reference
-        opts = LowerOptions(self.options.duplicate_dequant)
-        return lower_reference(reference, example_inputs, opts)
+        from .lower import lower_reference
+        return lower_reference(reference, example_inputs, self.lower_options())
 
     def runtime_name(self) -> str:
         try:

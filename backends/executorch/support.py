@@ -19,9 +19,11 @@ codes per byte (XNNPACK's qs8 x qc4w fully-connected kernel). See ``lower.weight
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from qcompile.backends.support import ANCHOR, PROPAGATE, SHARED, Capabilities, OpSupport
+from qcompile.specs import FixedSpec
 
 
 def _pair(value, default):
@@ -107,10 +109,28 @@ def _weighted(name, ops):
     return OpSupport(name, ops, ANCHOR, (0,), 1, 2, check=_conv_check if ops[0].startswith("conv") else None)
 
 
+# The [0, 1] gate FoldHardsigmoid makes: int8 codes -128..127 cover exactly [0, 1] (an observer would
+# fit the calibration's narrower range and clip gates the calibration did not reach).
+GATE = FixedSpec(scale=1.0 / 255.0, zero_point=-128, dtype=torch.int8, quant_min=-128, quant_max=127)
+
+
+def _gate_check(nodes):
+    if tuple(nodes[-1].args[1:3]) != (0.0, 1.0):
+        return "not a [0, 1] gate"
+    return _conv_check(nodes) if nodes[0].target != torch.ops.aten.linear.default else None
+
+
+def _gate(op):
+    return OpSupport(f"{op}_gate", (op, "hardtanh"), ANCHOR, (0,), 1, 2, check=_gate_check, fixed=GATE)
+
+
 TABLE = [
-    # ConvolutionConfig / LinearConfig: fused_acts = relu, hardtanh (relu6 is hardtanh(0, 6)).
+    # conv / linear -> hardtanh(0, 1) (FoldHardsigmoid's squeeze-excite gate): fixed [0, 1] output
+    *(_gate(op) for op in ("conv2d", "conv1d", "linear")),
+    # ConvolutionConfig / LinearConfig: fused_acts = relu, hardtanh with any bounds (relu6 is
+    # hardtanh(0, 6); FoldHardsigmoid makes a squeeze-excite gate conv -> hardtanh(0, 1)).
     *(_weighted(f"{op}{tail}", (op, *acts)) for op in ("conv2d", "conv1d", "linear")
-      for tail, acts in (("_relu", ("relu",)), ("_relu6", ("relu6",)), ("", ()))),
+      for tail, acts in (("_relu", ("relu",)), ("_relu6", ("relu6",)), ("_hardtanh", ("hardtanh",)), ("", ()))),
     # AddConfig: fused_act = relu. MulConfig: no fused activation.
     OpSupport("add_relu", ("add", "relu"), PROPAGATE, (0, 1), check=_add_check),
     OpSupport("add", ("add",), PROPAGATE, (0, 1), check=_add_check),
