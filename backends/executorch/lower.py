@@ -43,6 +43,7 @@ _ACTS = (aten.relu.default, aten.hardtanh.default)
 @dataclass(frozen=True)
 class LowerOptions:
     duplicate_dequant: bool = True
+    channels_last_inputs: bool = True
 
 
 @dataclass
@@ -208,6 +209,49 @@ def decompose_hardsigmoid(gm: fx.GraphModule) -> bool:
     return bool(nodes)
 
 
+def channels_last_inputs(gm: fx.GraphModule) -> list[str]:
+    """Transpose 4-D float inputs to channels-last before their quantize, not after.
+
+    XNNPACK computes in NHWC. Left alone, ExecuTorch's channels-last pass transposes a graph input
+    after its quantize, as int8 (XNNPACK's x8 transpose); done first, in fp32, the same transpose
+    runs on XNNPACK's faster x32 kernels (MobileNetV2 224 x 224 input: 54 us against 90 us) and the
+    quantize works on NHWC data. Values are unchanged (a copy in another memory format)."""
+    done = []
+    for ph in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        val = ph.meta.get("val")
+        users = list(ph.users)
+        if not (isinstance(val, torch.Tensor) and val.dim() == 4 and val.is_floating_point() and users
+                and val.shape[1] > 1 and val.shape[2] * val.shape[3] > 1  # else NCHW already is NHWC
+                and all(u.target == qd.quantize_per_tensor.default for u in users)):
+            continue
+        with gm.graph.inserting_after(ph):
+            nhwc = gm.graph.call_function(aten._to_copy.default, (ph,), {"memory_format": torch.channels_last})
+        nhwc.meta["val"] = val
+        for u in users:
+            u.replace_input_with(ph, nhwc)
+        done.append(ph.name)
+    if done:
+        gm.recompile()
+    return done
+
+
+def global_pool_as_mean(gm: fx.GraphModule) -> bool:
+    """adaptive_avg_pool2d(x, 1) -> mean(x, [-1, -2], keepdim=True): the same values, and the form
+    XNNPACK's partitioner claims whatever the memory format (for a channels-last input, the edge
+    dialect decomposes adaptive_avg_pool2d through as_strided_copy, which XNNPACK declines)."""
+    nodes = [n for n in gm.graph.nodes if n.target == aten.adaptive_avg_pool2d.default
+             and list(n.args[1]) in ([1, 1], [1]) and getattr(n.args[0].meta.get("val"), "dim", lambda: 0)() == 4]
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            mean = gm.graph.call_function(aten.mean.dim, (node.args[0], [-1, -2], True))
+        mean.meta = copy.copy(node.meta)
+        node.replace_all_uses_with(mean)
+        gm.graph.erase_node(node)
+    if nodes:
+        gm.recompile()
+    return bool(nodes)
+
+
 def _run_node(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     args = [get_attr_value(gm, a) if isinstance(a, fx.Node) else a for a in node.args]
     return node.target(*args).detach()
@@ -235,6 +279,8 @@ def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx
     float_weights = float_output_weights(gm)
     containers = weight_containers(gm)
     decompose_hardsigmoid(gm)
+    if opts.channels_last_inputs and channels_last_inputs(gm):
+        global_pool_as_mean(gm)
     if opts.duplicate_dequant:
         duplicate_dequant(gm)
     drop_unused_constants(gm)

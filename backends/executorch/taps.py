@@ -112,11 +112,10 @@ def within_one_output_step(reference, ref_outs, run_outs) -> float:
 
 def layer_parity(artifact) -> TapReport:
     """Lower a tapped twin of the artifact's program, run it once on the example inputs, compare."""
-    from .lower import LowerOptions, export_static, prepare_reference, to_edge_xnnpack
+    from .lower import export_static, prepare_reference, to_edge_xnnpack
     from .runtime import PteProgram
     inputs = artifact.example_inputs
-    opts = LowerOptions(artifact.backend.options.duplicate_dequant)
-    gm, _, _ = prepare_reference(artifact.reference, opts)
+    gm, _, _ = prepare_reference(artifact.reference, artifact.backend.lower_options())
     names = add_taps(gm)
     flat_inputs = CapturedInputs(tuple(pytree.tree_leaves((tuple(inputs.args), dict(inputs.kwargs)))), {})
     edge, _ = to_edge_xnnpack(export_static(gm, flat_inputs))
