@@ -20,6 +20,9 @@ FLOAT_EXCLUDED = "float: excluded by user"
 FLOAT_NOT_CAPTURED = "float: not captured"
 FLOAT_RUNTIME = "float: fell back on the runtime"
 FLOAT_OUTPUT = "float: model output"  # int8 inputs / weights, float compute so outputs are not rounded
+# int8 inputs / weights, float compute and output where every consumer is float anyway (a backend's choice,
+# e.g. the ExecuTorch backend's depthwise convs before hardswish: backends/executorch/depthwise.py)
+FLOAT_FEEDS_FLOAT = "float: output feeds float ops"
 PASSTHROUGH = "n/a"  # placeholders, parameters, outputs
 
 

@@ -38,13 +38,16 @@ class ExecuTorchOptions:
         fp32 add / clamp / divide plus conversions and transposes around them.
     channels_last_inputs: transpose a 4-D float graph input to NHWC in fp32 before quantizing it
         (XNNPACK's x32 transpose), instead of after, as int8 (its slower x8 transpose); see
-        lower.channels_last_inputs."""
+        lower.channels_last_inputs.
+    float_depthwise: a depthwise conv whose consumers are all float keeps int8 input and weights but
+        computes in fp32 with a float output (depthwise.py; on x86 XNNPACK's fp32 depthwise is the faster)."""
 
     narrow_weights: bool = True
     num_threads: int | None = None
     duplicate_dequant: bool = True
     fold_hardsigmoid: bool = True
     channels_last_inputs: bool = True
+    float_depthwise: bool = True
 
 
 class ExecuTorchBackend:
@@ -105,8 +108,12 @@ class ExecuTorchBackend:
         passes = [Normalize(), FoldBatchNorm()]
         if self.options.fold_hardsigmoid:
             passes.append(FoldHardsigmoid())
-        return passes + [FuseGroups(self.fusion_rules()),
-                         Annotate(self.support_table(), config, specs, self.name, support.NOTES)]
+        passes += [FuseGroups(self.fusion_rules()),
+                   Annotate(self.support_table(), config, specs, self.name, support.NOTES)]
+        if self.options.float_depthwise:
+            from .depthwise import FloatDepthwiseOutput
+            passes.append(FloatDepthwiseOutput())
+        return passes
 
     # -- lowering and running ---------------------------------------------------------------------
     def lower_options(self):

@@ -314,6 +314,36 @@ def test_squeeze_excite_gate_is_one_int8_gemm_with_a_fixed_0_1_range(mobile):
     assert art.report.verify["delegation"]["delegated_nodes"] < unfolded.report.verify["delegation"]["delegated_nodes"]
 
 
+def test_depthwise_conv_feeding_float_hardswish_runs_fp32_and_others_stay_int8(mobile):
+    """A depthwise conv whose consumers are all float (hardswish, which XNNPACK runs in fp32) keeps int8
+    input and weights but skips the requantize-then-dequantize of its output; XNNPACK runs it in fp32 on the
+    dequantized weights (faster than its qc8 depthwise on x86). A depthwise conv feeding int8 ops stays int8."""
+    art, model, x = mobile
+    dw = next(r for r in _rows_of(art.report, "conv2d") if r.module == "dw.0")
+    assert dw.status == A.FLOAT_FEEDS_FLOAT and "depthwise" in dw.reason and "float_depthwise" in dw.reason
+    assert dw.kernel == "XNNPACK fp32 convolution (fp32 weights: float output)"
+    assert art.report.verify["within_one_step"] >= 0.99
+    assert dw.status not in qcompile.report.FLOAT_STATUSES  # a choice, not a fallback: strict=True accepts it
+    off = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
+                           backend_options={"float_depthwise": False})
+    assert next(r for r in _rows_of(off.report, "conv2d") if r.module == "dw.0").status == A.INT8
+
+    class Relu6Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8), nn.ReLU6())
+            self.pw = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.pw(self.dw(x))
+
+    torch.manual_seed(0)
+    block, xb = Relu6Block().eval(), torch.randn(1, 8, 12, 12)
+    art2 = qcompile.compile(block, (xb,), backend="executorch", calibration=[xb], progress=False)
+    rows = {r.module: r for r in _rows_of(art2.report, "conv2d")}
+    assert rows["dw.0"].status == A.INT8 and rows["dw.0"].kernel == "XNNPACK int8 convolution"
+
+
 def test_fold_hardsigmoid_pass_is_exact_in_float():
     from qcompile.passes.capture import capture
     from qcompile.passes.fold_hardsigmoid import FoldHardsigmoid
@@ -365,7 +395,8 @@ def mobile_4bit():
     model = _mobile_model()
     x = _images(1, seed=123)[0]
     art = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
-                           weights=WeightSpec(bits=4), quantize_outputs=True)
+                           weights=WeightSpec(bits=4), quantize_outputs=True,
+                           backend_options={"float_depthwise": False})  # every conv int8, depthwise included
     return art, model, x
 
 
