@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.ir import add_constant, erase_dead_params, get_attr_value, is_param
+from qcompile.ir import erase_dead_params, get_attr_value, is_param, replace_weight_bias
 
 from .infra import Pass, PassResult
 from .pattern import Rule, RuleSet
@@ -64,15 +64,7 @@ class FoldBatchNorm(Pass):
             gamma, beta, mean, var, _, eps = _bn_args(bn)
             bias_node = conv.args[2] if len(conv.args) > 2 else None
             w2, b2 = fold_params(val(conv.args[1]), val(bias_node), val(gamma), val(beta), val(mean), val(var), eps)
-            wn = add_constant(gm, f"{conv.name}_weight_folded", w2, conv)
-            bnode = add_constant(gm, f"{conv.name}_bias_folded", b2, conv)
-            args = list(conv.args)
-            args[1] = wn
-            if len(args) > 2:
-                args[2] = bnode
-            else:
-                args.append(bnode)
-            conv.args = tuple(args)
+            replace_weight_bias(gm, conv, w2, b2, "folded")
             out = bn
             if bn.target != aten.batch_norm.default:  # tuple output: replace getitem[0]
                 out = next(u for u in bn.users if u.args[1] == 0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.ir import add_constant, erase_dead_params, get_attr_value, is_param
+from qcompile.ir import erase_dead_params, get_attr_value, is_param, replace_weight_bias
 
 from .infra import Pass, PassResult
 from .pattern import Rule, RuleSet
@@ -61,14 +61,7 @@ class FoldHardsigmoid(Pass):
             bias = gemm.args[2] if len(gemm.args) > 2 else None
             w2, b2 = fold_params(get_attr_value(gm, gemm.args[1]).detach(),
                                  None if bias is None else get_attr_value(gm, bias).detach())
-            args = list(gemm.args)
-            args[1] = add_constant(gm, f"{gemm.name}_weight_hsig", w2, gemm)
-            bnode = add_constant(gm, f"{gemm.name}_bias_hsig", b2, gemm)
-            if len(args) > 2:
-                args[2] = bnode
-            else:
-                args.append(bnode)
-            gemm.args = tuple(args)
+            replace_weight_bias(gm, gemm, w2, b2, "hsig")
             with gm.graph.inserting_before(hsig):
                 clamp = gm.graph.call_function(aten.hardtanh.default, (gemm, 0.0, 1.0))
             clamp.meta.update({k: v for k, v in hsig.meta.items()

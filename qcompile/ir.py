@@ -32,6 +32,20 @@ def add_constant(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.
         return gm.graph.get_attr(name)
 
 
+def replace_weight_bias(gm: fx.GraphModule, gemm: fx.Node, weight: torch.Tensor, bias: torch.Tensor,
+                        tag: str) -> None:
+    """Point a conv / linear node at new weight and bias constants (``<node>_weight_<tag>``,
+    ``<node>_bias_<tag>``), appending the bias argument if the node had none."""
+    args = list(gemm.args)
+    args[1] = add_constant(gm, f"{gemm.name}_weight_{tag}", weight, gemm)
+    bnode = add_constant(gm, f"{gemm.name}_bias_{tag}", bias, gemm)
+    if len(args) > 2:
+        args[2] = bnode
+    else:
+        args.append(bnode)
+    gemm.args = tuple(args)
+
+
 def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:

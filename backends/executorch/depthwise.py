@@ -15,6 +15,7 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.ir import get_attr_value
 from qcompile.passes.infra import Pass, PassResult
+from qcompile.passes.pattern import op_kind
 
 REASON = ("depthwise conv whose consumers are all float: int8 input and weights, fp32 compute and output (no "
           "requantize-then-dequantize; XNNPACK's fp32 depthwise is faster than its int8 one on x86); "
@@ -22,7 +23,7 @@ REASON = ("depthwise conv whose consumers are all float: int8 input and weights,
 
 
 def _is_depthwise(gm: fx.GraphModule, anchor: fx.Node) -> bool:
-    if anchor.target.__name__ != "conv2d.default" or len(anchor.args) < 7 or int(anchor.args[6]) <= 1:
+    if op_kind(anchor) != "conv2d" or len(anchor.args) < 7 or int(anchor.args[6]) <= 1:
         return False
     w = anchor.args[1]
     return isinstance(w, fx.Node) and w.op == "get_attr" and get_attr_value(gm, w).shape[1] == 1
