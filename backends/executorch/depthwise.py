@@ -40,11 +40,12 @@ def _consumes_int8(user: fx.Node, producer: fx.Node) -> bool:
 class FloatDepthwiseOutput(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
+        by_name = {n.name: n for n in gm.graph.nodes}
         for anchor in [n for n in gm.graph.nodes if n.op == "call_function"]:
-            ann = A.get_annotation(anchor)
+            ann, fused = A.get_annotation(anchor), A.get_group(anchor)
             if ann is None or ann.status != A.INT8 or ann.group != anchor.name or not _is_depthwise(gm, anchor):
                 continue
-            group = [n for n in gm.graph.nodes if (a := A.get_annotation(n)) is not None and a.group == anchor.name]
+            group = [by_name[name] for name in fused.nodes] if fused is not None else [anchor]
             out = group[-1]
             if A.get_annotation(out).output_spec is None or any(_consumes_int8(u, out) for u in out.users):
                 continue
