@@ -10,12 +10,11 @@ import time
 import torch
 from torch import fx
 
-from .errors import InputError, QCompileError
+from .errors import ArtifactFileError, ConfigError, InputError, QCompileError
 from .qparams import sqnr
 from .report import Report, Row, apply_lowering
 
-FORMAT_VERSION = 1
-_META = "qcompile.json"
+_META = "meta.json"  # the file format itself: qcompile/serialize.py
 
 
 class Artifact:
@@ -108,43 +107,75 @@ class Artifact:
                 "int8_share_of_bytes": round(int_bytes / total, 4) if total else 0.0}
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self, path: str) -> str:
-        """Save atomically: a failed save never leaves a half-written file."""
-        custom = getattr(self.backend, "save", None)
+    def save(self, path) -> str:
+        """Save atomically with the user's umask permissions; the extension decides the format: ``.qc``
+        (any backend; :func:`load` reads it back) or the backend's own file (``.onnx``, ``.pte``)."""
+        path = os.fspath(path)
         ext = os.path.splitext(path)[1].lower()
-        if custom is not None and ext in getattr(self.backend, "file_extensions", ()):
+        custom = getattr(self.backend, "save", None)
+        own = tuple(getattr(self.backend, "file_extensions", ()) or ()) if custom is not None else ()
+        if ext == ".qc":
+            return _atomic(path, self._save_qc)
+        if ext in own:
             return _atomic(path, lambda tmp: custom(self, tmp))
-        return _atomic(path, self._save_qc)
+        raise ConfigError(f"cannot save a {self.backend.name} artifact as {path!r}: the file extension decides the "
+                          f"format, and this backend writes {', '.join(('.qc',) + own)} ('.qc' is read back by "
+                          f"qcompile.load; {' / '.join(own) or 'no other format'} by its own runtime)")
 
     def _save_qc(self, tmp: str) -> None:
         from .passes.capture import _export
+        from .safe_program import program_entries
+        from .serialize import pack
         try:
             ep = _export(self.reference, self.example_inputs, dynamic_batch=True)
         except Exception as e:  # noqa: BLE001
             raise QCompileError(f"could not serialise the reference graph: {e}") from e
-        meta = dict(self._meta, version=FORMAT_VERSION, report=self.report.to_dict())
-        with open(tmp, "wb") as f:  # a file object: torch.export does not insist on a .pt2 suffix then
-            torch.export.save(ep, f, extra_files={_META: json.dumps(meta, default=str)})
+        entries, layout = program_entries(ep)
+        meta = dict(self._meta, report=self.report.to_dict(), layout=layout)
+        entries.insert(0, (_META, json.dumps(meta, default=str).encode(), {"kind": "json"}))
+        _write_all(tmp, pack(entries))
 
     def __repr__(self):
         s = self.report.summary()
         return f"<qcompile.Artifact backend={s['backend']} nodes={s['nodes']} int8 MACs={s['int8_mac_share']:.1%}>"
 
 
-def load(path: str) -> Artifact:
-    """Load a ``.qc`` file written by :meth:`Artifact.save` (no pickle: torch.export's format)."""
+def load(path) -> Artifact:
+    """Load a ``.qc`` file written by :meth:`Artifact.save`. Nothing in the file can run code: the format
+    is qcompile's own container (JSON + raw tensor bytes, checksummed; see ``docs/trust.md``); a file that
+    fails a check raises :class:`~qcompile.errors.ArtifactFileError` naming the file and the problem."""
+    from .safe_program import load_program
+    from .serialize import read_json, unpack
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ArtifactFileError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise ArtifactFileError(f"{path} is a directory; qcompile.load reads a .qc file")
+    with open(path, "rb") as f:
+        entries = unpack(path, f.read())
+    meta = read_json(path, entries, _META)
+    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
+        raise ArtifactFileError(f"{path}: malformed {_META} entry (no layout); the file is corrupt")
+    ep = load_program(path, entries, meta["layout"])
+    return _rebuild(path, meta, ep)
+
+
+def _rebuild(path: str, meta: dict, ep) -> Artifact:
+    """The artifact from a checked program and its metadata: lowered again for the recorded backend."""
+    from types import SimpleNamespace
+
     from .backends import get_backend
     from .passes.capture import CapturedInputs
-    from types import SimpleNamespace
-    extra = {_META: ""}
-    if not os.path.exists(path):
-        raise QCompileError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        ep = torch.export.load(f, extra_files=extra)
-    meta = json.loads(extra[_META])
-    if meta.get("version") != FORMAT_VERSION:
-        raise QCompileError(f"{path}: unsupported qcompile file version {meta.get('version')}")
-    backend = get_backend(meta["backend"], **meta.get("options", {}))
+    name, options, rep = meta.get("backend"), meta.get("options", {}), meta.get("report")
+    if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(rep, dict):
+        raise ArtifactFileError(f"{path}: malformed {_META} entry (backend / options / report)")
+    if any(not isinstance(v, (str, int, float, bool, type(None))) for v in options.values()):
+        raise ArtifactFileError(f"{path}: malformed backend options in {_META}")
+    try:
+        backend = get_backend(name, **options)
+    except TypeError as e:
+        raise ArtifactFileError(f"{path}: backend {name!r} does not take the options the file records "
+                                f"({e}); the file was written by another qcompile version") from None
     ref = ep.module()
     ref.graph.eliminate_dead_code()
     for node in list(ref.graph.nodes):
@@ -153,27 +184,53 @@ def load(path: str) -> Artifact:
     ref.recompile()
     example = ep.example_inputs
     inputs = CapturedInputs(tuple(example[0]), dict(example[1])) if example else None
-    rep = meta["report"]
-    ctx = SimpleNamespace(inputs=inputs, mode=meta["mode"], config=rep.get("config", {}), timings={},
-                          rows=[Row(**r) for r in rep["nodes"]], strict=False, allow_float=frozenset(), float_gm=None)
+    try:
+        rows = [Row(**r) for r in rep["nodes"]]
+        ctx = SimpleNamespace(inputs=inputs, mode=str(meta["mode"]), config=rep.get("config", {}), timings={},
+                              rows=rows, strict=False, allow_float=frozenset(), float_gm=None)
+    except (TypeError, KeyError) as e:
+        raise ArtifactFileError(f"{path}: malformed report in {_META} ({type(e).__name__}: {e})") from None
     art = Artifact.build(ref, backend, ctx, verify=False)
     art.report.verify = rep.get("verify", {})
     return art
 
 
+def _write_all(path: str, data: bytes, chunk: int = 1 << 20) -> None:
+    """Write ``data`` to ``path`` with os.write (short writes and a full disk raise OSError) and fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view[:chunk])
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic(path: str, write) -> str:
+    """Write to a temporary file beside ``path``, give it the umask's permissions, rename it over ``path``.
+    Any failure (an exception in ``write``, a full disk, Ctrl-C) removes the temporary file and leaves an
+    existing ``path`` untouched."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".qcompile-", suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600: a file saved for others must be readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _options(backend) -> dict:

@@ -30,6 +30,11 @@ class InputError(QCompileError, ValueError):
     """Inputs that do not match what the model was compiled for."""
 
 
+class ArtifactFileError(QCompileError, ValueError):
+    """A file qcompile.load refuses: not a .qc file, truncated or corrupt, from a newer qcompile, or crafted
+    to run code. The message names the file, what is wrong and what to do."""
+
+
 class BackendUnavailableError(QCompileError, ImportError):
     """A backend's runtime is not installed; the message names the package to install."""
 
