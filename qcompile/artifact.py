@@ -173,9 +173,10 @@ def _rebuild(path: str, meta: dict, ep) -> Artifact:
         raise ArtifactFileError(f"{path}: malformed backend options in {_META}")
     try:
         backend = get_backend(name, **options)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise ArtifactFileError(f"{path}: backend {name!r} does not take the options the file records "
-                                f"({e}); the file was written by another qcompile version") from None
+                                f"({e}); the file was written by another qcompile version or with a "
+                                f"third-party backend that is not installed") from None
     ref = ep.module()
     ref.graph.eliminate_dead_code()
     for node in list(ref.graph.nodes):

@@ -112,7 +112,34 @@ def load_program(path: str, entries: dict, layout: dict):
                                 f"{str(e).splitlines()[0] if str(e) else ''}); the file is corrupt or was "
                                 f"written by an incompatible torch version") from None
     check_graph(path, ep.graph_module)
+    check_tensors(path, ep)
     return ep
+
+
+def check_tensors(path: str, ep) -> None:
+    """Every stored weight / buffer / constant has the dtype and shape its placeholder in the graph says."""
+    from torch.export.graph_signature import InputKind
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    leaves = iter(torch.utils._pytree.tree_leaves(ep.example_inputs or ((), {})))
+    for spec in ep.graph_signature.input_specs:
+        v = vals.get(getattr(spec.arg, "name", None))
+        if spec.kind == InputKind.USER_INPUT:
+            if isinstance(v, torch.Tensor):
+                t = next(leaves, None)
+                if not isinstance(t, torch.Tensor) or t.dtype != v.dtype or t.dim() != v.dim() or any(
+                        isinstance(s, int) and s != int(n) for s, n in zip(v.shape, t.shape)):
+                    raise ArtifactFileError(f"{path}: stored example input {spec.arg.name!r} does not match the "
+                                            f"graph; the file is corrupt or crafted")
+            continue
+        if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            continue
+        t = ep.state_dict.get(spec.target) if spec.target in ep.state_dict else ep.constants.get(spec.target)
+        if not isinstance(t, torch.Tensor) or not isinstance(v, torch.Tensor) or t.dtype != v.dtype or \
+                [int(s) for s in t.shape] != [int(s) if isinstance(s, int) else -1 for s in v.shape]:
+            raise ArtifactFileError(f"{path}: stored tensor {spec.target!r} does not match the graph "
+                                    f"(expected {getattr(v, 'dtype', None)} {list(getattr(v, 'shape', []))}, "
+                                    f"found {getattr(t, 'dtype', None)} {list(getattr(t, 'shape', []))}); "
+                                    f"the file is corrupt or crafted")
 
 
 def _read_tensor(path, entries, name):
