@@ -5,8 +5,12 @@ InputError naming the user's source line and a suggested fix.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
+import os
 import traceback
 from dataclasses import dataclass
 
@@ -112,25 +116,57 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     """Export a deep copy of ``model``; return its GraphModule (guards removed, metadata kept)."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
-    inputs = normalize_inputs(example_inputs, example_kwargs)
+    from qcompile.validate import adapt_dict_inputs, check_example_inputs, check_model, check_outputs
+    inputs = adapt_dict_inputs(model, normalize_inputs(example_inputs, example_kwargs))
+    check_model(model)
+    check_example_inputs(inputs)
     model = copy.deepcopy(model)
     model.eval()  # the input check runs in eval mode: a train-mode run would move batch-norm statistics
-    check_runs(model, inputs)
-    model.train(train)
-    try:
-        ep = _export(model, inputs, dynamic_batch)
-    except Exception as e:  # noqa: BLE001 - translated into an actionable error
-        msg = str(e)
-        where = _source_line_from_message(msg) or _user_frame(e)
-        raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
-            f"{msg.strip().splitlines()[0] if msg.strip() else ''}"
-            + (f"\n  at {where}" if where else "")
-            + f"\n  fix: {_hint(msg)}") from e
+    with torch_output_hidden() as log:
+        check_runs(model, inputs)
+        model.train(train)
+        try:
+            ep = _export(model, inputs, dynamic_batch)
+        except Exception as e:  # noqa: BLE001 - translated into an actionable error
+            msg = str(e)
+            where = _source_line_from_message(msg) or _user_frame(e)
+            err = CaptureError(
+                f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: "
+                f"{msg.strip().splitlines()[0] if msg.strip() else ''}"
+                + (f"\n  at {where}" if where else "")
+                + f"\n  fix: {_hint(msg)}"
+                + ("" if log is None else f"\n  (torch's log and partial graph: set {DEBUG_ENV}=1)"))
+            err.torch_log = log.getvalue() if log is not None else ""
+            raise err from e
     gm = ep.module()
     _drop_guards(gm)
+    check_outputs(gm, model)
     gm.meta["qcompile_inputs"] = inputs
     return gm
+
+
+DEBUG_ENV = "QCOMPILE_DEBUG"
+
+
+@contextlib.contextmanager
+def torch_output_hidden():
+    """Hide torch's logging and the partial graphs torch.export prints to stderr while capturing (yields
+    the captured stderr text); with QCOMPILE_DEBUG=1 everything is shown (yields None)."""
+    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        yield None
+        return
+    names = [n for n in list(logging.root.manager.loggerDict) if n == "torch" or n.startswith("torch.")]
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.disabled for lg in loggers]
+    buf = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.disabled = True
+        with contextlib.redirect_stderr(buf):
+            yield buf
+    finally:
+        for lg, was in zip(loggers, before):
+            lg.disabled = was
 
 
 def _export(model, inputs: CapturedInputs, dynamic_batch: bool):

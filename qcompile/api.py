@@ -18,6 +18,8 @@ from .passes.convert import ConvertToReference
 from .passes.infra import PassManager
 from .passes.insert_observers import InsertObservers
 from .report import Report, build_rows
+from .validate import (check_calibration, check_call_args, check_options, check_sample, names_list, sample_to_inputs,
+                       warn_if_training)
 
 MODES = ("static", "dynamic", "weight_only", "qat")
 FLOAT_MODES = ("dynamic", "weight_only")  # nothing to observe: weights quantized at convert, activations at run time
@@ -45,17 +47,18 @@ class PreparedModel(nn.Module):
         self.gm, self._ctx, self.num_calibration_samples = gm, ctx, 0
 
     def forward(self, *args, **kwargs):
+        check_sample(args, kwargs, self._ctx.inputs, self.num_calibration_samples)
         self.num_calibration_samples += 1
         return self.gm(*args, **kwargs)
 
     def calibrate(self, data, progress: bool | None = None) -> "PreparedModel":
         from tqdm.auto import tqdm
-        n_inputs = len(self._ctx.inputs.args)
+        check_calibration(data)
         seen = 0
         with torch.no_grad():
             for sample in tqdm(data, desc="calibrating", disable=progress is False if progress is not None else None,
                                leave=False):
-                args, kwargs = _sample_to_inputs(sample, n_inputs)
+                args, kwargs = sample_to_inputs(sample, self._ctx.inputs, self.num_calibration_samples)
                 if kwargs and not self._ctx.inputs.kwargs:  # dict sample, positionally captured model
                     names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
                     if set(kwargs) <= set(names):
@@ -66,20 +69,6 @@ class PreparedModel(nn.Module):
             raise CalibrationError("the calibration iterable was empty: pass at least one sample "
                                    "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)")
         return self
-
-
-def _sample_to_inputs(sample, n_inputs: int):
-    if isinstance(sample, torch.Tensor):
-        return (sample,), {}
-    if isinstance(sample, dict):
-        return (), sample
-    if isinstance(sample, (tuple, list)):
-        if n_inputs and len(sample) != n_inputs:
-            raise CalibrationError(
-                f"a calibration sample has {len(sample)} elements but the model takes {n_inputs} positional "
-                f"input(s); for (input, label) pairs pass calibration=(x for x, _ in loader)")
-        return tuple(sample), {}
-    raise CalibrationError(f"calibration samples must be tensors, tuples or dicts, got {type(sample).__name__}")
 
 
 @dataclass(frozen=True)
@@ -105,9 +94,10 @@ class Options:
         if unknown:
             raise ConfigError(f"unknown option(s) {unknown}; valid options: {sorted(known)}")
         kw = dict(kwargs)
-        kw["exclude"] = tuple(kw.get("exclude") or ())
-        kw["allow_float"] = frozenset(kw.get("allow_float") or ())
+        kw["exclude"] = names_list(kw.get("exclude"), "exclude")
+        kw["allow_float"] = frozenset(names_list(kw.get("allow_float"), "allow_float"))
         opts = cls(**kw)
+        check_options(opts)
         if opts.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {opts.mode!r}")
         from .gptq import ALGORITHMS, GPTQConfig
@@ -156,6 +146,9 @@ def prepare(model: nn.Module, example_inputs, backend="x86", **options) -> Prepa
     backend_options, quantize_outputs (see :class:`Options`)."""
     from .observers import make_observer
     opts = Options.parse(options)
+    check_call_args(backend, None, True, None)
+    if isinstance(model, nn.Module):
+        warn_if_training(model, opts.mode)
     gm, ctx = _setup(model, example_inputs, backend, opts)
     if opts.strict:
         _report(ctx, predicted=True).check_strict(ctx.allow_float)
@@ -208,11 +201,14 @@ def _attach_storage(art: Artifact, ctx: Context, ref: fx.GraphModule) -> None:
 class _Samples:
     """A re-iterable view of the calibration data as (args, kwargs), read once per GPTQ round."""
 
-    def __init__(self, data, n_inputs: int):
-        self.data, self.n_inputs = data, n_inputs
+    def __init__(self, data, expected):
+        self.data, self.expected = data, expected
 
     def __iter__(self):
-        return (_sample_to_inputs(s, self.n_inputs) for s in self.data)
+        for i, s in enumerate(self.data):
+            args, kwargs = sample_to_inputs(s, self.expected, i)
+            check_sample(args, kwargs, self.expected, i)
+            yield args, kwargs
 
 
 def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
@@ -221,7 +217,7 @@ def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
     from .passes.weight_only import GPTQRounding
     t0 = time.perf_counter()
     cfg = algorithm if isinstance(algorithm, GPTQConfig) else GPTQConfig()
-    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, len(prepared._ctx.inputs.args)))
+    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, prepared._ctx.inputs))
     prepared._ctx.timings["weight_rounding_s"] = time.perf_counter() - t0
 
 
@@ -230,6 +226,7 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
     tensors, tuples of positional inputs or dicts of keyword inputs). Other options: see :class:`Options`."""
     opts = Options.parse(options)
+    check_call_args(backend, calibration, verify, progress)
     if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
                                "(or use mode='dynamic' / 'weight_only', which need none)")

@@ -39,6 +39,11 @@ class BackendUnavailableError(QCompileError, ImportError):
     """A backend's runtime is not installed; the message names the package to install."""
 
 
+class QCompileWarning(UserWarning):
+    """Something qcompile handled on the user's behalf and says so (e.g. a model in training mode captured
+    in eval mode for post-training quantization)."""
+
+
 def where(node) -> str:
     """Human location of an fx node: name, module path and the user's source line when known."""
     parts = [f"node '{node.name}' ({_target_name(node)})"]

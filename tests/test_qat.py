@@ -355,17 +355,36 @@ def _digits_case(digits, granularity, learn_scale, backend="x86"):
     return float_acc, accuracy(ptq, x_te, y_te), accuracy(qat, x_te, y_te), accuracy(art, x_te, y_te), agree
 
 
+def with_outlier_channel(model, k=4.0):
+    """The same function with one wide channel: bn1's channel 0 scaled by k (ReLU commutes with a positive
+    scale) and conv2's weights reading it divided by k. Float outputs are unchanged; per-tensor 4-bit weights
+    of the batch-norm-folded conv1 then spend their few levels on that channel and round most of the other
+    channels' weights to zero — a loss that comes from the weights' range, not from any kernel, so it is the
+    same on every CPU (unlike the small loss of the plain model, which depends on float training numerics)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.bn1.weight[0] *= k
+        model.bn1.bias[0] *= k
+        model.conv2.weight[:, 0] /= k
+    return model.eval()
+
+
 @pytest.mark.parametrize("backend", ["x86", "executorch"])
 def test_digits_4bit_per_tensor_ptq_loses_and_qat_recovers(digits, backend):
-    """scikit-learn digits (450 test images), 4-bit per-tensor weights / 8-bit activations. Measured, the
-    same on both backends: float 99.11%, PTQ 95.11%, 4 epochs of QAT 98.89%, the converted model 98.89%
-    (same predictions; executorch: the .pte in ExecuTorch's runtime, XNNPACK, ~10 s)."""
+    """scikit-learn digits (450 test images), 4-bit per-tensor weights / 8-bit activations, a model with one
+    wide channel (with_outlier_channel). Measured on an AMD EPYC (AVX-512 VNNI): float 99.11%, PTQ 69.56% on
+    both backends; 4 epochs of QAT 99.11% (x86) / 97.33% (executorch); the converted model agrees with the
+    QAT model on every image (executorch: the .pte in ExecuTorch's runtime, XNNPACK, ~10 s)."""
     if backend == "executorch":
         pytest.importorskip("executorch")
-    float_acc, ptq_acc, qat_acc, backend_acc, agree = _digits_case(digits, "per_tensor", False, backend)
+    model, data = digits
+    wide = with_outlier_channel(model)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(data[2]), model(data[2]), atol=1e-4, rtol=1e-4)  # the same function
+    float_acc, ptq_acc, qat_acc, backend_acc, agree = _digits_case((wide, data), "per_tensor", False, backend)
     assert float_acc > 0.98
-    assert ptq_acc < float_acc - 0.02  # PTQ loses accuracy
-    assert qat_acc >= float_acc - 0.01  # a few epochs of QAT recover to within 1 point
+    assert ptq_acc < float_acc - 0.15  # PTQ loses a lot (measured 29.6 points)
+    assert qat_acc >= float_acc - 0.03 and qat_acc > ptq_acc + 0.2  # a few epochs of QAT recover
     assert abs(backend_acc - qat_acc) <= 1 / 450 and agree >= 0.995  # the backend reproduces the QAT model
 
 
@@ -373,11 +392,16 @@ def test_digits_4bit_per_tensor_ptq_loses_and_qat_recovers(digits, backend):
 @pytest.mark.parametrize("granularity,learn_scale", [("per_channel", False), ("per_channel", True),
                                                       ("per_tensor", True)])
 def test_digits_4bit_variants(digits, granularity, learn_scale):
-    """Measured: per-tensor LSQ QAT 99.56% (PTQ 95.11%); per-channel PTQ loses little on this small model
-    (98.44% vs 99.11% float), QAT 99.33% (STE) / 99.56% (LSQ)."""
-    float_acc, ptq_acc, qat_acc, backend_acc, agree = _digits_case(digits, granularity, learn_scale)
-    assert ptq_acc < float_acc
-    assert qat_acc >= float_acc - 0.01 and qat_acc > ptq_acc
+    """The wide-channel model: per-channel weights give the wide channel its own scale, so PTQ keeps close to
+    float; per-tensor LSQ (learned scales) recovers like STE."""
+    model, data = digits
+    float_acc, ptq_acc, qat_acc, backend_acc, agree = _digits_case((with_outlier_channel(model), data),
+                                                                   granularity, learn_scale)
+    if granularity == "per_channel":
+        assert ptq_acc >= float_acc - 0.03
+    else:
+        assert ptq_acc < float_acc - 0.15 and qat_acc > ptq_acc + 0.2
+    assert qat_acc >= float_acc - 0.02
     assert abs(backend_acc - qat_acc) <= 1 / 450 and agree >= 0.995
 
 
