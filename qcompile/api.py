@@ -247,5 +247,7 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
 
 def explain(model: nn.Module, example_inputs, backend="x86", **options) -> Report:
     """Predict coverage (what will be int8 and what float, and why) before any calibration."""
-    _, ctx = _setup(model, example_inputs, backend, Options.parse(options))
+    opts = Options.parse(options)
+    check_call_args(backend, None, True, None)
+    _, ctx = _setup(model, example_inputs, backend, opts)
     return _report(ctx, predicted=True)
