@@ -117,7 +117,7 @@ def time_in_fresh_process(tmp: str, paths: dict, args, processes: int = 5) -> di
 def _time_spec(spec_path: str, rotate: int) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    x = torch.load(spec["x"])
+    x = torch.load(spec["x"], weights_only=True)  # a tensor this script saved: never unpickle objects
     names = list(spec["paths"])
     names = names[rotate % len(names):] + names[:rotate % len(names)]
     sess = {k: session(spec["paths"][k], spec["threads"]) for k in names}
