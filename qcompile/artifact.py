@@ -159,7 +159,14 @@ def load(path) -> Artifact:
     if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
         raise ArtifactFileError(f"{path}: malformed {_META} entry (no layout); the file is corrupt")
     ep = load_program(path, entries, meta["layout"])
-    return _rebuild(path, meta, ep)
+    try:
+        return _rebuild(path, meta, ep)
+    except QCompileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a checked graph that still cannot be lowered: refuse the file
+        raise ArtifactFileError(f"{path}: the artifact could not be rebuilt ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); the file is corrupt or was written "
+                                f"by an incompatible qcompile / torch version") from e
 
 
 def _rebuild(path: str, meta: dict, ep) -> Artifact:

@@ -92,7 +92,11 @@ def load_program(path: str, entries: dict, layout: dict):
     from torch._export.serde.serialize import SerializedArtifact, deserialize
     from . import lowbit  # noqa: F401 - registers the qcompile:: custom ops a reference graph may call
     program = read_json(path, entries, "program.json")
-    check_program(path, program)
+    try:
+        check_program(path, program)
+    except RecursionError:
+        raise ArtifactFileError(f"{path}: the program entry is nested too deeply; the file is corrupt or crafted") \
+            from None
     tensors = {}
     for group in ("state_dict", "constants"):
         keys = layout.get("tensor_names", {}).get(group, [])

@@ -170,13 +170,24 @@ def _sniff(path: str, data: bytes) -> str:
         return ("this is an ExecuTorch program (.pte), not a qcompile artifact: run it with "
                 "executorch.runtime.Runtime.get().load_program(path); qcompile.load reads .qc files "
                 "(save the artifact with art.save('model.qc') to load it back into qcompile)")
-    if path.lower().endswith(".onnx") or (data[:1] == b"\x08" and b"onnx" in data[:4096].lower()):
+    if path.lower().endswith(".onnx") or _is_onnx(data):
         return ("this is an ONNX model, not a qcompile artifact: run it with "
                 "onnxruntime.InferenceSession(path); qcompile.load reads .qc files "
                 "(save the artifact with art.save('model.qc') to load it back into qcompile)")
     if data[:1] == b"\x80":
         return "this is a Python pickle, not a qcompile artifact; qcompile never unpickles files"
     return "not a qcompile artifact (no QCOMPILE signature at the start of the file); qcompile.load reads .qc files"
+
+
+def _is_onnx(data: bytes) -> bool:
+    """An ONNX ModelProto starts with field 1 (ir_version, varint) and parses as one (protobuf: no code)."""
+    if data[:1] != b"\x08":
+        return False
+    try:
+        import onnx
+        return len(onnx.load_model_from_string(data).graph.node) > 0
+    except Exception:  # noqa: BLE001 - not ONNX, or onnx not installed
+        return b"onnx" in data[:4096].lower()
 
 
 def _sniff_zip(data: bytes) -> str:

@@ -16,6 +16,8 @@ import zipfile
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qcompile
@@ -357,3 +359,47 @@ def test_exception_mid_write_leaves_the_old_file(saved, tmp_path, monkeypatch, e
 
 def test_qcompile_errors_are_one_family():
     assert issubclass(ArtifactFileError, QCompileError)
+
+
+# -- random mutations of the JSON entries, re-packed with valid checksums ------------------------------
+def _paths(x, prefix=()):
+    yield prefix
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+    for k, v in items:
+        yield from _paths(v, prefix + (k,))
+
+
+def _set(x, path, value):
+    for k in path[:-1]:
+        x = x[k]
+    x[path[-1]] = value
+
+
+@pytest.fixture(scope="module")
+def x86_qc(tmp_path_factory):
+    art = _compile("x86")
+    return art.save(str(tmp_path_factory.mktemp("fuzz") / "m.qc"))
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**12) | st.floats(allow_nan=False)
+                           | st.text(max_size=12), lambda c: st.lists(c, max_size=3)
+                           | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(entry=st.sampled_from(["program.json", "meta.json"]), where=st.integers(0, 10**6), value=JSON_VALUES)
+def test_random_json_mutations_end_in_a_qcompile_error_or_an_artifact(x86_qc, tmp_path, entry, where, value):
+    entries = _entries(x86_qc)
+    doc = json.loads(entries[entry][0])
+    paths = [p for p in _paths(doc) if p]
+    _set(doc, paths[where % len(paths)], value)
+    entries[entry] = (json.dumps(doc).encode(), entries[entry][1])
+    path = tmp_path / "mutated.qc"
+    path.write_bytes(_repack(entries))
+    try:
+        art = qcompile.load(str(path))
+    except QCompileError as e:
+        assert str(path) in str(e) or isinstance(e, (ConfigError, qcompile.BackendUnavailableError)), e
+    else:
+        assert isinstance(art, qcompile.Artifact)
