@@ -58,17 +58,18 @@ class PreparedModel(nn.Module):
         with torch.no_grad():
             for sample in tqdm(data, desc="calibrating", disable=progress is False if progress is not None else None,
                                leave=False):
-                args, kwargs = sample_to_inputs(sample, self._ctx.inputs, self.num_calibration_samples)
-                if kwargs and not self._ctx.inputs.kwargs:  # dict sample, positionally captured model
-                    names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
-                    if set(kwargs) <= set(names):
-                        args, kwargs = tuple(kwargs[n] for n in names if n in kwargs), {}
+                args, kwargs = sample_to_inputs(sample, self._ctx.inputs, self.num_calibration_samples,
+                                                _input_names(self.gm))
                 self(*args, **kwargs)
                 seen += 1
         if seen == 0:
             raise CalibrationError("the calibration iterable was empty: pass at least one sample "
                                    "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)")
         return self
+
+
+def _input_names(gm: fx.GraphModule) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "placeholder"]
 
 
 @dataclass(frozen=True)
@@ -201,12 +202,12 @@ def _attach_storage(art: Artifact, ctx: Context, ref: fx.GraphModule) -> None:
 class _Samples:
     """A re-iterable view of the calibration data as (args, kwargs), read once per GPTQ round."""
 
-    def __init__(self, data, expected):
-        self.data, self.expected = data, expected
+    def __init__(self, data, expected, names):
+        self.data, self.expected, self.names = data, expected, names
 
     def __iter__(self):
         for i, s in enumerate(self.data):
-            args, kwargs = sample_to_inputs(s, self.expected, i)
+            args, kwargs = sample_to_inputs(s, self.expected, i, self.names)
             check_sample(args, kwargs, self.expected, i)
             yield args, kwargs
 
@@ -217,7 +218,7 @@ def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
     from .passes.weight_only import GPTQRounding
     t0 = time.perf_counter()
     cfg = algorithm if isinstance(algorithm, GPTQConfig) else GPTQConfig()
-    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, prepared._ctx.inputs))
+    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, prepared._ctx.inputs, _input_names(prepared.gm)))
     prepared._ctx.timings["weight_rounding_s"] = time.perf_counter() - t0
 
 

@@ -69,14 +69,17 @@ def check_example_inputs(inputs) -> None:
 
 
 # -- calibration samples --------------------------------------------------------------------------
-def sample_to_inputs(sample, expected, index: int):
-    """One calibration sample -> (args, kwargs) shaped like the example inputs."""
+def sample_to_inputs(sample, expected, index: int, names=()):
+    """One calibration sample -> (args, kwargs) shaped like the example inputs. ``names``: the positional
+    inputs' parameter names, so a dict sample of a positionally captured model maps onto them."""
     n = len(expected.args)
     if isinstance(sample, torch.Tensor):
         return (sample,), {}
     if isinstance(sample, dict):
         if not expected.kwargs and n == 1 and isinstance(expected.args[0], dict):
             return (sample,), {}  # forward(self, batch: dict)
+        if not expected.kwargs and names and set(sample) <= set(names):
+            return tuple(sample[k] for k in names if k in sample), {}
         return (), dict(sample)
     if isinstance(sample, (tuple, list)):
         if n and len(sample) != n:

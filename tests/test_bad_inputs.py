@@ -162,6 +162,9 @@ def test_direct_calls_of_the_prepared_model_are_checked(prepared):
 
 
 def test_gptq_samples_are_checked():
+    art = qcompile.compile(Lin().eval(), (_x(),), calibration=[{"x": _x(4, 1)}, (_x(4, 2),), _x(4, 3)],
+                           algorithm="gptq", mode="weight_only", progress=False)  # every sample kind
+    assert sqnr(art.run_reference(_x()), art(_x())) > 30
     with pytest.raises(CalibrationError, match="calibration sample 1.*NaN"):
         qcompile.compile(Lin().eval(), (_x(),), calibration=[_x(), _x() * float("nan")], algorithm="gptq",
                          mode="weight_only", progress=False)
