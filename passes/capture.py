@@ -48,6 +48,17 @@ def normalize_inputs(example_inputs, example_kwargs=None) -> CapturedInputs:
     return CapturedInputs(args, kwargs)
 
 
+def contiguous_inputs(inputs: CapturedInputs) -> CapturedInputs:
+    """The example inputs with standard (row-major) strides. A channels-last or permuted example (an
+    image pipeline's ``torch.from_numpy(hwc).permute(2, 0, 1)``) would otherwise be baked into the
+    exported graph as its layout, which a runtime handed another layout reads wrongly (ExecuTorch)
+    or cannot plan (XNNPACK); artifacts copy each call's inputs to this layout too."""
+    def fix(t):
+        return t.contiguous() if isinstance(t, torch.Tensor) else t
+    args, kwargs = torch.utils._pytree.tree_map(fix, (inputs.args, inputs.kwargs))
+    return CapturedInputs(tuple(args), dict(kwargs))
+
+
 def _user_frame(exc: BaseException) -> str | None:
     """The innermost traceback frame outside torch / qcompile: the user's line."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -112,7 +123,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     """Export a deep copy of ``model``; return its GraphModule (guards removed, metadata kept)."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
-    inputs = normalize_inputs(example_inputs, example_kwargs)
+    inputs = contiguous_inputs(normalize_inputs(example_inputs, example_kwargs))
     model = copy.deepcopy(model)
     model.eval()  # the input check runs in eval mode: a train-mode run would move batch-norm statistics
     check_runs(model, inputs)
