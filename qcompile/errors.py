@@ -34,6 +34,14 @@ class BackendUnavailableError(QCompileError, ImportError):
     """A backend's runtime is not installed; the message names the package to install."""
 
 
+class NumericsError(QCompileError):
+    """strict=True and the lowered artifact's output is far from the float model's."""
+
+
+class QuantizationWarning(UserWarning):
+    """The compiled artifact is far from the float model (see ``Report.warnings``)."""
+
+
 def where(node) -> str:
     """Human location of an fx node: name, module path and the user's source line when known."""
     parts = [f"node '{node.name}' ({_target_name(node)})"]
