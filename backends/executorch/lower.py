@@ -32,7 +32,7 @@ from qcompile.passes.pattern import op_kind
 
 from .delegation import TAG, Delegation, read_delegation
 from .proof import mixed_dim_orders, prove
-from .rewrite import requantize_cat_inputs, splits_as_slices
+from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
 from .runtime import PteProgram
 from .support import GEMM_KINDS
 from .verify import INT4_PACKED, weight_storage
@@ -283,6 +283,7 @@ def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx
     containers = weight_containers(gm)
     decompose_hardsigmoid(gm)
     splits_as_slices(gm)
+    clone_before_reshape_of_transposed(gm)
     requantize_cat_inputs(gm)
     if opts.channels_last_inputs and channels_last_inputs(gm):
         global_pool_as_mean(gm)

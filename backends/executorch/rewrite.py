@@ -8,6 +8,11 @@
 * ``chunk`` / ``split`` / ``split_with_sizes`` -> one ``slice`` per piece: ExecuTorch's portable
   ``split_with_sizes_copy`` rejects a channels-last input coming out of the delegate ("2 input tensors
   have different dim orders", execute() error 0x12); XNNPACK runs slices itself, in any layout.
+* ``reshape`` of a transposed tensor gets an explicit ``clone`` (contiguous) first. torch.export records a
+  reshape as a ``view`` when the example's strides allow it, and ExecuTorch's decompositions can then
+  produce other strides (CPU SDPA returns a [B, S, H, D]-ordered output; its decomposition does not), so
+  the view fails in ``to_edge`` (GPT-2: "Cannot view a tensor with shape [2, 8, 64] and strides
+  (64, 128, 1)"). The clone makes the layout explicit; XNNPACK drops it again where it is an identity.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch
 from torch import fx
 
 qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
+_TRANSPOSES = (aten.permute.default, aten.transpose.int, aten.t.default)
 _SPLITS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.split.sizes)
 _KEEP = ("custom", "nn_module_stack", "stack_trace")
 
@@ -89,6 +95,25 @@ def splits_as_slices(gm: fx.GraphModule) -> list[str]:
             item.replace_all_uses_with(piece)
             gm.graph.erase_node(item)
         gm.graph.erase_node(node)
+        done.append(node.name)
+    if done:
+        gm.recompile()
+    return done
+
+
+def clone_before_reshape_of_transposed(gm: fx.GraphModule) -> list[str]:
+    """reshape(transpose(x)) -> reshape(clone(transpose(x), contiguous_format))."""
+    done = []
+    for node in [n for n in gm.graph.nodes if n.target in (aten.reshape.default, aten.view.default)]:
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.target in _TRANSPOSES):
+            continue
+        with gm.graph.inserting_before(node):
+            clone = gm.graph.call_function(aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
+        _meta_from(src, clone)
+        if "val" in src.meta:
+            clone.meta["val"] = src.meta["val"]
+        node.replace_input_with(src, clone)
         done.append(node.name)
     if done:
         gm.recompile()
