@@ -52,6 +52,17 @@ def normalize_inputs(example_inputs, example_kwargs=None) -> CapturedInputs:
     return CapturedInputs(args, kwargs)
 
 
+def contiguous_inputs(inputs: CapturedInputs) -> CapturedInputs:
+    """The example inputs with standard (row-major) strides. A channels-last or permuted example (an
+    image pipeline's ``torch.from_numpy(hwc).permute(2, 0, 1)``) would otherwise be baked into the
+    exported graph as its layout, which a runtime handed another layout reads wrongly (ExecuTorch)
+    or cannot plan (XNNPACK); artifacts copy each call's inputs to this layout too."""
+    def fix(t):
+        return t.contiguous() if isinstance(t, torch.Tensor) else t
+    args, kwargs = torch.utils._pytree.tree_map(fix, (inputs.args, inputs.kwargs))
+    return CapturedInputs(tuple(args), dict(kwargs))
+
+
 def _user_frame(exc: BaseException) -> str | None:
     """The innermost traceback frame outside torch / qcompile: the user's line."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -117,7 +128,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     if not isinstance(model, nn.Module):
         raise CaptureError(f"qcompile needs a torch.nn.Module, got {type(model).__name__}")
     from qcompile.validate import adapt_dict_inputs, check_example_inputs, check_model, check_outputs
-    inputs = adapt_dict_inputs(model, normalize_inputs(example_inputs, example_kwargs))
+    inputs = contiguous_inputs(adapt_dict_inputs(model, normalize_inputs(example_inputs, example_kwargs)))
     check_model(model)
     check_example_inputs(inputs)
     model = copy.deepcopy(model)

@@ -1,49 +1,112 @@
-"""Canonicalize: in-place ops -> functional, drop eval-mode no-ops (dropout, clone, alias, detach)."""
+"""Canonicalize the captured graph into the one form every backend's rules are written against.
+
+* every in-place ATen op ``foo_`` with a functional sibling ``foo`` (same overload, same arguments)
+  becomes ``foo``, and later readers of the mutated tensor read the result (generic: read from the
+  op schemas, not a table; ``silu_``, ``dropout_``, ``leaky_relu_``, ``sigmoid_``... all follow);
+* ``relu6`` -> ``hardtanh(0, 6)``;
+* eval-mode dropout (all its variants), ``alias``, ``detach``, ``clone`` and ``contiguous`` are removed;
+* ``view`` becomes ``reshape``: with the copies gone (and whatever layout a backend picks, channels-last
+  or NHWC), a view of a transposed tensor (ShuffleNet's channel shuffle) must still be computable —
+  ``reshape`` is a view where the strides allow it and a copy where they do not, the same values;
+* constant-weight ``addmm`` / ``mm`` / ``matmul`` -> ``linear`` (canonical_linear.py).
+
+An in-place op on a graph input, a constant or a view of another tensor keeps its mutation (rewriting it
+would change what other aliases see); the copies are then kept too.
+"""
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import fx
 
+from .canonical_linear import CanonicalLinear
 from .infra import Pass, PassResult
 
 aten = torch.ops.aten
-_FUNCTIONAL = {
-    aten.relu_.default: aten.relu.default,
-    aten.hardtanh_.default: aten.hardtanh.default,
-    aten.add_.Tensor: aten.add.Tensor,
-    aten.mul_.Tensor: aten.mul.Tensor,
-    aten.hardswish_.default: aten.hardswish.default,
-    aten.hardsigmoid_.default: aten.hardsigmoid.default,
-    aten.relu6.default: None,  # handled below: relu6 -> hardtanh(0, 6)
-}
-_IDENTITY = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
+_IDENTITY = {aten.alias.default, aten.detach.default}
+_COPIES = {aten.clone.default, aten.contiguous.default}
+_DROPOUTS = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"}
 
 
-def _is_noop(node: fx.Node) -> bool:
-    if node.target in _IDENTITY:
-        return True
-    if node.target == aten.dropout.default:
-        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-        return not train
-    return False
+def functional_sibling(op) -> object | None:
+    """``aten.foo.ovl`` for an in-place ``aten.foo_.ovl`` whose first argument is the written tensor."""
+    schema = getattr(op, "_schema", None)
+    if schema is None or not schema.name.startswith("aten::") or not schema.name.endswith("_"):
+        return None
+    args = schema.arguments
+    if not args or args[0].alias_info is None or not args[0].alias_info.is_write:
+        return None
+    base = getattr(aten, schema.name[len("aten::"):-1], None)
+    fn = getattr(base, schema.overload_name or "default", None) if base is not None else None
+    if fn is None or fn._schema.is_mutable or len(fn._schema.arguments) != len(args):
+        return None
+    return fn
+
+
+def _aliases_other_tensors(node: fx.Node) -> bool:
+    """Is ``node`` a graph input, a constant, or the output of a view op (aliasing another tensor)?"""
+    if node.op in ("placeholder", "get_attr") or node.target is operator.getitem:
+        return True  # getitem: a piece of chunk / split / unbind, a view of their input
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def functionalize(gm: fx.GraphModule) -> tuple[bool, bool]:
+    """Rewrite in-place ops; returns (modified, every mutation removed)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modified, complete = False, True
+    for node in list(gm.graph.nodes):
+        fn = functional_sibling(node.target) if node.op == "call_function" else None
+        if fn is None:
+            if node.op == "call_function" and getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+                complete = False
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or _aliases_other_tensors(src):
+            complete = False
+            continue
+        node.target = fn
+        for user in list(src.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(src, node)
+        modified = True
+    return modified, complete
+
+
+def _is_eval_dropout(node: fx.Node) -> bool:
+    name = getattr(node.target, "_schema", None)
+    if name is None or name.name[len("aten::"):] not in _DROPOUTS:
+        return False
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return not train
+
+
+def _removable(node: fx.Node, copies_ok: bool) -> bool:
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return node.target in _IDENTITY or (copies_ok and node.target in _COPIES) or _is_eval_dropout(node)
 
 
 class Normalize(Pass):
     """Rewrite the graph into the canonical form rules are written against."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        modified = False
+        modified, no_mutation = functionalize(gm)
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
             if node.target == aten.relu6.default:
                 node.target, node.args = aten.hardtanh.default, (node.args[0], 0.0, 6.0)
                 modified = True
-            elif node.target in _FUNCTIONAL and _FUNCTIONAL[node.target] is not None:
-                node.target = _FUNCTIONAL[node.target]
+            elif node.target == aten.view.default and no_mutation:
+                node.target = aten.reshape.default
                 modified = True
-            elif _is_noop(node) and isinstance(node.args[0], fx.Node) and not node.kwargs.get("memory_format"):
+            elif _removable(node, no_mutation):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True
+        modified |= CanonicalLinear()(gm).modified
+        if modified:
+            gm.recompile()
         return PassResult(gm, modified)

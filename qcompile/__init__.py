@@ -8,7 +8,8 @@ from .artifact import Artifact, load
 from .qat import prepare_qat
 from .config import ModuleConfig, QConfig
 from .errors import (ArtifactFileError, BackendUnavailableError, CalibrationError, CaptureError, ConfigError, InputError,
-                     QCompileError, QCompileWarning, StrictFallbackError, UnsupportedError)
+                     NumericsError, QCompileError, QCompileWarning, QuantizationWarning, StrictFallbackError,
+                     UnsupportedError)
 from .report import Report
 from .specs import ActivationSpec, QuantSpec, WeightSpec
 
@@ -17,5 +18,5 @@ __all__ = [
     "compile", "prepare", "prepare_qat", "convert", "explain", "load", "Artifact", "Report", "QConfig", "ModuleConfig",
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
-    "ArtifactFileError", "QCompileWarning",
+    "ArtifactFileError", "QCompileWarning", "NumericsError", "QuantizationWarning",
 ]

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 import time
+import warnings
 
 import torch
 from torch import fx
 
-from .errors import ArtifactFileError, ConfigError, InputError, QCompileError
+from .errors import ArtifactFileError, ConfigError, InputError, NumericsError, QCompileError, QuantizationWarning
 from .qparams import sqnr
 from .report import Report, Row, apply_lowering
 
@@ -40,6 +42,7 @@ class Artifact:
         report.sizes = art._sizes()
         if verify:
             report.verify = art.verify(float_model=ctx.float_gm)
+            _flag_numerics(report, ctx.strict)
         if ctx.strict:
             report.check_strict(ctx.allow_float)
         return art
@@ -241,6 +244,41 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# "Far from float": the lowered artifact's SQNR vs the float model is more than GAP_DB below the reference
+# graph's own (the lowering lost what quantization kept) while under CEILING_DB, or under FLOOR_DB at all.
+FAR_FROM_FLOAT = {"gap_db": 10.0, "ceiling_db": 35.0, "floor_db": 10.0}
+
+
+def far_from_float(verify: dict) -> str | None:
+    """Why the verified artifact is far from the float model, or None (also None when it cannot be judged:
+    no float comparison, or a float output that is exactly zero)."""
+    low, ref = verify.get("sqnr_vs_float_db"), verify.get("reference_sqnr_vs_float_db")
+    if low is None or ref is None or math.isnan(low) or low == math.inf or ref == -math.inf:
+        return None
+    lim = FAR_FROM_FLOAT
+    if low < ref - lim["gap_db"] and low < lim["ceiling_db"]:
+        return (f"the lowered artifact is {low:.1f} dB SQNR from the float model, but the reference graph is "
+                f"{ref:.1f} dB: the {verify.get('runtime', 'runtime')} lowering loses accuracy quantization did not "
+                f"(SQNR vs reference {verify.get('sqnr_vs_reference_db', float('nan')):.1f} dB)")
+    if low < lim["floor_db"]:
+        return (f"the quantized model is only {low:.1f} dB SQNR from the float model (reference graph {ref:.1f} dB, "
+                f"floor {lim['floor_db']:.0f} dB)")
+    return None
+
+
+def _flag_numerics(report: Report, strict: bool) -> None:
+    why = far_from_float(report.verify)
+    report.verify["far_from_float"] = why is not None
+    if why is None:
+        return
+    msg = (f"{report.backend} backend: {why}. fix: compile for another backend to compare, exclude the "
+           f"modules whose layer-by-layer error jumps (exclude=[...]), or report the model")
+    report.warnings.append(msg)
+    if strict:
+        raise NumericsError(f"strict=True: {msg}")
+    warnings.warn(msg, QuantizationWarning, stacklevel=5)  # the caller of compile()
 
 
 def _options(backend) -> dict:

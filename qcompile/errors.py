@@ -44,6 +44,14 @@ class QCompileWarning(UserWarning):
     in eval mode for post-training quantization)."""
 
 
+class NumericsError(QCompileError):
+    """strict=True and the lowered artifact's output is far from the float model's."""
+
+
+class QuantizationWarning(QCompileWarning):
+    """The compiled artifact is far from the float model (see ``Report.warnings``)."""
+
+
 def where(node) -> str:
     """Human location of an fx node: name, module path and the user's source line when known."""
     parts = [f"node '{node.name}' ({_target_name(node)})"]

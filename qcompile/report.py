@@ -44,6 +44,7 @@ class Report:
     predicted: bool = False
     storage: list = field(default_factory=list)  # one dict per stored tensor of the lowered model (storage_rows)
     weight_rounding: dict = field(default_factory=dict)  # layer -> GPTQ stats (qcompile.passes.weight_only)
+    warnings: list = field(default_factory=list)  # loud problems found at compile time (Artifact.build)
 
     # -- queries --------------------------------------------------------------------------------
     def by_status(self) -> Counter:
@@ -82,7 +83,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "config": self.config, "verify": self.verify, "sizes": self.sizes,
                 "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows],
-                "storage": self.storage, "weight_rounding": self.weight_rounding}
+                "storage": self.storage, "weight_rounding": self.weight_rounding, "warnings": self.warnings}
 
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
@@ -105,7 +106,8 @@ class Report:
         head = (f"qcompile report — backend {self.backend} ({self.runtime}), mode {self.mode}"
                 f"{' [predicted, before calibration]' if self.predicted else ''}\n"
                 f"nodes: {s['nodes']}  " + "  ".join(f"{k}: {v}" for k, v in s["by_status"].items()) +
-                f"\nint8 share: parameters {s['int8_param_share']:.1%}, MACs {s['int8_mac_share']:.1%}\n")
+                f"\nint8 share: parameters {s['int8_param_share']:.1%}, MACs {s['int8_mac_share']:.1%}\n"
+                + "".join(f"WARNING: {w}\n" for w in self.warnings))
         cols = ["name", "op", "module", "status", "kernel", "reason"]
         table = [[r.name, r.op, r.module, r.status, r.kernel, r.reason] for r in self.rows]
         widths = [min(40, max([len(c)] + [len(str(t[i])) for t in table])) for i, c in enumerate(cols)]

@@ -16,6 +16,7 @@ partitioner pattern-matches; lowering only re-exports it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from qcompile.passes.capture import CapturedInputs
 from qcompile.passes.pattern import op_kind
 
 from .delegation import TAG, Delegation, read_delegation
+from .proof import mixed_dim_orders, prove
+from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
 from .runtime import PteProgram
 from .support import GEMM_KINDS
 from .verify import INT4_PACKED, weight_storage
@@ -279,6 +282,9 @@ def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx
     float_weights = float_output_weights(gm)
     containers = weight_containers(gm)
     decompose_hardsigmoid(gm)
+    splits_as_slices(gm)
+    clone_before_reshape_of_transposed(gm)
+    requantize_cat_inputs(gm)
     if opts.channels_last_inputs and channels_last_inputs(gm):
         global_pool_as_mean(gm)
     if opts.duplicate_dequant:
@@ -351,14 +357,26 @@ def to_edge_xnnpack(ep: torch.export.ExportedProgram):
     return edge, reasons
 
 
-def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions) -> ExecuTorchLowered:
-    t0 = time.perf_counter()
+def _lower_once(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions):
     gm, float_weights, containers = prepare_reference(reference, opts)
     ep = export_static(gm, inputs)
-    t1 = time.perf_counter()
     edge, reasons = to_edge_xnnpack(ep)
+    return gm, float_weights, containers, edge, reasons
+
+
+def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions,
+                    run_check: bool = True) -> ExecuTorchLowered:
+    """Lower, then load the program in ExecuTorch's runtime and run it once on the example inputs
+    (``run_check``; loading always): a program that compiles but cannot load or run raises here."""
+    t0 = time.perf_counter()
+    gm, float_weights, containers, edge, reasons = _lower_once(reference, inputs, opts)
+    if opts.channels_last_inputs and mixed_dim_orders(edge.exported_program().graph_module):
+        # channels-last tensors would reach ExecuTorch's portable kernels, which reject mixed dim orders
+        gm, float_weights, containers, edge, reasons = _lower_once(
+            reference, inputs, dataclasses.replace(opts, channels_last_inputs=False))
     t2 = time.perf_counter()
-    delegation = read_delegation(edge.exported_program().graph_module, reasons)
+    edge_gm = edge.exported_program().graph_module
+    delegation = read_delegation(edge_gm, reasons)
     kernels, fallbacks = delegation.kernels_and_fallbacks(reference)
     for name in float_weights:
         if name in kernels:
@@ -368,5 +386,7 @@ def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: Low
             kernels[name] += " (4-bit weights packed two per byte: XNNPACK qc4w)" if form == INT4_PACKED else f" ({form})"
     program = PteProgram.from_edge(edge, inputs)
     t3 = time.perf_counter()
+    prove(program, [tuple(inputs.args), dict(inputs.kwargs)], edge_gm, reference, run=run_check)
     return ExecuTorchLowered(program, delegation, kernels, fallbacks, weight_storage(gm, containers), containers,
-                             {"export_s": t1 - t0, "to_edge_and_lower_s": t2 - t1, "to_executorch_s": t3 - t2})
+                             {"export_and_lower_s": t2 - t0, "to_executorch_s": t3 - t2,
+                              "load_and_run_s": time.perf_counter() - t3})

@@ -1,0 +1,120 @@
+"""Rewrites of the reference copy that keep XNNPACK's delegate valid (values unchanged).
+
+* ``cat`` whose output is quantized: XNNPACK's int8 concatenate needs ONE scale / zero point for every
+  input and the output, and ExecuTorch 1.5.1's ``CatConfig`` does not check it (the program is built,
+  then fails to load: ``XNNCompiler: Failed to create cat node ... xnn_status_invalid_parameter``). Each
+  input is re-quantized to the output's parameters first. Exact: quantization is elementwise, so
+  ``quantize(cat(a, b)) == cat(quantize(a), quantize(b))`` code for code.
+* ``chunk`` / ``split`` / ``split_with_sizes`` -> one ``slice`` per piece: ExecuTorch's portable
+  ``split_with_sizes_copy`` rejects a channels-last input coming out of the delegate ("2 input tensors
+  have different dim orders", execute() error 0x12); XNNPACK runs slices itself, in any layout.
+* ``reshape`` of a transposed tensor gets an explicit ``clone`` (contiguous) first. torch.export records a
+  reshape as a ``view`` when the example's strides allow it, and ExecuTorch's decompositions can then
+  produce other strides (CPU SDPA returns a [B, S, H, D]-ordered output; its decomposition does not), so
+  the view fails in ``to_edge`` (GPT-2: "Cannot view a tensor with shape [2, 8, 64] and strides
+  (64, 128, 1)"). The clone makes the layout explicit; XNNPACK drops it again where it is an identity.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx
+
+qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
+_TRANSPOSES = (aten.permute.default, aten.transpose.int, aten.t.default)
+_SPLITS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.split.sizes)
+_KEEP = ("custom", "nn_module_stack", "stack_trace")
+
+
+def _meta_from(src: fx.Node, *nodes: fx.Node) -> None:
+    for n in nodes:
+        n.meta.update({k: v for k, v in src.meta.items() if k in _KEEP})
+
+
+def requantize_cat_inputs(gm: fx.GraphModule) -> list[str]:
+    """Give every input of a quantized-output cat the output's quantization parameters."""
+    done = []
+    for cat in [n for n in gm.graph.nodes if n.target == aten.cat.default]:
+        users = list(cat.users)
+        if len(users) != 1 or users[0].target != qd.quantize_per_tensor.default:
+            continue
+        qparams = tuple(users[0].args[1:])
+        inputs = list(cat.args[0])
+        for i, x in enumerate(inputs):
+            if isinstance(x, fx.Node) and x.target == qd.dequantize_per_tensor.default and tuple(x.args[1:]) == qparams:
+                continue
+            with gm.graph.inserting_before(cat):
+                q = gm.graph.call_function(qd.quantize_per_tensor.default, (x, *qparams))
+                dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, *qparams))
+            _meta_from(cat, q, dq)
+            if isinstance(x, fx.Node) and "val" in x.meta:
+                dq.meta["val"] = x.meta["val"]
+            inputs[i] = dq
+        if inputs != list(cat.args[0]):
+            cat.args = (inputs, *cat.args[1:])
+            done.append(cat.name)
+    if done:
+        gm.recompile()
+    return done
+
+
+def _split_bounds(node: fx.Node) -> tuple[int, list[tuple[int, int]]] | None:
+    """(dim, [(start, end) per piece]) of a chunk / split with static sizes, from the node's output shapes."""
+    vals = node.meta.get("val")
+    if not isinstance(vals, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    rank = vals[0].dim()
+    dim = dim % rank
+    bounds, start = [], 0
+    for v in vals:
+        size = v.shape[dim]
+        if not isinstance(size, int):
+            return None
+        bounds.append((start, start + size))
+        start += size
+    return dim, bounds
+
+
+def splits_as_slices(gm: fx.GraphModule) -> list[str]:
+    """chunk / split -> getitem(i) becomes slice(x, dim, start_i, end_i)."""
+    done = []
+    for node in [n for n in gm.graph.nodes if n.target in _SPLITS]:
+        found = _split_bounds(node)
+        if found is None or not all(u.target is operator.getitem for u in node.users):
+            continue
+        dim, bounds = found
+        for item in list(node.users):
+            start, end = bounds[item.args[1]]
+            with gm.graph.inserting_before(item):
+                piece = gm.graph.call_function(aten.slice.Tensor, (node.args[0], dim, start, end))
+            piece.meta = copy.copy(item.meta)
+            _meta_from(node, piece)
+            item.replace_all_uses_with(piece)
+            gm.graph.erase_node(item)
+        gm.graph.erase_node(node)
+        done.append(node.name)
+    if done:
+        gm.recompile()
+    return done
+
+
+def clone_before_reshape_of_transposed(gm: fx.GraphModule) -> list[str]:
+    """reshape(transpose(x)) -> reshape(clone(transpose(x), contiguous_format))."""
+    done = []
+    for node in [n for n in gm.graph.nodes if n.target in (aten.reshape.default, aten.view.default)]:
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.target in _TRANSPOSES):
+            continue
+        with gm.graph.inserting_before(node):
+            clone = gm.graph.call_function(aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
+        _meta_from(src, clone)
+        if "val" in src.meta:
+            clone.meta["val"] = src.meta["val"]
+        node.replace_input_with(src, clone)
+        done.append(node.name)
+    if done:
+        gm.recompile()
+    return done

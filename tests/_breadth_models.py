@@ -1,0 +1,174 @@
+"""Small models that reproduce the breadth failures of issue 11 (architectures qcompile did not write).
+
+Each is a few layers of a public architecture's distinctive construct: ShuffleNetV2's channel shuffle,
+in-place activations left in an eval graph, SqueezeNet's fire block, an Inception-style cat of several
+branches, a GhostNet-style chunk, a tiny ViT and GPT-2's ``Conv1D`` (``addmm`` with a constant weight).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNetV2: ``view -> transpose -> contiguous -> view`` between two convs."""
+
+    def __init__(self, c=16, groups=2):
+        super().__init__()
+        self.groups = groups
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        b, c, h, w = x.shape
+        x = x.view(b, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        return self.conv2(x)
+
+
+class InplaceActs(nn.Module):
+    """In-place activations and dropout in an eval graph (silu_, dropout_, leaky_relu_, sigmoid_, ...)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv3 = nn.Conv2d(c, c, 1)
+        self.drop = nn.Dropout(0.2, inplace=True)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = F.silu(self.conv1(x), inplace=True)
+        x = F.leaky_relu(self.conv2(x), 0.1, inplace=True)
+        x = self.drop(x)
+        g = self.conv3(x)
+        x = x * g.sigmoid_()
+        x = F.hardswish(x, inplace=True)
+        x = F.elu(x, inplace=True)
+        return self.fc(x.mean((2, 3)))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire block: squeeze 1x1 -> (expand 1x1, expand 3x3) -> cat."""
+
+    def __init__(self, cin=16, squeeze=8, expand=16):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.e1 = nn.Conv2d(squeeze, expand, 1)
+        self.e3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        s = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.e1(s)), F.relu(self.e3(s))], 1)
+
+
+class SqueezeFire(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.fire = Fire(16, 8, 16)
+        self.head = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x):
+        x = self.fire(F.relu(self.stem(x)))
+        return self.head(x).mean((2, 3))
+
+
+class MultiCat(nn.Module):
+    """Inception-style: four branches (1x1, 3x3, 5x5, pool -> 1x1) joined by one cat."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.Conv2d(16, c, 1)
+        self.b3 = nn.Conv2d(16, c, 3, padding=1)
+        self.b5 = nn.Conv2d(16, c, 5, padding=2)
+        self.bp = nn.Conv2d(16, c, 1)
+        self.head = nn.Conv2d(4 * c, 10, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.b1(x)), F.relu(self.b3(x)), F.relu(self.b5(x)),
+                       F.relu(self.bp(F.max_pool2d(x, 3, 1, 1)))], 1)
+        return self.head(y).mean((2, 3))
+
+
+class ChunkCat(nn.Module):
+    """``conv -> relu -> chunk(2) -> conv on one half, cat with the other`` (GhostNet / CSP style)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        self.head = nn.Conv2d(c, 10, 1)
+
+    def forward(self, x):
+        a, b = F.relu(self.conv1(x)).chunk(2, dim=1)
+        return self.head(torch.cat([a, F.relu(self.conv2(b))], 1))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding conv -> flatten / transpose -> one pre-norm encoder block -> mean -> head."""
+
+    def __init__(self, dim=32, heads=2, patch=4, classes=10):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(a)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D``: ``addmm(bias, x.view(-1, nx), weight)``, weight [in, out]."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * nx ** -0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+
+class MatmulMLP(nn.Module):
+    """Conv1D (addmm), a bias-free ``x @ W`` (matmul) and ``torch.mm`` with constant weights."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.c_fc = Conv1D(2 * d, d)
+        self.w2 = nn.Parameter(torch.randn(2 * d, d) * (2 * d) ** -0.5)
+        self.register_buffer("w3", torch.randn(d, d) * d ** -0.5)
+
+    def forward(self, x):
+        h = F.gelu(self.c_fc(x))
+        h = h @ self.w2
+        return torch.mm(h.reshape(-1, h.shape[-1]), self.w3).view(h.shape)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The same values with channels-last strides (what image pipelines produce)."""
+    return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def hwc_permuted(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a permuted (non-contiguous) view, like ``torch.from_numpy(hwc).permute(2, 0, 1)``."""
+    return torch.from_numpy(x.permute(0, 2, 3, 1).contiguous().numpy()).permute(0, 3, 1, 2)
+
+
+def images(n=4, seed=0, res=16, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, res, res, generator=g) for _ in range(n)]
