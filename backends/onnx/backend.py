@@ -50,6 +50,8 @@ class OnnxOptions:
     dynamic_batch: symbolic batch dimension (falls back to the example batch if the graph bakes it in).
     threads: ORT intra-op threads (None: ORT's default).
     parity_sqnr_db: per-layer SQNR (vs the reference graph) below which a layer counts as a drop.
+    custom_translation_table: {op overload: onnxscript function} for ops of the user's own that torch.onnx
+      cannot translate (passed to ``torch.onnx.export``; docs/backends/onnx.md).
     accuracy_level: mode="weight_only", MatMulNBits' accuracy_level. None: 0 (fp32 activations, matches the
       reference graph) for 2/4-bit weights, 4 (activations quantized to int8 per block inside the kernel) for
       8-bit ones, whose fp32 path ORT-CPU runs ~10x slower than an fp32 MatMul (docs/backends/onnx.md)."""
@@ -64,6 +66,7 @@ class OnnxOptions:
     threads: int | None = None
     parity_sqnr_db: float = 25.0
     accuracy_level: int | None = None
+    custom_translation_table: dict | None = None
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
@@ -164,7 +167,7 @@ class OnnxBackend:
     def lower(self, reference, example_inputs) -> OnnxLowered:
         PassManager(self.lower_passes())(reference)
         return lower(reference, tuple(example_inputs.args), dict(example_inputs.kwargs), self.emit_options(),
-                     self.options.threads)
+                     self.options.threads, self.options.custom_translation_table)
 
     def runtime_name(self) -> str:
         from .runtime import ort_version
@@ -192,7 +195,7 @@ class OnnxBackend:
             raise ConfigError("onnx backend: the model exceeds protobuf's 2 GB limit; external data is not "
                               "supported (the file must be self-contained)")
         onnx.helper.set_model_props(model, {
-            "qcompile.backend_options": json.dumps(self.options.__dict__),
+            "qcompile.backend_options": json.dumps(_jsonable(self.options.__dict__)),
             "qcompile.report_summary": json.dumps(artifact.report.summary(), default=str)})
         onnx.save_model(model, path, save_as_external_data=False)
 
@@ -221,3 +224,8 @@ class OnnxBackend:
 def _kernels(ops) -> dict:
     from .runtime import INT_KERNELS
     return {k: v for k, v in ops.items() if k in INT_KERNELS}
+
+
+def _jsonable(options: dict) -> dict:
+    table = options.get("custom_translation_table")
+    return {**options, "custom_translation_table": sorted(str(op) for op in table) if table else None}

@@ -15,12 +15,13 @@ import torch
 from torch import fx
 
 from qcompile import annotation as A
-from qcompile.errors import UnsupportedError
 
-from .emit import DQ_OPS, Q_OPS, EmitOptions, Emitted, Emitter
-from .ops_basic import OPS
-from .runtime import INT_KERNELS, QDQ, RuntimeGraph, analyze, make_session
+from .emit import EmitOptions, Emitted, emit
+from .runtime import INT_KERNELS, QDQ, RuntimeGraph, analyze, make_session, producers
 
+qd = torch.ops.quantized_decomposed
+Q_OPS = {qd.quantize_per_tensor.default, qd.quantize_per_tensor.tensor}
+DQ_OPS = {qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default, qd.dequantize_per_tensor.tensor}
 _AUX = QDQ | {"Shape", "Concat", "Identity"}  # bookkeeping nodes that never carry a node's computation
 
 
@@ -38,31 +39,19 @@ class OnnxLowered:
     storage: dict = field(default_factory=dict)    # buffer of ``gm`` -> (reference layer, role, weights)
 
 
-def emit(ref: fx.GraphModule, example_args: tuple, opts: EmitOptions) -> Emitted:
-    em = Emitter(ref, example_args, opts, OPS)
-    out = em.run()
-    model = em.model()
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # noqa: BLE001 - never hand out an invalid model
-        raise UnsupportedError(f"onnx backend: the emitted model failed onnx.checker: {e}") from e
-    out.model = model
-    return out
-
-
-def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, threads: int | None = None
-          ) -> OnnxLowered:
+def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, threads: int | None = None,
+          user_table: dict | None = None) -> OnnxLowered:
     flat = flat_inputs(args, kwargs)
-    emitted = emit(ref, tuple(flat), opts)
+    emitted = emit(ref, args, kwargs, opts, user_table)
     session, optimized = make_session(emitted.model, threads)
     notes = list(emitted.notes)
     if emitted.dynamic_batch:
         why = _dynamic_batch_problem(session, emitted, flat)
         if why:
             notes.append(f"dynamic batch disabled: the graph bakes in the example batch size ({why})")
-            emitted = emit(ref, tuple(flat), dataclasses.replace(opts, dynamic_batch=False))
+            emitted = emit(ref, args, kwargs, dataclasses.replace(opts, dynamic_batch=False), user_table)
             session, optimized = make_session(emitted.model, threads)
-    rg = analyze(optimized, {n.name for n in emitted.model.graph.node})
+    rg = analyze(optimized, {n.name for n in emitted.model.graph.node}, producers(emitted.model))
     low = OnnxLowered(emitted.model, session, emitted, rg, _out_spec(ref), notes=notes)
     low.kernels, low.fallbacks = classify(ref, emitted, rg)
     for name, (op, note) in emitted.kernel_notes.items():  # what the emitted low-bit / dynamic op runs
@@ -176,4 +165,4 @@ def classify(ref: fx.GraphModule, emitted: Emitted, rg: RuntimeGraph) -> tuple[d
 
 def _pick(found: list) -> tuple[str, bool]:
     """Prefer an integer kernel (QLinearConv...), then any op on integers, then the float op."""
-    return next((f for f in found if f[0] in INT_KERNELS), None) or next((f for f in found if f[1]), found[0])
+    return next((f for f in found if f[0] in INT_KERNELS), None) or next((f for f in found if f[1]), found[-1])

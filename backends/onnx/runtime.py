@@ -104,9 +104,25 @@ def original_name(ort_name: str) -> str:
     return _TOKEN.sub("", ort_name)
 
 
-def analyze(optimized: onnx.ModelProto, ours: set | None = None) -> RuntimeGraph:
+def producers(model: onnx.ModelProto) -> dict:
+    """value name -> name of the node of ``model`` that writes it."""
+    return {o: n.name for n in model.graph.node for o in n.output}
+
+
+def _our_name(node, ours: set | None, produced: dict) -> str | None:
+    """Our node an ORT node stands for: by name (ORT keeps the replaced node's name, plus ``_token_<n>``), else
+    by the value it writes (a fusion ORT names itself, e.g. SkipLayerNormalization, writes the last fused
+    node's output)."""
+    name = original_name(node.name)
+    if ours is None or name in ours:
+        return name
+    return next((produced[o] for o in node.output if o in produced), None)
+
+
+def analyze(optimized: onnx.ModelProto, ours: set | None = None, produced: dict | None = None) -> RuntimeGraph:
     """Classify every node ORT runs as integer or float, keyed by the name of our node it came from.
-    Nodes that trace back to none of ``ours`` (layout Transposes, NCHWc Reorders) are counted apart."""
+    Nodes that trace back to none of ``ours`` (layout Transposes, NCHWc Reorders) are counted apart.
+    ``produced``: value -> our node (``producers``), to trace the fusions ORT names itself."""
     types = _dtypes(optimized)
     producers = {o: n for n in optimized.graph.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -119,12 +135,13 @@ def analyze(optimized: onnx.ModelProto, ours: set | None = None) -> RuntimeGraph
         rg.counts[op] += 1
         if op in QDQ or op in ("Shape", "Constant", "Identity"):
             continue
-        if ours is not None and original_name(node.name) not in ours:
+        name = _our_name(node, ours, produced or {})
+        if name is None:
             rg.unmapped[op] += 1
             continue
         integer = op in INT_KERNELS or (bool(node.input) and types.get(node.input[0]) in _INTS)
         (rg.int_ops if integer else rg.float_ops)[op] += 1
-        rg.ops.setdefault(original_name(node.name), (op, integer))
+        rg.ops.setdefault(name, (op, integer))
         if not integer and _between_qdq(node, producers, consumers):
             rg.float_between_qdq.append(node.name)
     return rg

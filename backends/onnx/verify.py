@@ -24,7 +24,7 @@ from qcompile.qparams import sqnr
 
 from .emit import Emitted
 from .lower import feeds
-from .runtime import INT_KERNELS, analyze, make_session
+from .runtime import INT_KERNELS, analyze, make_session, producers
 
 
 def reference_values(ref: fx.GraphModule, flat: list, names) -> dict:
@@ -69,7 +69,7 @@ def layer_parity(ref: fx.GraphModule, emitted: Emitted, flat: list, threshold_db
         layers.append(row)
         if first is None and s < threshold_db:
             first = row
-    probe_rg = analyze(optimized, {n.name for n in emitted.model.graph.node})
+    probe_rg = analyze(optimized, {n.name for n in emitted.model.graph.node}, producers(emitted.model))
     kernels = {k: v for k, v in probe_rg.int_ops.items() if k in INT_KERNELS}
     return {"layers": layers, "first_drop": first, "probe_int_ops": kernels}
 
