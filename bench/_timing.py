@@ -23,3 +23,60 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# -- what machine, and its limits --------------------------------------------------------------------
+def cpu_flags() -> set:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def isa() -> str:
+    """The int8-relevant ISA level: AMX > AVX-512 VNNI > AVX-512 > AVX2 > baseline."""
+    f = cpu_flags()
+    if "amx_int8" in f:
+        return "AMX-INT8 + AVX-512 VNNI"
+    if "avx512_vnni" in f:
+        return "AVX-512 VNNI"
+    if "avx512f" in f:
+        return "AVX-512 (no VNNI)"
+    if "avx2" in f:
+        return "AVX2" + (" + AVX-VNNI" if "avx_vnni" in f else " (no VNNI)")
+    return "baseline SSE"
+
+
+def machine_line() -> str:
+    import torch
+    return (f"CPU: {cpu_model()} | ISA: {isa()} | torch kernels: {torch.backends.cpu.get_cpu_capability()} | "
+            f"threads: {torch.get_num_threads()}")
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Bytes per second a tensor copy moves (read + write), median of ``repeats``: the memory limit a
+    weight-streaming kernel is measured against."""
+    import torch
+    src = torch.ones(mib * 2**18)  # fp32: mib MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(ts)
