@@ -80,3 +80,37 @@ def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
         dst.copy_(src)
         ts.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / statistics.median(ts)
+
+
+def _cpu_field(name: str) -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def int8_macs_per_cycle() -> tuple[int, str]:
+    """Nominal int8 multiply-accumulates per cycle per core for this CPU's best int8 instruction, and how
+    that figure was reached (a nominal peak: no kernel reaches it; it says how far a figure is from it)."""
+    f, vendor = cpu_flags(), _cpu_field("vendor_id")
+    if "amx_int8" in f:
+        return 1024, "AMX TMUL: 16x16x64 int8 tile product per 16 cycles"
+    if "avx512_vnni" in f:
+        if vendor == "AuthenticAMD" and _cpu_field("cpu family") == "25":  # Zen 4: 512-bit ops on 256-bit pipes
+            return 64, "AVX-512 VNNI on Zen 4: vpdpbusd, 2 x 256-bit pipes = 64 MACs/cycle"
+        return 128, "AVX-512 VNNI: vpdpbusd (64 MACs) on 2 ports"
+    if "avx_vnni" in f:
+        return 64, "AVX-VNNI: 256-bit vpdpbusd (32 MACs) on 2 ports"
+    if "avx2" in f:
+        return 32, "AVX2: vpmaddubsw + vpmaddwd + vpaddd for 32 MACs on 2 ports, ~1 per cycle net"
+    return 8, "SSE4: pmaddubsw"
+
+
+def int8_peak_macs_per_s(threads: int) -> tuple[float, str]:
+    """cores used x nominal frequency x int8 MACs per cycle."""
+    mhz = float(_cpu_field("cpu MHz") or 0) or 2000.0
+    per_cycle, how = int8_macs_per_cycle()
+    return threads * mhz * 1e6 * per_cycle, f"{threads} cores x {mhz / 1e3:.2f} GHz x {per_cycle} ({how})"

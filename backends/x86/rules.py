@@ -8,6 +8,7 @@ import torch
 
 from qcompile.ir import get_attr_value
 
+from .kernel_choice import available_families, example_input, quantized_engine
 from .lower import _DQ_W, Emitted, Value, _int_weight, _qparams
 
 aten, qops = torch.ops.aten, torch.ops.quantized
@@ -30,14 +31,32 @@ def _weighted(lw, nodes, q, prepack, kernels, kernel_name):
     if anchor.args[1].target not in _DQ_W:
         return "weight is not quantized"
     qw = _int_weight(lw.ref, anchor.args[1])
-    packed = lw.constant(prepack(anchor, qw, _bias(lw, anchor)), "packed")
     scale, zp, _ = _qparams(q)
     tail = tuple(n.target for n in nodes[1:])
     kernel = kernels[len(tail) > 0 and tail[0] == aten.relu.default]
-    out = lw.call(kernel, (x.node, packed, scale, zp), anchor)
+    value, family = _pack(lw, anchor, prepack, qw, kernel, x, scale, zp)
+    out = lw.call(kernel, (x.node, lw.constant(value, "packed"), scale, zp), anchor)
     if tail and tail[0] == aten.hardtanh.default:  # relu6: clamp the quantized output
         out = lw.call(aten.hardtanh.default, (out, 0.0, 6.0), nodes[-1])
-    return Emitted(Value(out, True, scale, zp), kernel_name + ("_relu" if kernel is kernels[True] else ""))
+    name = kernel_name + ("_relu" if kernel is kernels[True] else "")
+    return Emitted(Value(out, True, scale, zp), f"{name} ({family})" if family else name)
+
+
+def _pack(lw, anchor, prepack, qw, kernel, x, scale, zp):
+    """Pack the weight for the engine in force, or (``engine="auto"``) for each kernel family, keeping the
+    one measured fastest on this layer's input shape (kernel_choice.py). Returns (packed, family note)."""
+    bias = _bias(lw, anchor)
+    chooser, families = getattr(lw, "engine_chooser", None), available_families()
+    xq = example_input(anchor, qw, x.scale, x.zero_point) if chooser is not None and len(families) > 1 else None
+    if xq is None:
+        return prepack(anchor, qw, bias), ""
+    packs = {}
+    for fam in families:
+        with quantized_engine(fam):
+            packs[fam] = prepack(anchor, qw, bias)
+    key = f"{kernel}|x{tuple(xq.shape)}|w{tuple(qw.shape)}|{[_arg(anchor, i, None) for i in (3, 4, 5, 6)]}"
+    choice = chooser.choose(key, {f: (lambda p=p: kernel(xq, p, scale, zp)) for f, p in packs.items()})
+    return packs[choice.family], choice.note()
 
 
 def _conv_prepack(node, qw, bias):
