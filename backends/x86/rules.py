@@ -126,7 +126,40 @@ def same_op(lw, nodes, q):
     return Emitted(Value(out, True, scale, zp), f"{node.target.__name__} (int8)")
 
 
+def int8_matmul(a, b, scale: float, zero_point: int):
+    """quint8 ``a [..., M, K] @ b [..., K, N]`` -> quint8: int8 x int8 -> int32 per batch slice
+    (``torch._int_mm``, exact), zero points removed with row / column sums, one float requantize.
+    ``u ^ 0x80`` viewed as int8 is ``u - 128``: the codes shift to signed and the zero points with them."""
+    za, zb = a.q_zero_point() - 128, b.q_zero_point() - 128
+    ai = (a.int_repr() ^ 128).view(torch.int8)
+    bi = (b.int_repr() ^ 128).view(torch.int8)
+    *batch, m, k = ai.shape
+    n = bi.shape[-1]
+    a3, b3 = ai.reshape(-1, m, k), bi.reshape(-1, k, n)
+    acc = torch.empty(a3.shape[0], m, n, dtype=torch.int32)
+    for i in range(a3.shape[0]):
+        torch._int_mm(a3[i], b3[i], out=acc[i])
+    if zb:
+        acc -= zb * a3.sum(-1, dtype=torch.int32)[:, :, None]
+    if za:
+        acc -= za * b3.sum(-2, dtype=torch.int32)[:, None, :]
+    if za and zb:
+        acc += k * za * zb
+    y = acc.reshape(*batch, m, n).float() * (a.q_scale() * b.q_scale())
+    return torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
+
+
+def matmul(lw, nodes, q):
+    a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
+    if a is None or b is None:
+        return "both inputs must be quantized tensors"
+    scale, zp, _ = _qparams(q)
+    out = lw.call(int8_matmul, (a.node, b.node, scale, zp), nodes[0])
+    return Emitted(Value(out, True, scale, zp), "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact)")
+
+
 RULES = {
+    "matmul": matmul,
     "conv2d": conv2d, "conv2d_relu": conv2d, "conv2d_relu6": conv2d,
     "linear": linear, "linear_relu": linear,
     "add": _binary(qops.add.default, "quantized::add"),
