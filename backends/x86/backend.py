@@ -17,7 +17,7 @@ from qcompile.passes.normalize import Normalize
 from qcompile.passes.pattern import Rule, RuleSet
 
 from . import dynamic, support, weight_only
-from .kernel_choice import EngineChooser, quantized_engine
+from .kernel_choice import EngineChooser, cpu_has_vnni, quantized_engine
 from .lower import Lowerer, LowerResult
 from .rules import RULES
 
@@ -157,13 +157,3 @@ class X86Backend:
 def _is_depthwise(node) -> bool:
     groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
     return node.target == torch.ops.aten.conv2d.default and int(groups) > 1
-
-
-def cpu_has_vnni() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -1,4 +1,5 @@
-"""Per-layer choice of the int8 kernel family on x86, by measurement on the CPU at hand.
+"""What the x86 CPU offers (``cpu_has_vnni``) and the per-layer choice of the int8 kernel family on it,
+by measurement on the CPU at hand.
 
 PyTorch ships two int8 CPU kernel families for conv / linear: fbgemm (AVX2 / AVX-512 VNNI) and oneDNN
 (AVX-512 VNNI, AMX on Xeons that have it). Which one is faster depends on the CPU and on the layer's
@@ -37,6 +38,16 @@ def quantized_engine(name: str):
         yield
     finally:
         torch.backends.quantized.engine = old
+
+
+def cpu_has_vnni() -> bool:
+    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def cache_path() -> str:
