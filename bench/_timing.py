@@ -23,3 +23,94 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# -- what machine, and its limits --------------------------------------------------------------------
+def cpu_flags() -> set:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def isa() -> str:
+    """The int8-relevant ISA level: AMX > AVX-512 VNNI > AVX-512 > AVX2 > baseline."""
+    f = cpu_flags()
+    if "amx_int8" in f:
+        return "AMX-INT8 + AVX-512 VNNI"
+    if "avx512_vnni" in f:
+        return "AVX-512 VNNI"
+    if "avx512f" in f:
+        return "AVX-512 (no VNNI)"
+    if "avx2" in f:
+        return "AVX2" + (" + AVX-VNNI" if "avx_vnni" in f else " (no VNNI)")
+    return "baseline SSE"
+
+
+def machine_line() -> str:
+    import torch
+    return (f"CPU: {cpu_model()} | ISA: {isa()} | torch kernels: {torch.backends.cpu.get_cpu_capability()} | "
+            f"threads: {torch.get_num_threads()}")
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Bytes per second a tensor copy moves (read + write), median of ``repeats``: the memory limit a
+    weight-streaming kernel is measured against."""
+    import torch
+    src = torch.ones(mib * 2**18)  # fp32: mib MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(ts)
+
+
+def _cpu_field(name: str) -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def int8_macs_per_cycle() -> tuple[int, str]:
+    """Nominal int8 multiply-accumulates per cycle per core for this CPU's best int8 instruction, and how
+    that figure was reached (a nominal peak: no kernel reaches it; it says how far a figure is from it)."""
+    f, vendor = cpu_flags(), _cpu_field("vendor_id")
+    if "amx_int8" in f:
+        return 1024, "AMX TMUL: 16x16x64 int8 tile product per 16 cycles"
+    if "avx512_vnni" in f:
+        if vendor == "AuthenticAMD" and _cpu_field("cpu family") == "25":  # Zen 4: 512-bit ops on 256-bit pipes
+            return 64, "AVX-512 VNNI on Zen 4: vpdpbusd, 2 x 256-bit pipes = 64 MACs/cycle"
+        return 128, "AVX-512 VNNI: vpdpbusd (64 MACs) on 2 ports"
+    if "avx_vnni" in f:
+        return 64, "AVX-VNNI: 256-bit vpdpbusd (32 MACs) on 2 ports"
+    if "avx2" in f:
+        return 32, "AVX2: vpmaddubsw + vpmaddwd + vpaddd for 32 MACs on 2 ports, ~1 per cycle net"
+    return 8, "SSE4: pmaddubsw"
+
+
+def int8_peak_macs_per_s(threads: int) -> tuple[float, str]:
+    """cores used x nominal frequency x int8 MACs per cycle."""
+    mhz = float(_cpu_field("cpu MHz") or 0) or 2000.0
+    per_cycle, how = int8_macs_per_cycle()
+    return threads * mhz * 1e6 * per_cycle, f"{threads} cores x {mhz / 1e3:.2f} GHz x {per_cycle} ({how})"

@@ -1,7 +1,6 @@
 """The x86 backend: support table -> annotations; reference graph -> quantized CPU kernels."""
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -18,13 +17,16 @@ from qcompile.passes.normalize import Normalize
 from qcompile.passes.pattern import Rule, RuleSet
 
 from . import dynamic, support, weight_only
+from .kernel_choice import EngineChooser, cpu_has_vnni, quantized_engine
 from .lower import Lowerer, LowerResult
 from .rules import RULES
 
 
 @dataclass(frozen=True)
 class X86Options:
-    """engine: quantized engine used to pack weights ("x86" picks fbgemm/oneDNN per shape).
+    """engine: quantized engine used to pack weights: "x86" (torch's fixed per-shape heuristic between
+      fbgemm and oneDNN), "fbgemm", "onednn", or "auto": each conv / linear packed for both families,
+      timed on its input shape and the faster kept, cached per CPU (kernel_choice.py).
     act_reduce_range: 7-bit activations (torch.ao's AVX2 work-around for u8*s8 int16 saturation).
       Measured on ResNet-18 (docs/x86-kernels.md): full-range u8 activations with 8-bit weights agree
       with the reference graph within one step, and give ~3.6 dB more SQNR than reduce_range.
@@ -52,14 +54,6 @@ class X86Options:
     weight_only_activations: str = "bf16"
 
 
-@contextlib.contextmanager
-def quantized_engine(name: str):
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
 
 
 class X86Backend:
@@ -73,7 +67,7 @@ class X86Backend:
         if self.options.weight_only_activations not in ("bf16", "fp32"):
             raise ConfigError(f"x86 backend: weight_only_activations must be 'bf16' or 'fp32', "
                               f"got {self.options.weight_only_activations!r}")
-        if self.options.engine not in torch.backends.quantized.supported_engines:
+        if self.options.engine != "auto" and self.options.engine not in torch.backends.quantized.supported_engines:
             raise ConfigError(f"x86 backend: engine {self.options.engine!r} is not in this torch build "
                               f"({torch.backends.quantized.supported_engines})")
 
@@ -135,13 +129,18 @@ class X86Backend:
         return passes
 
     def lower(self, reference, example_inputs) -> LowerResult:
-        with quantized_engine(self.options.engine):
+        auto = self.options.engine == "auto"
+        with quantized_engine("x86" if auto else self.options.engine):
             if not any(n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
                        for n in reference.graph.nodes):  # no static activations: dynamic / weight-only graph
                 dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.options.weight_only_activations]
                 return weight_only.Rewriter(reference, dynamic.RULES + weight_only.RULES, dtype).run()
-            return Lowerer(reference, self.fusion_rules(), RULES, self.options.channels_last,
-                           self.options.exact_quantize).run()
+            lw = Lowerer(reference, self.fusion_rules(), RULES, self.options.channels_last, self.options.exact_quantize)
+            lw.engine_chooser = EngineChooser() if auto else None  # rules.py: per-layer measured kernel family
+            result = lw.run()
+            if auto:
+                lw.engine_chooser.save()
+            return result
 
     def runtime_name(self) -> str:
         isa = "VNNI" if cpu_has_vnni() else "AVX2"
@@ -158,13 +157,3 @@ class X86Backend:
 def _is_depthwise(node) -> bool:
     groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
     return node.target == torch.ops.aten.conv2d.default and int(groups) > 1
-
-
-def cpu_has_vnni() -> bool:
-    """True when the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))

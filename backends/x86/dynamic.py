@@ -20,6 +20,7 @@ from qcompile.errors import ConfigError
 from qcompile.ir import get_attr_value
 from qcompile.specs import QuantSpec
 
+from .kernel_choice import cpu_has_vnni
 from .weight_only import Rewriter, _rows, int_weight
 
 aten, qd, qops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.quantized
@@ -147,7 +148,6 @@ def recurrent_dynamic(rw: Rewriter, node: fx.Node):
     (fbgemm gate GEMMs with per-tensor dynamic activations; 7-bit activations without VNNI)."""
     if node.target not in (aten.lstm.input, aten.gru.input):
         return None
-    from .backend import cpu_has_vnni  # backend imports this module
     params, has_biases = node.args[2], node.args[3]
     stride = 4 if has_biases else 2
     cells = []

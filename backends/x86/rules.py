@@ -8,6 +8,7 @@ import torch
 
 from qcompile.ir import get_attr_value
 
+from .kernel_choice import available_families, example_input, quantized_engine
 from .lower import _DQ_W, Emitted, Value, _int_weight, _qparams
 
 aten, qops = torch.ops.aten, torch.ops.quantized
@@ -30,14 +31,32 @@ def _weighted(lw, nodes, q, prepack, kernels, kernel_name):
     if anchor.args[1].target not in _DQ_W:
         return "weight is not quantized"
     qw = _int_weight(lw.ref, anchor.args[1])
-    packed = lw.constant(prepack(anchor, qw, _bias(lw, anchor)), "packed")
     scale, zp, _ = _qparams(q)
     tail = tuple(n.target for n in nodes[1:])
     kernel = kernels[len(tail) > 0 and tail[0] == aten.relu.default]
-    out = lw.call(kernel, (x.node, packed, scale, zp), anchor)
+    value, family = _pack(lw, anchor, prepack, qw, kernel, x, scale, zp)
+    out = lw.call(kernel, (x.node, lw.constant(value, "packed"), scale, zp), anchor)
     if tail and tail[0] == aten.hardtanh.default:  # relu6: clamp the quantized output
         out = lw.call(aten.hardtanh.default, (out, 0.0, 6.0), nodes[-1])
-    return Emitted(Value(out, True, scale, zp), kernel_name + ("_relu" if kernel is kernels[True] else ""))
+    name = kernel_name + ("_relu" if kernel is kernels[True] else "")
+    return Emitted(Value(out, True, scale, zp), f"{name} ({family})" if family else name)
+
+
+def _pack(lw, anchor, prepack, qw, kernel, x, scale, zp):
+    """Pack the weight for the engine in force, or (``engine="auto"``) for each kernel family, keeping the
+    one measured fastest on this layer's input shape (kernel_choice.py). Returns (packed, family note)."""
+    bias = _bias(lw, anchor)
+    chooser, families = getattr(lw, "engine_chooser", None), available_families()
+    xq = example_input(anchor, qw, x.scale, x.zero_point) if chooser is not None and len(families) > 1 else None
+    if xq is None:
+        return prepack(anchor, qw, bias), ""
+    packs = {}
+    for fam in families:
+        with quantized_engine(fam):
+            packs[fam] = prepack(anchor, qw, bias)
+    key = f"{kernel}|x{tuple(xq.shape)}|w{tuple(qw.shape)}|{[_arg(anchor, i, None) for i in (3, 4, 5, 6)]}"
+    choice = chooser.choose(key, {f: (lambda p=p: kernel(xq, p, scale, zp)) for f, p in packs.items()})
+    return packs[choice.family], choice.note()
 
 
 def _conv_prepack(node, qw, bias):
@@ -107,7 +126,40 @@ def same_op(lw, nodes, q):
     return Emitted(Value(out, True, scale, zp), f"{node.target.__name__} (int8)")
 
 
+def int8_matmul(a, b, scale: float, zero_point: int):
+    """quint8 ``a [..., M, K] @ b [..., K, N]`` -> quint8: int8 x int8 -> int32 per batch slice
+    (``torch._int_mm``, exact), zero points removed with row / column sums, one float requantize.
+    ``u ^ 0x80`` viewed as int8 is ``u - 128``: the codes shift to signed and the zero points with them."""
+    za, zb = a.q_zero_point() - 128, b.q_zero_point() - 128
+    ai = (a.int_repr() ^ 128).view(torch.int8)
+    bi = (b.int_repr() ^ 128).view(torch.int8)
+    *batch, m, k = ai.shape
+    n = bi.shape[-1]
+    a3, b3 = ai.reshape(-1, m, k), bi.reshape(-1, k, n)
+    acc = torch.empty(a3.shape[0], m, n, dtype=torch.int32)
+    for i in range(a3.shape[0]):
+        torch._int_mm(a3[i], b3[i], out=acc[i])
+    if zb:
+        acc -= zb * a3.sum(-1, dtype=torch.int32)[:, :, None]
+    if za:
+        acc -= za * b3.sum(-2, dtype=torch.int32)[:, None, :]
+    if za and zb:
+        acc += k * za * zb
+    y = acc.reshape(*batch, m, n).float() * (a.q_scale() * b.q_scale())
+    return torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
+
+
+def matmul(lw, nodes, q):
+    a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
+    if a is None or b is None:
+        return "both inputs must be quantized tensors"
+    scale, zp, _ = _qparams(q)
+    out = lw.call(int8_matmul, (a.node, b.node, scale, zp), nodes[0])
+    return Emitted(Value(out, True, scale, zp), "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact)")
+
+
 RULES = {
+    "matmul": matmul,
     "conv2d": conv2d, "conv2d_relu": conv2d, "conv2d_relu6": conv2d,
     "linear": linear, "linear_relu": linear,
     "add": _binary(qops.add.default, "quantized::add"),

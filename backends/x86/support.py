@@ -22,6 +22,20 @@ def _conv_check(nodes):
     return None
 
 
+def _matmul_check(nodes):
+    """Activation x activation (attention Q.K^T, P.V): same rank >= 2 and the same batch dims."""
+    mm = nodes[0]
+    vals = [a.meta.get("val") if hasattr(a, "meta") else None for a in mm.args[:2]]
+    if any(a.op == "get_attr" for a in mm.args[:2] if hasattr(a, "op")):
+        return "a constant operand: canonicalized to linear where it is the weight"
+    if any(v is None for v in vals):
+        return "operand shapes unknown"
+    a, b = vals
+    if a.dim() < 2 or a.dim() != b.dim() or tuple(a.shape[:-2]) != tuple(b.shape[:-2]):
+        return f"int8 batched matmul needs equal batch dims, got {tuple(a.shape)} x {tuple(b.shape)}"
+    return None
+
+
 _SIGMOID = FixedSpec(scale=1.0 / 256.0, zero_point=0)
 
 TABLE = [
@@ -30,6 +44,7 @@ TABLE = [
     OpSupport("conv2d", ("conv2d",), ANCHOR, (0,), 1, 2, check=_conv_check),
     OpSupport("linear_relu", ("linear", "relu"), ANCHOR, (0,), 1, 2),
     OpSupport("linear", ("linear",), ANCHOR, (0,), 1, 2),
+    OpSupport("matmul", ("matmul",), ANCHOR, (0, 1), check=_matmul_check),
     OpSupport("add_relu", ("add", "relu"), PROPAGATE, (0, 1), check=_add_check),
     OpSupport("add", ("add",), PROPAGATE, (0, 1), check=_add_check),
     OpSupport("mul", ("mul",), PROPAGATE, (0, 1)),
@@ -52,7 +67,6 @@ NOTES = {
     "layer_norm": "kept float: the x86 int8 layer_norm loses accuracy on residual streams",
     "gelu": "no int8 gelu kernel in PyTorch's quantized CPU ops",
     "embedding": "embeddings are gathers, not GEMMs: int8 static kernels give no speed-up (use weight_only)",
-    "matmul": "kept float: activation x activation matmul (attention) has no fast int8 kernel here",
     "batch_norm": "batch-norm that does not follow a conv/linear cannot be folded; no int8 kernel",
     "cat": "no shared-qparams int8 cat in this backend yet",
 }

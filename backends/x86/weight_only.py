@@ -7,7 +7,8 @@ integer / NF4 constant and replaces it with a kernel call on the stored low-bit 
 =================  =====================================================================================
 int8 per-channel   ``aten._weight_int8pack_mm`` (int8 weight kernel; affine weights: one row-sum fix-up)
 int2..4 per-group  ``aten._weight_int4pack_mm_for_cpu`` (packed 4-bit, groups 32..256; N % 16 == 0)
-NF4                no NF4 kernel on x86: packed codes dequantized to fp32 at every call, then fp32 GEMM
+NF4                qcompile's own kernel (csrc/nf4_kernel.c): codes decoded via the 16-entry table in
+                   registers, group scale applied once per group; where not built: dequantize every call
 anything else      int codes kept, dequantized at every call (memory saved, slower than float)
 embedding          rows gathered from the int (4-bit: packed) table, then dequantized
 =================  =====================================================================================
@@ -27,11 +28,13 @@ from torch import fx
 
 from qcompile.errors import ConfigError
 from qcompile.ir import copy_meta, get_attr_value, module_path
+from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
 from qcompile.lowbit import dequantize_nf4, nf4_values, pack_int4, unpack_int4
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 _INT4_GROUPS = (256, 128, 64, 32)
+NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
 KERNEL_MAX_ROWS = 32  # the weight-only kernels are GEMVs: cost grows with rows; above, int8 dequantizes + fp32 GEMM
 
 
@@ -127,7 +130,27 @@ def linear_int4(x, packed, group_size: int, scales_and_zeros, bias):
 
 
 def linear_nf4(x, packed, absmax, group_size: int, bias):
-    return F.linear(x, dequantize_nf4(packed, absmax, group_size), bias)
+    """NF4 codes decoded in registers by qcompile's C kernel for few rows (``qcompile.kernels``); for
+    many rows, or where the kernel was not built, the weight is dequantized once per call + fp32 GEMM."""
+    x2 = _rows(x)
+    y = nf4_kernel(x2.float(), packed, absmax, group_size, bias) if x2.shape[0] <= NF4_KERNEL_ROWS else None
+    if y is None:
+        return F.linear(x, dequantize_nf4(packed, absmax, group_size), bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def nf4_kernel_note(group_size: int) -> tuple[str, str | None]:
+    """The report's kernel string for an NF4 linear, and a warning when it runs the slow fallback."""
+    info = nf4_kernel_info()
+    if info["available"] and group_size % 16 == 0:
+        return (f"nf4: qcompile LUT-decode kernel ({info['isa']}; codes decoded in registers, no fp32 weight) "
+                f"for <= {NF4_KERNEL_ROWS} rows, else dequantize once per call + fp32 GEMM"), None
+    why = ("the kernel was not built at install time (no C compiler or not an x86 CPU)" if not info["available"]
+           else f"group_size={group_size} is not a multiple of 16")
+    note = f"nf4: packed codes dequantized to fp32 at every call + fp32 linear ({why})"
+    return note, (f"NF4 on this CPU runs without its kernel because {why}: every call dequantizes the whole "
+                  f"weight, typically 20-50x slower than float at batch 1 and far slower than int4 "
+                  f"(WeightSpec(bits=4, group_size=128)); use int4, or install qcompile with a C compiler")
 
 
 def _expand_params(p, group_size: int):
@@ -279,8 +302,10 @@ def linear_weight_only(rw: Rewriter, node: fx.Node):
         rw.tag(absmax, node.name, "scales")
         for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
             rw.tag(a, node.name, "scales")
-        return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias),
-                       "nf4: packed codes dequantized to fp32 at every call + fp32 linear (no NF4 kernel on x86)")
+        note, warning = nf4_kernel_note(g)
+        if warning:
+            warnings.warn(f"{node.name}: {warning}", stacklevel=2)
+        return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias), note)
     w = int_weight(rw.gm, wdq)
     if w is None or w.q.dim() != 2:
         return None
