@@ -38,9 +38,11 @@ def track_ranges(prepared):
     seen: dict[str, list] = {}
     handles = []
     gm = getattr(prepared, "gm", None)
+    observed = {n.target: n.args[0].name for n in (gm.graph.nodes if gm is not None else ())
+                if n.op == "call_module" and n.args and hasattr(n.args[0], "name")}
     for name, mod in (gm.named_modules() if gm is not None else []):
         if isinstance(mod, Observer) and hasattr(mod, "min_val"):
-            def hook(m, _inp, _out, key=name):
+            def hook(m, _inp, _out, key=observed.get(name, name)):
                 if m.min_val is not None and m.min_val.numel() == 1:
                     seen.setdefault(key, []).append((float(m.min_val), float(m.max_val)))
             handles.append(mod.register_forward_hook(hook))
@@ -133,14 +135,19 @@ def outlier_channels(x: torch.Tensor, name: str, module: str) -> dict | None:
             "times_median": [round(v, 1) for v in ratio[order[:10]].tolist()], "n_channels": amax.numel()}
 
 
-def activation_stats(art, samples: list) -> tuple[list, list, dict]:
-    """(histograms, outlier channels, {value: clipped share}) of the quantized activations on ``samples``."""
+def activation_stats(art, samples: list, float_gm=None) -> tuple[list, list, dict]:
+    """(histograms, outlier channels, {value: clipped share}) of the quantized activations on ``samples``.
+    With ``float_gm`` the values are the float model's (each layer judged on its own, not behind its
+    already-clipped inputs); else the reference graph's."""
     points = quant_points(art.reference)
     if not points or not samples:
         return [], [], {}
     values: dict[str, list] = {}
     for args, kwargs in samples:
-        for k, v in record_points(art.reference, points, args, kwargs).items():
+        seen = record_points(float_gm, points, args, kwargs) if float_gm is not None else {}
+        if len(seen) < len(points):  # names the float graph lacks: the reference graph's values
+            seen = {**record_points(art.reference, points, args, kwargs), **seen}
+        for k, v in seen.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point():
                 values.setdefault(k, []).append(v.detach().float().flatten(0, 0) if v.dim() else v.reshape(1))
     hists, outliers, clipped = [], [], {}
@@ -210,7 +217,7 @@ def after_calibration(art, prepared, held_out: list, source: str, seen: dict, n_
         rep.layer_sqnr = node_sqnr(ctx.float_gm, art.reference, *batches[0])
     except Exception as e:  # noqa: BLE001
         rep.layer_sqnr, rep.heldout["layer_sqnr_error"] = [], str(e).splitlines()[0]
-    hists, outliers, clipped = activation_stats(art, batches)
+    hists, outliers, clipped = activation_stats(art, batches, ctx.float_gm)
     rep.activations = hists
     rep.health = {"findings": findings(moving_ranges(seen), clipped, outliers, n_calibration, bool(samples)),
                   "range_growth": {k: round(v, 4) for k, v in moving_ranges(seen).items()},
