@@ -29,6 +29,7 @@ class Row:
     params: int = 0
     macs: int = 0
     source: str = ""
+    inputs: list = field(default_factory=list)  # rows (node names) this node reads, for the graph drawing
 
 
 @dataclass
@@ -190,7 +191,7 @@ def _source(node: fx.Node) -> str:
 
 def build_rows(gm: fx.GraphModule) -> list[Row]:
     """Rows from an annotated (pre-observer) graph."""
-    rows, seen = [], set()
+    rows, seen, names = [], set(), set()
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -205,8 +206,25 @@ def build_rows(gm: fx.GraphModule) -> list[Row]:
         rows.append(Row(node.name, op_kind(node) or name, module_path(node),
                         ann.status if ann else A.FLOAT_UNSUPPORTED,
                         (ann.reason if ann else "not annotated") if not ann or ann.status != A.INT8 else "",
-                        ann.pattern or "" if ann and ann.status == A.INT8 else "", params, macs, _source(node)))
+                        ann.pattern or "" if ann and ann.status == A.INT8 else "", params, macs, _source(node),
+                        _row_inputs(node, names)))
+        names.add(node.name)
     return rows
+
+
+def _row_inputs(node: fx.Node, known: set) -> list[str]:
+    """The rows a node reads, looking through skipped nodes (getitem, asserts)."""
+    out, stack, seen = [], list(node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.name in known:
+            out.append(n.name)
+        elif n.op == "call_function":
+            stack.extend(n.all_input_nodes)
+    return sorted(out)
 
 
 def apply_lowering(rows: list[Row], kernels: dict, fallbacks: dict, runtime: str) -> None:
