@@ -5,6 +5,7 @@
 """
 from .api import compile, convert, explain, prepare  # noqa: A004 - the product's verb
 from .artifact import Artifact, load
+from .evaluate import Evaluation, evaluate
 from .qat import prepare_qat
 from .config import ModuleConfig, QConfig
 from .errors import (ArtifactFileError, BackendUnavailableError, CalibrationError, CaptureError, ConfigError, InputError,
@@ -15,7 +16,7 @@ from .specs import ActivationSpec, QuantSpec, WeightSpec
 
 __version__ = "0.1.0"
 __all__ = [
-    "compile", "prepare", "prepare_qat", "convert", "explain", "load", "Artifact", "Report", "QConfig", "ModuleConfig",
+    "compile", "evaluate", "Evaluation", "prepare", "prepare_qat", "convert", "explain", "load", "Artifact", "Report", "QConfig", "ModuleConfig",
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
     "ArtifactFileError", "QCompileWarning", "NumericsError", "QuantizationWarning",

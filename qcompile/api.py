@@ -223,9 +223,12 @@ def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
 
 
 def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
-            progress=None, **options) -> Artifact:
+            progress=None, verify_data=None, **options) -> Artifact:
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
-    tensors, tuples of positional inputs or dicts of keyword inputs). Other options: see :class:`Options`."""
+    tensors, tuples of positional inputs or dicts of keyword inputs). ``verify_data``: held-out samples the
+    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, which are
+    then not calibrated on). Other options: see :class:`Options`."""
+    from .health import after_calibration, split_holdout, track_ranges
     opts = Options.parse(options)
     check_call_args(backend, calibration, verify, progress)
     if opts.mode == "static" and calibration is None:
@@ -236,14 +239,19 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
                                "the layers' calibration inputs (use algorithm='rtn' for round-to-nearest)")
     if opts.gptq and iter(calibration) is calibration:
         calibration = list(calibration)  # GPTQ reads the samples once per round of layers
+    calibration, held_out, held_out_source = split_holdout(calibration, verify_data)
     prepared = prepare(model, example_inputs, backend, **options)
     if opts.gptq:
         _round_weights(prepared, calibration, opts.algorithm)
     t0 = time.perf_counter()
-    if calibration is not None and opts.mode not in FLOAT_MODES:
-        prepared.calibrate(calibration, progress=progress)
+    with track_ranges(prepared) as ranges:
+        if calibration is not None and opts.mode not in FLOAT_MODES:
+            prepared.calibrate(calibration, progress=progress)
     prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0
-    return convert(prepared, verify=verify)
+    art = convert(prepared, verify=verify)
+    if verify:
+        after_calibration(art, prepared, held_out, held_out_source, ranges, prepared.num_calibration_samples)
+    return art
 
 
 def explain(model: nn.Module, example_inputs, backend="x86", **options) -> Report:

@@ -144,6 +144,19 @@ class Artifact:
         s = self.report.summary()
         return f"<qcompile.Artifact backend={s['backend']} nodes={s['nodes']} int8 MACs={s['int8_mac_share']:.1%}>"
 
+    # -- production monitoring (qcompile.monitor) -------------------------------------------------
+    def monitor(self, every: int = 1):
+        """A callable that runs this artifact and counts, per quantized tensor, how often inputs fall
+        outside the calibrated range; :meth:`drift_report` shows the counts."""
+        from .monitor import DriftMonitor
+        self._drift_monitor = DriftMonitor(self, every)
+        return self._drift_monitor
+
+    def drift_report(self):
+        from .monitor import DriftMonitor
+        mon = getattr(self, "_drift_monitor", None) or DriftMonitor(self)
+        return mon.report()
+
 
 def load(path) -> Artifact:
     """Load a ``.qc`` file written by :meth:`Artifact.save`. Nothing in the file can run code: the format

@@ -29,6 +29,7 @@ class Row:
     params: int = 0
     macs: int = 0
     source: str = ""
+    inputs: list = field(default_factory=list)  # rows (node names) this node reads, for the graph drawing
 
 
 @dataclass
@@ -45,6 +46,10 @@ class Report:
     storage: list = field(default_factory=list)  # one dict per stored tensor of the lowered model (storage_rows)
     weight_rounding: dict = field(default_factory=dict)  # layer -> GPTQ stats (qcompile.passes.weight_only)
     warnings: list = field(default_factory=list)  # loud problems found at compile time (Artifact.build)
+    heldout: dict = field(default_factory=dict)  # verification over held-out batches: per batch + min/median
+    layer_sqnr: list = field(default_factory=list)  # per quantized value: SQNR of the reference vs float (dB)
+    activations: list = field(default_factory=list)  # per quantized value: chosen range, histogram, clipped share
+    health: dict = field(default_factory=dict)  # calibration health findings (qcompile.health)
 
     # -- queries --------------------------------------------------------------------------------
     def by_status(self) -> Counter:
@@ -75,15 +80,28 @@ class Report:
                 f"  fix: exclude them (exclude=[...]), allow them (allow_float={{'op', ...}}) or pick another backend")
 
     # -- output ---------------------------------------------------------------------------------
+    def byte_share(self) -> float | None:
+        """Share of the stored bytes (every parameter and buffer, scales included) held as integer codes."""
+        if self.storage:
+            total = sum(r["bytes"] for r in self.storage)
+            q = sum(r["bytes"] for r in self.storage if r["role"] in _QUANT_ROLES and r["layer"])
+            return round(q / total, 4) if total else 0.0
+        return self.sizes.get("int8_share_of_bytes")
+
     def summary(self) -> dict:
+        """int8_param_share: elements of ALL parameters and buffers the graph reads (embeddings, norms, RNN
+        weights included) that belong to int8 nodes; int8_byte_share: stored bytes (None before convert)."""
         return {"backend": self.backend, "runtime": self.runtime, "mode": self.mode,
                 "nodes": len(self.rows), "by_status": dict(self.by_status()),
-                "int8_param_share": round(self.share("params"), 4), "int8_mac_share": round(self.share("macs"), 4)}
+                "int8_param_share": round(self.share("params"), 4), "int8_byte_share": self.byte_share(),
+                "int8_mac_share": round(self.share("macs"), 4)}
 
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "config": self.config, "verify": self.verify, "sizes": self.sizes,
                 "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows],
-                "storage": self.storage, "weight_rounding": self.weight_rounding, "warnings": self.warnings}
+                "storage": self.storage, "weight_rounding": self.weight_rounding, "heldout": self.heldout,
+                "layer_sqnr": self.layer_sqnr, "activations": self.activations, "health": self.health,
+                "warnings": self.warnings}
 
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
@@ -92,32 +110,33 @@ class Report:
                 f.write(text)
         return text
 
-    def to_html(self, path: str | None = None) -> str:
-        import jinja2
-        env = jinja2.Environment(loader=jinja2.PackageLoader("qcompile", "templates"), autoescape=True)
-        html = env.get_template("report.html").render(r=self, s=self.summary())
-        if path:
-            with open(path, "w") as f:
-                f.write(html)
-        return html
+    def to_html(self, path: str | None = None, evaluation=None) -> str:
+        """A self-contained HTML page (inline SVG charts, no network); ``evaluation`` adds its sections."""
+        from .report_html import render
+        return render(self, evaluation, path)
 
     def __str__(self) -> str:
+        from .textfmt import fmt, table
         s = self.summary()
+        bs = s["int8_byte_share"]
         head = (f"qcompile report — backend {self.backend} ({self.runtime}), mode {self.mode}"
                 f"{' [predicted, before calibration]' if self.predicted else ''}\n"
                 f"nodes: {s['nodes']}  " + "  ".join(f"{k}: {v}" for k, v in s["by_status"].items()) +
-                f"\nint8 share: parameters {s['int8_param_share']:.1%}, MACs {s['int8_mac_share']:.1%}\n"
+                f"\nint8 share: parameters {s['int8_param_share']:.1%} (all weights, embeddings and norms), "
+                + (f"stored bytes {bs:.1%}, " if bs is not None else "") + f"MACs {s['int8_mac_share']:.1%}\n"
                 + "".join(f"WARNING: {w}\n" for w in self.warnings))
-        cols = ["name", "op", "module", "status", "kernel", "reason"]
-        table = [[r.name, r.op, r.module, r.status, r.kernel, r.reason] for r in self.rows]
-        widths = [min(40, max([len(c)] + [len(str(t[i])) for t in table])) for i, c in enumerate(cols)]
-        fmt = lambda vals: "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths)).rstrip()
-        body = "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(t) for t in table])
+        body = table(["name", "op", "module", "status", "kernel", "reason"],
+                     [[r.name, r.op, r.module, r.status, r.kernel, r.reason] for r in self.rows])
         tail = ""
         if self.verify:
-            tail += "\nverification: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.verify.items() if not isinstance(v, (dict, list)))
+            tail += "\nverification (example inputs): " + ", ".join(
+                f"{k}={fmt(v)}" for k, v in self.verify.items() if not isinstance(v, (dict, list)))
+        if self.heldout.get("summary"):
+            tail += "\nheld-out verification: " + ", ".join(f"{k}={fmt(v)}" for k, v in self.heldout["summary"].items())
+        for f in self.health.get("findings", []):
+            tail += f"\ncalibration health [{f['kind']}]: {f['message']}"
         if self.sizes:
-            tail += "\nsizes: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.sizes.items())
+            tail += "\nsizes: " + ", ".join(f"{k}={fmt(v)}" for k, v in self.sizes.items())
         tail += "\nconfig: " + json.dumps(self.config, default=str) if self.config else ""
         return head + body + tail
 
@@ -135,7 +154,7 @@ def _jsonable(v):
 
 
 def _macs(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
-    """(parameter count, multiply-accumulates) of a conv / linear / matmul node."""
+    """(weight elements, multiply-accumulates) of a conv / linear / matmul node."""
     kind = op_kind(node)
     out = concrete_shape(node)
     if out is None or kind not in ("conv1d", "conv2d", "linear", "matmul", "conv_transpose2d"):
@@ -150,9 +169,21 @@ def _macs(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
         wshape = tuple(get_attr_value(gm, w).shape)
     if not wshape:
         return 0, 0
-    params = math.prod(wshape)
-    per_out = math.prod(wshape[1:]) if kind != "conv_transpose2d" else math.prod(wshape[1:]) * 1
-    return params, out_numel * per_out
+    return math.prod(wshape), out_numel * math.prod(wshape[1:])
+
+
+def _param_elements(gm: fx.GraphModule, node: fx.Node, seen: set) -> int:
+    """Elements of every parameter / buffer the node reads (weights, biases, embedding tables, norms, RNN
+    weights), each tensor counted once over the graph."""
+    total = 0
+    for inp in node.all_input_nodes:
+        if inp.op != "get_attr" or inp.target in seen:
+            continue
+        seen.add(inp.target)
+        value = get_attr_value(gm, inp)
+        if isinstance(value, torch.Tensor):
+            total += value.numel()
+    return total
 
 
 def _source(node: fx.Node) -> str:
@@ -163,7 +194,7 @@ def _source(node: fx.Node) -> str:
 
 def build_rows(gm: fx.GraphModule) -> list[Row]:
     """Rows from an annotated (pre-observer) graph."""
-    rows = []
+    rows, seen, names = [], set(), set()
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -171,12 +202,32 @@ def build_rows(gm: fx.GraphModule) -> list[Row]:
         if name in _SKIP:
             continue
         ann = A.get_annotation(node)
-        params, macs = _macs(gm, node)
+        weight, macs = _macs(gm, node)
+        params = _param_elements(gm, node, seen)
+        if not params and weight and not (isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr"):
+            params = weight  # a weight that is not a stored constant (a graph input)
         rows.append(Row(node.name, op_kind(node) or name, module_path(node),
                         ann.status if ann else A.FLOAT_UNSUPPORTED,
                         (ann.reason if ann else "not annotated") if not ann or ann.status != A.INT8 else "",
-                        ann.pattern or "" if ann and ann.status == A.INT8 else "", params, macs, _source(node)))
+                        ann.pattern or "" if ann and ann.status == A.INT8 else "", params, macs, _source(node),
+                        _row_inputs(node, names)))
+        names.add(node.name)
     return rows
+
+
+def _row_inputs(node: fx.Node, known: set) -> list[str]:
+    """The rows a node reads, looking through skipped nodes (getitem, asserts)."""
+    out, stack, seen = [], list(node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.name in known:
+            out.append(n.name)
+        elif n.op == "call_function":
+            stack.extend(n.all_input_nodes)
+    return sorted(out)
 
 
 def apply_lowering(rows: list[Row], kernels: dict, fallbacks: dict, runtime: str) -> None:

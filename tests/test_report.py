@@ -1,0 +1,101 @@
+"""The honest report: shares of ALL weights and stored bytes, held-out verification as a distribution,
+per-layer SQNR, calibration health, and a text table that keeps every reason whole."""
+import pytest
+import torch
+from torch import nn
+
+import qcompile
+from qcompile import zoo
+from qcompile.qparams import sqnr
+
+
+class TextNet(nn.Module):
+    """Embedding + LSTM + LayerNorm stay float on x86; only fc1 is int8."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(2000, 32)
+        self.rnn = nn.LSTM(32, 32, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 4)
+
+    def forward(self, ids):
+        h, _ = self.rnn(self.emb(ids))
+        return self.fc2(torch.relu(self.fc1(self.norm(h[:, -1]))))
+
+
+def _ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 2000, (4, 12), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def text_art():
+    torch.manual_seed(0)
+    model = TextNet().eval()
+    calib = _ids(16, 0)
+    return model, qcompile.compile(model, (calib[0],), backend="x86", calibration=calib), calib
+
+
+def test_float_embeddings_and_rnn_give_the_true_parameter_and_byte_share(text_art):
+    model, art, _ = text_art
+    s = art.report.summary()
+    int8 = model.fc1.weight.numel() + model.fc1.bias.numel()
+    total = sum(p.numel() for p in model.parameters())
+    assert art.report.int8_nodes() == ["linear", "relu"]  # fc1 + its fused relu
+    assert s["int8_param_share"] == pytest.approx(int8 / total, abs=1e-4)  # 0.029, not 100 %
+    # stored bytes: fc1's int8 codes + its per-channel scales / zero points among every stored tensor
+    storage = art.report.storage
+    q = sum(r["bytes"] for r in storage if r["layer"] and r["role"] in ("codes", "scales", "zero_points"))
+    assert q >= model.fc1.weight.numel() and s["int8_byte_share"] == pytest.approx(q / sum(r["bytes"] for r in storage),
+                                                                                    abs=1e-4)
+    assert s["int8_byte_share"] < 0.02 and s["int8_mac_share"] > 0.0
+    assert "stored bytes" in str(art.report)
+
+
+def test_bert_shaped_model_counts_embeddings_and_norms():
+    model = zoo.make_bert_encoder(layers=1, hidden=64, heads=2, intermediate=128)
+    calib = [zoo._bert_inputs(batch=2, seq=16, seed=s) for s in range(8)]
+    rep = qcompile.explain(model, calib[0], backend="x86")
+    linears = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    total = sum(p.numel() for p in model.parameters())
+    assert rep.summary()["int8_param_share"] == pytest.approx(linears / total, abs=1e-4)
+    assert rep.summary()["int8_byte_share"] is None  # nothing stored yet: explain predicts
+    assert rep.summary()["int8_mac_share"] > 0.9
+
+
+def test_heldout_verification_is_a_distribution_over_the_calibration_tail(text_art):
+    model, art, calib = text_art
+    h = art.report.heldout
+    assert h["source"] == "calibration tail (2 samples held out)" and len(h["batches"]) == 2
+    with torch.no_grad():
+        for b, x in zip(h["batches"], calib[-2:]):
+            assert b["sqnr_vs_float_db"] == pytest.approx(sqnr(model(x), art(x)), abs=1e-6)
+    vals = [b["sqnr_vs_float_db"] for b in h["batches"]]
+    assert h["summary"]["sqnr_vs_float_db_min"] == pytest.approx(min(vals), abs=1e-4)
+    assert h["summary"]["sqnr_vs_float_db_min"] <= h["summary"]["sqnr_vs_float_db_median"]
+    assert 0.0 <= h["summary"]["within_one_step_min"] <= 1.0
+    assert "held-out verification" in str(art.report)
+
+
+def test_verify_data_option_and_per_layer_sqnr(text_art):
+    model, _, calib = text_art
+    extra = _ids(3, 7)
+    art = qcompile.compile(model, (calib[0],), backend="x86", calibration=calib[:4], verify_data=extra)
+    h = art.report.heldout
+    assert h["source"] == "verify_data" and len(h["batches"]) == 3
+    layers = {r["value"]: r for r in art.report.layer_sqnr}
+    assert set(layers) == {"layer_norm", "relu"}  # fc1's input and its fused relu's output
+    assert layers["layer_norm"]["module"] == "norm"
+    assert all(r["sqnr_db"] > 10 for r in art.report.layer_sqnr)
+    assert {a["tensor"] for a in art.report.activations} == {"layer_norm", "relu"}
+    a = next(a for a in art.report.activations if a["tensor"] == "relu")
+    assert a["x0"] <= a["lo"] < a["hi"] <= a["x1"] and sum(a["counts"]) == 3 * 4 * 64
+
+
+def test_text_table_keeps_long_reasons_whole(text_art):
+    _, art, _ = text_art
+    text = str(art.report)
+    long = [r.reason for r in art.report.rows if len(r.reason) > 40]
+    assert long and all(reason in text for reason in long)
