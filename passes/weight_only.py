@@ -5,7 +5,9 @@ order, in *rounds* of layers that do not feed each other (Q/K/V of an attention 
 round, and one Hessian since they read the same input). For each round, the calibration samples are
 run through a copy of the graph *up to the last layer input needed* (taps raise to stop the forward
 early), the Hessian of each input is accumulated (``K x K`` memory, activations are never kept),
-and each weight is replaced by its GPTQ rounding. Later rounds therefore see the already-quantized
+and each weight is replaced by its GPTQ rounding -- unless round-to-nearest gives the lower output
+error on calibration samples GPTQ was not fitted on (2-fold cross-validation, ``qcompile.gptq.gptq_or_rtn``):
+then the layer keeps round-to-nearest and the report says so. Later rounds therefore see the already-quantized
 earlier layers, as in the GPTQ paper; memory stays bounded by one round's Hessians.
 
 The result is written where convert reads it: the weight constant holds the on-grid values and the
@@ -20,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from qcompile import annotation as A
-from qcompile.gptq import ConvGeometry, GPTQConfig, Hessian, gptq_grouped, make_grid, rtn
+from qcompile.gptq import ConvGeometry, FoldedHessian, GPTQConfig, gptq_or_rtn
 from qcompile.ir import get_attr_value
 from qcompile.specs import NF4Spec, QuantSpec
 
@@ -101,12 +103,12 @@ class _Stop(Exception):
 class _Tap(nn.Module):
     """Accumulates the Hessian of the value flowing through it; the last tap of a round stops the forward."""
 
-    def __init__(self, hessian: Hessian, state: dict):
+    def __init__(self, hessian: FoldedHessian, state: dict):
         super().__init__()
         self.hessian, self.state = hessian, state
 
     def forward(self, x):
-        self.hessian.add(x)
+        self.hessian.add(x, self.state["sample"])
         self.state["fired"] += 1
         if self.state["fired"] == self.state["total"]:
             raise _Stop
@@ -152,8 +154,9 @@ class GPTQRounding:
             for layer in group:
                 w_node = nodes[layer.weight]
                 w = get_attr_value(gm, w_node).detach().float()
-                q, params = gptq_grouped(w, hessians[layer.tap_key], layer.spec, self.config)
-                stats[layer.name] = _stats(w, q, hessians[layer.tap_key], layer.spec)
+                q, params, stats[layer.name] = gptq_or_rtn(w, hessians[layer.tap_key], layer.spec, self.config)
+                if params is None:  # round-to-nearest generalizes better here: convert rounds the float weight
+                    continue
                 for mod in (gm, runner):
                     _set_attr(mod, w_node.target, q.to(w.dtype))
                 w_node.meta[WEIGHT_QPARAMS] = params
@@ -161,13 +164,13 @@ class GPTQRounding:
 
     def _collect(self, runner: fx.GraphModule, group: list[Layer], samples) -> dict:
         by_name = {n.name: n for n in runner.graph.nodes}
-        hessians, taps, state = {}, [], {"fired": 0, "total": 0}
+        hessians, taps, state = {}, [], {"fired": 0, "total": 0, "sample": 0}
         for layer in group:
             if layer.tap_key in hessians:
                 continue
             w = get_attr_value(runner, by_name[layer.weight])
             k = w[0].numel() if layer.conv else w.shape[1]
-            hessians[layer.tap_key] = Hessian(k, layer.conv.groups if layer.conv else 1, layer.conv)
+            hessians[layer.tap_key] = FoldedHessian(k, layer.conv.groups if layer.conv else 1, layer.conv)
             name = f"_gptq_tap_{len(taps)}"
             runner.add_submodule(name, _Tap(hessians[layer.tap_key], state))
             with runner.graph.inserting_after(by_name[layer.act]):
@@ -176,8 +179,8 @@ class GPTQRounding:
         runner.recompile()
         try:
             with torch.no_grad():
-                for args, kwargs in samples:
-                    state["fired"] = 0
+                for i, (args, kwargs) in enumerate(samples):
+                    state["fired"], state["sample"] = 0, i
                     try:
                         runner(*args, **kwargs)
                     except _Stop:
@@ -188,19 +191,3 @@ class GPTQRounding:
                 runner.delete_submodule(t.target)
             runner.recompile()
         return hessians
-
-
-def _stats(w: torch.Tensor, q: torch.Tensor, hess: Hessian, spec) -> dict:
-    """Proxy output error ``tr(D H D^T) / tr(W H W^T)`` of GPTQ and of round-to-nearest on the same grid."""
-    w2, q2 = w.reshape(w.shape[0], -1), q.reshape(q.shape[0], -1)
-    rows = w2.shape[0] // hess.groups
-    err = err_rtn = sig = 0.0
-    for g in range(hess.groups):
-        sl, h = slice(g * rows, (g + 1) * rows), hess.matrix(g).float()
-        quad = lambda d: float(((d @ h) * d).sum())  # noqa: E731
-        err += quad(w2[sl] - q2[sl])
-        err_rtn += quad(w2[sl] - rtn(w2[sl], make_grid(spec))[0])
-        sig += quad(w2[sl])
-    sig = max(sig, 1e-30)
-    return {"algorithm": "gptq", "rel_error": err / sig, "rtn_rel_error": err_rtn / sig,
-            "calibration_rows": hess.rows}
