@@ -12,8 +12,10 @@ export without the channels-last input transpose (lower.channels_last_inputs).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -29,18 +31,22 @@ _BOOKKEEPING = ("getitem", "executorch_call_delegate")
 
 @contextmanager
 def captured_stderr():
-    """Collect what C++ code writes to file descriptor 2 (the runtime's log) into ``lines``."""
+    """Collect the runtime's log into ``lines``: what C++ writes to file descriptor 2, and what the
+    pybindings route to Python's ``sys.stderr`` (which is not fd 2 under pytest or in a notebook)."""
     lines: list[str] = []
-    saved = os.dup(2)
+    saved, py_saved, py_log = os.dup(2), sys.stderr, io.StringIO()
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
+        sys.stderr = py_log
         try:
             yield lines
         finally:
+            sys.stderr = py_saved
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
             lines.extend(tmp.read().decode("utf-8", "replace").splitlines())
+            lines.extend(py_log.getvalue().splitlines())
 
 
 def _outside_delegate(gm: fx.GraphModule):
