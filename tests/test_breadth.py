@@ -60,7 +60,7 @@ def test_channel_shuffle_compiles_and_equals_float(backend):
     assert art.report.verify["sqnr_vs_reference_db"] > 40
 
 
-@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=needs_et)])
+@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=[needs_et, pytest.mark.slow])])
 def test_inplace_activations_and_dropout_compile_in_int8(backend):
     model, art = _compile("InplaceActs", backend)
     assert _sqnr_vs_float(model, art) > 35
@@ -96,7 +96,7 @@ def test_executorch_program_that_cannot_load_fails_at_compile_time_naming_the_no
 
 
 # -- coverage: constant-weight addmm / matmul are linear layers ------------------------------------------
-@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=needs_et)])
+@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=[needs_et, pytest.mark.slow])])
 def test_matmul_and_addmm_with_constant_weights_run_in_int8(backend):
     torch.manual_seed(0)
     model = M.MatmulMLP().eval()
