@@ -224,3 +224,16 @@ def test_far_from_float_thresholds():
     assert "only 6.0 dB" in far_from_float({"sqnr_vs_float_db": 6.0, "reference_sqnr_vs_float_db": 7.0})
     assert far_from_float({"sqnr_vs_float_db": -float("inf"), "reference_sqnr_vs_float_db": -float("inf")}) is None
     assert far_from_float({"sqnr_vs_reference_db": 40.0}) is None  # loaded artifact: no float model to judge
+
+
+@needs_et
+def test_executorch_lowering_errors_quote_the_model_source_lines():
+    from qcompile.backends.executorch.proof import model_frames
+    err = ValueError("Cannot view a tensor with shape [2, 8, 64]\nWhile executing %view\nOriginal traceback:\n"
+                     'File "/venv/lib/torch/fx/proxy.py", line 3, in create\n'
+                     'File "/venv/transformers/models/gpt2/modeling_gpt2.py", line 225, in forward\n'
+                     'File "/venv/transformers/pytorch_utils.py", line 119, in forward')
+    text = model_frames(err)
+    assert text.splitlines() == ["Cannot view a tensor with shape [2, 8, 64]",
+                                 '  at File "/venv/transformers/models/gpt2/modeling_gpt2.py", line 225, in forward',
+                                 '  at File "/venv/transformers/pytorch_utils.py", line 119, in forward']

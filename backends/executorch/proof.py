@@ -84,6 +84,16 @@ def _culprits(log: list[str], edge_gm: fx.GraphModule, reference: fx.GraphModule
     return list(dict.fromkeys(found))
 
 
+def model_frames(error: Exception) -> str:
+    """The first line of ``error`` and the model source lines torch quotes in it ("File ..., in forward"),
+    innermost last, leaving out torch's and ExecuTorch's own frames."""
+    lines = str(error).strip().splitlines()
+    frames = [ln.strip() for ln in lines if ln.strip().startswith("File ")
+              and not any(p in ln for p in ("/torch/", "/executorch/", "/qcompile/", "<string>"))]
+    head = lines[0] if lines else ""
+    return head + "".join(f"\n  at {f}" for f in frames[-3:])
+
+
 def describe(node: fx.Node) -> str:
     from qcompile.ir import module_path
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
