@@ -31,7 +31,7 @@ from qcompile.passes.capture import CapturedInputs
 from qcompile.passes.pattern import op_kind
 
 from .delegation import TAG, Delegation, read_delegation
-from .proof import mixed_dim_orders, prove
+from .proof import mixed_dim_orders, model_frames, prove
 from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
 from .runtime import PteProgram
 from .support import GEMM_KINDS
@@ -350,10 +350,9 @@ def to_edge_xnnpack(ep: torch.export.ExportedProgram):
         try:
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
         except Exception as e:  # noqa: BLE001 - translated into an actionable error
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise QCompileError(f"executorch backend: to_edge_transform_and_lower failed: {type(e).__name__}: "
-                                f"{first}\n  fix: exclude the module the error names (exclude=[...]) so it stays "
-                                f"float, or compile for another backend") from e
+                                f"{model_frames(e)}\n  fix: exclude the module named above (exclude=[...]) so it "
+                                f"stays float, or compile for another backend (backend='x86' or 'onnx')") from e
     return edge, reasons
 
 

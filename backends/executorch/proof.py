@@ -12,8 +12,10 @@ export without the channels-last input transpose (lower.channels_last_inputs).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -29,18 +31,22 @@ _BOOKKEEPING = ("getitem", "executorch_call_delegate")
 
 @contextmanager
 def captured_stderr():
-    """Collect what C++ code writes to file descriptor 2 (the runtime's log) into ``lines``."""
+    """Collect the runtime's log into ``lines``: what C++ writes to file descriptor 2, and what the
+    pybindings route to Python's ``sys.stderr`` (which is not fd 2 under pytest or in a notebook)."""
     lines: list[str] = []
-    saved = os.dup(2)
+    saved, py_saved, py_log = os.dup(2), sys.stderr, io.StringIO()
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
+        sys.stderr = py_log
         try:
             yield lines
         finally:
+            sys.stderr = py_saved
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
             lines.extend(tmp.read().decode("utf-8", "replace").splitlines())
+            lines.extend(py_log.getvalue().splitlines())
 
 
 def _outside_delegate(gm: fx.GraphModule):
@@ -76,6 +82,16 @@ def _culprits(log: list[str], edge_gm: fx.GraphModule, reference: fx.GraphModule
     for kind in kinds:
         found += [n for n in reference.graph.nodes if n.op == "call_function" and kind in str(n.target).split(".")[1:2]]
     return list(dict.fromkeys(found))
+
+
+def model_frames(error: Exception) -> str:
+    """The first line of ``error`` and the model source lines torch quotes in it ("File ..., in forward"),
+    innermost last, leaving out torch's and ExecuTorch's own frames."""
+    lines = str(error).strip().splitlines()
+    frames = [ln.strip() for ln in lines if ln.strip().startswith("File ")
+              and not any(p in ln for p in ("/torch/", "/executorch/", "/qcompile/", "<string>"))]
+    head = lines[0] if lines else ""
+    return head + "".join(f"\n  at {f}" for f in frames[-3:])
 
 
 def describe(node: fx.Node) -> str:

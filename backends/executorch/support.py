@@ -161,7 +161,8 @@ NOTES = {
     "embedding": "XNNPACK has no embedding (gather): it runs on ExecuTorch's portable float kernels",
     "batch_norm": "a batch-norm that does not follow a conv cannot be folded; XNNPACK runs it in fp32 at best",
     "cat": "XNNPACK's int8 cat needs one shared scale for every input; qcompile's annotator cannot yet share "
-           "parameters across a list argument, so cat stays float",
+           "parameters across a list argument, so cat is annotated float (when its output is quantized the "
+           "lowering re-quantizes its inputs to the output's scale and XNNPACK runs an int8 cat: see kernel)",
     "conv_transpose2d": "transposed convolution is not in this backend's int8 table yet (XNNPACK: per-tensor only)",
 }
 

@@ -1,0 +1,239 @@
+"""Issue 11, breadth: constructs of architectures qcompile did not write compile, load and run on every
+backend, from example inputs of any layout, and a lowering far from float never passes silently.
+
+Each test reproduces one reported failure on a small model of tests/_breadth_models.py.
+"""
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.qparams import sqnr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=importlib: tests/ is not on sys.path
+import _breadth_models as M  # noqa: E402
+
+HAS_ET = importlib.util.find_spec("executorch") is not None
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+needs_et = pytest.mark.skipif(not HAS_ET, reason="executorch not installed")
+_LAYOUTS = {"contiguous": lambda x: x, "channels_last": M.channels_last, "permuted": M.hwc_permuted}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_CACHE = {}
+
+
+def _compile(name, backend, layout="contiguous", **options):
+    """Compile model ``name`` for ``backend`` from an example in ``layout`` (cached per module run)."""
+    key = (name, backend, layout, tuple(sorted(options.items())))
+    if key not in _CACHE:
+        torch.manual_seed(0)
+        model, cal = getattr(M, name)().eval(), M.images()
+        art = qcompile.compile(model, _LAYOUTS[layout](cal[0]), backend, calibration=cal, **options)
+        _CACHE[key] = model, art
+    return _CACHE[key]
+
+
+def _sqnr_vs_float(model, art, layout="contiguous"):
+    x = M.images(1, seed=7)[0]
+    with torch.no_grad():
+        return sqnr(model(x), art(_LAYOUTS[layout](x)))
+
+
+# -- one canonical graph: channel shuffle and in-place ops compile everywhere ----------------------------
+@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=needs_et)])
+def test_channel_shuffle_compiles_and_equals_float(backend):
+    """Was: 'view size is not compatible with input tensor's size and stride' during calibration."""
+    model, art = _compile("ChannelShuffle", backend)
+    assert _sqnr_vs_float(model, art) > 30
+    assert art.report.verify["sqnr_vs_reference_db"] > 40
+
+
+@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=[needs_et, pytest.mark.slow])])
+def test_inplace_activations_and_dropout_compile_in_int8(backend):
+    model, art = _compile("InplaceActs", backend)
+    assert _sqnr_vs_float(model, art) > 35
+    ops = {r.op for r in art.report.rows}
+    assert "dropout" not in ops and not any(op.endswith("_") for op in ops)
+    assert art.report.summary()["int8_mac_share"] > 0.99
+
+
+# -- ExecuTorch: programs that compiled but failed to load or run -------------------------------------------
+@needs_et
+@pytest.mark.parametrize("name", ["ChunkCat", "SqueezeFire", "MultiCat"])
+def test_executorch_cat_and_chunk_programs_load_and_run(name):
+    """Was: chunk -> '2 input tensors have different dim orders' (execute() 0x12); cat of 2 or 4 branches
+    -> 'XNNCompiler: Failed to create cat node' when the .pte was loaded."""
+    model, art = _compile(name, "executorch")
+    assert _sqnr_vs_float(model, art) > 30
+    assert art.report.verify["within_one_step"] > 0.99
+    assert art.report.summary()["int8_mac_share"] == 1.0
+
+
+@needs_et
+def test_executorch_program_that_cannot_load_fails_at_compile_time_naming_the_node(monkeypatch):
+    from qcompile.backends.executorch import lower
+    monkeypatch.setattr(lower, "requantize_cat_inputs", lambda gm: [])  # the lowering that made bad .pte files
+    torch.manual_seed(0)
+    model, cal = M.MultiCat().eval(), M.images(2)
+    with pytest.raises(qcompile.QCompileError) as err:
+        qcompile.compile(model, cal[0], "executorch", calibration=cal, verify=False)
+    msg = str(err.value)
+    assert "fails to load" in msg and "node: cat" in msg and "_breadth_models.py" in msg
+    assert "exclude=" in msg and "backend=" in msg
+    assert "xnn_status_invalid_parameter" in msg  # the runtime's own log line
+
+
+# -- coverage: constant-weight addmm / matmul are linear layers ------------------------------------------
+@pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=[needs_et, pytest.mark.slow])])
+def test_matmul_and_addmm_with_constant_weights_run_in_int8(backend):
+    torch.manual_seed(0)
+    model = M.MatmulMLP().eval()
+    cal = [torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    linears = [r for r in art.report.rows if r.op == "linear"]
+    assert len(linears) == 3 and all(r.status == "int8" for r in linears)
+    assert art.report.summary()["int8_mac_share"] == 1.0
+    assert sqnr(model(cal[1]), art(cal[1])) > 25
+
+
+def _tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
+                                          bos_token_id=0, eos_token_id=0)
+            self.gpt2 = transformers.GPT2Model(cfg)
+
+        def forward(self, ids):
+            return self.gpt2(ids).last_hidden_state
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    return Hidden().eval(), [torch.randint(0, 100, (2, 8), generator=g) for _ in range(4)]
+
+
+def _check_gpt2(backend):
+    model, cal = _tiny_gpt2()
+    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    proj = [r for r in art.report.rows if r.op == "linear"]
+    modules = {r.module.rsplit(".", 1)[-1] for r in proj}
+    assert {"c_attn", "c_proj", "c_fc"} <= modules  # HF Conv1D, captured as addmm
+    assert len(proj) == 8 and all(r.status == "int8" for r in proj), [(r.name, r.status, r.reason) for r in proj]
+    assert art.report.summary()["int8_mac_share"] > 0.99
+    assert sqnr(model(cal[1]), art(cal[1])) > 25
+
+
+def test_gpt2_conv1d_projections_are_int8_on_x86():
+    _check_gpt2("x86")
+
+
+@needs_et
+@pytest.mark.slow
+def test_gpt2_conv1d_projections_are_int8_on_executorch():
+    _check_gpt2("executorch")
+
+
+# -- inputs of any layout -----------------------------------------------------------------------------------
+_BACKENDS = ["x86", pytest.param("executorch", marks=needs_et),
+             pytest.param("onnx", marks=pytest.mark.skipif(not HAS_ORT, reason="onnxruntime not installed"))]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted"])
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_any_layout_example_and_call_equal_the_contiguous_copy(backend, layout):
+    """Was (ExecuTorch): a channels-last example gave silently wrong programs (squeeze-fire 2.1 dB), a
+    permuted one failed in XNNPACK's shape propagation."""
+    model, art = _compile("SqueezeFire", backend, layout)
+    _, plain = _compile("SqueezeFire", backend)
+    x = M.images(1, seed=7)[0]
+    expected = plain(x)
+    for call_layout in _LAYOUTS.values():
+        assert torch.equal(art(call_layout(x)), expected)
+    assert _sqnr_vs_float(model, art, layout) > 30
+
+
+@needs_et
+def test_executorch_vit_from_a_channels_last_example_equals_float():
+    """Was: SQNR -2.9 dB, no error, no warning."""
+    model, art = _compile("TinyViT", "executorch", "channels_last")
+    assert _sqnr_vs_float(model, art, "channels_last") > 25
+    assert not art.report.verify["far_from_float"]
+
+
+# -- no silent wrong answers ----------------------------------------------------------------------------
+def _broken_x86(monkeypatch):
+    from qcompile.backends.x86.backend import X86Backend
+    run = X86Backend.run
+
+    def perturbed(self, lowered, args, kwargs):
+        y = run(self, lowered, args, kwargs)
+        return y + y.std() * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+
+    monkeypatch.setattr(X86Backend, "run", perturbed)
+
+
+def test_healthy_compile_is_not_flagged():
+    _, art = _compile("SqueezeFire", "x86")
+    assert art.report.verify["far_from_float"] is False and art.report.warnings == []
+    assert "WARNING" not in str(art.report)
+
+
+def test_lowering_far_from_float_warns_and_is_flagged(monkeypatch):
+    _broken_x86(monkeypatch)
+    torch.manual_seed(0)
+    model, cal = M.SqueezeFire().eval(), M.images()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        art = qcompile.compile(model, cal[0], "x86", calibration=cal)
+    ours = [w for w in caught if issubclass(w.category, qcompile.QuantizationWarning)]
+    assert len(ours) == 1 and "x86 backend" in str(ours[0].message)
+    v = art.report.verify
+    assert v["far_from_float"] is True and v["sqnr_vs_float_db"] < 5 < 40 < v["reference_sqnr_vs_float_db"]
+    assert f"{v['sqnr_vs_float_db']:.1f} dB" in art.report.warnings[0]
+    assert "WARNING: x86 backend" in str(art.report)
+    assert art.report.to_dict()["warnings"] == art.report.warnings
+
+
+def test_lowering_far_from_float_raises_under_strict(monkeypatch):
+    _broken_x86(monkeypatch)
+    torch.manual_seed(0)
+    model, cal = M.SqueezeFire().eval(), M.images()
+    with pytest.raises(qcompile.NumericsError, match="strict=True: x86 backend: the lowered artifact is"):
+        qcompile.compile(model, cal[0], "x86", calibration=cal, strict=True, allow_float={"cat"})
+
+
+def test_far_from_float_thresholds():
+    from qcompile.artifact import far_from_float
+    assert far_from_float({"sqnr_vs_float_db": 30.0, "reference_sqnr_vs_float_db": 38.0}) is None
+    assert "lowering" in far_from_float({"sqnr_vs_float_db": 20.0, "reference_sqnr_vs_float_db": 38.0})
+    assert far_from_float({"sqnr_vs_float_db": 50.0, "reference_sqnr_vs_float_db": float("inf")}) is None
+    assert "only 6.0 dB" in far_from_float({"sqnr_vs_float_db": 6.0, "reference_sqnr_vs_float_db": 7.0})
+    assert far_from_float({"sqnr_vs_float_db": -float("inf"), "reference_sqnr_vs_float_db": -float("inf")}) is None
+    assert far_from_float({"sqnr_vs_reference_db": 40.0}) is None  # loaded artifact: no float model to judge
+
+
+@needs_et
+def test_executorch_lowering_errors_quote_the_model_source_lines():
+    from qcompile.backends.executorch.proof import model_frames
+    err = ValueError("Cannot view a tensor with shape [2, 8, 64]\nWhile executing %view\nOriginal traceback:\n"
+                     'File "/venv/lib/torch/fx/proxy.py", line 3, in create\n'
+                     'File "/venv/transformers/models/gpt2/modeling_gpt2.py", line 225, in forward\n'
+                     'File "/venv/transformers/pytorch_utils.py", line 119, in forward')
+    text = model_frames(err)
+    assert text.splitlines() == ["Cannot view a tensor with shape [2, 8, 64]",
+                                 '  at File "/venv/transformers/models/gpt2/modeling_gpt2.py", line 225, in forward',
+                                 '  at File "/venv/transformers/pytorch_utils.py", line 119, in forward']
