@@ -44,6 +44,7 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
     flat = flat_inputs(args, kwargs)
     emitted = emit(ref, args, kwargs, opts, user_table)
     session, optimized = make_session(emitted.model, threads)
+    _run_once(session, emitted, flat)
     notes = list(emitted.notes)
     if emitted.dynamic_batch:
         why = _dynamic_batch_problem(session, emitted, flat)
@@ -61,6 +62,16 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
         low.kernels.setdefault(name, "none: ORT folded it into a constant at session load (constant inputs)")
     low.gm, low.storage = storage_view(emitted.model, emitted.storage)
     return low
+
+
+def _run_once(session, emitted: Emitted, flat: list) -> None:
+    """The artifact is proven on the runtime before compile returns (also with verify=False)."""
+    from qcompile.errors import UnsupportedError
+    try:
+        session.run(None, feeds(emitted, flat))
+    except Exception as e:  # noqa: BLE001 - ORT's message is the reason
+        raise UnsupportedError(f"onnx backend: ONNX Runtime loaded the model but could not run it on the example "
+                               f"inputs: {str(e).strip().splitlines()[0][:300]}") from e
 
 
 def folded_by_ort(emitted: Emitted, rg: RuntimeGraph) -> list:
