@@ -60,6 +60,8 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
             low.kernels[name] = f"{low.kernels[name]} ({note})"
     for name in folded_by_ort(emitted, rg):
         low.kernels.setdefault(name, "none: ORT folded it into a constant at session load (constant inputs)")
+    for name in folded_at_export(ref, emitted):
+        low.kernels.setdefault(name, "none: folded into a constant at export (constant inputs)")
     low.gm, low.storage = storage_view(emitted.model, emitted.storage)
     return low
 
@@ -72,6 +74,17 @@ def _run_once(session, emitted: Emitted, flat: list) -> None:
     except Exception as e:  # noqa: BLE001 - ORT's message is the reason
         raise UnsupportedError(f"onnx backend: ONNX Runtime loaded the model but could not run it on the example "
                                f"inputs: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def folded_at_export(ref: fx.GraphModule, emitted: Emitted) -> list:
+    """Planned group anchors with no ONNX node at all: torch.onnx's optimizer folded them (e.g. the
+    position-embedding gather of a fixed ``arange``)."""
+    out = []
+    for node in ref.graph.nodes:
+        ann = A.get_annotation(node) if node.op == "call_function" else None
+        if ann is not None and ann.status == A.INT8 and ann.group == node.name and node.name not in emitted.onnx_of:
+            out.append(node.name)
+    return out
 
 
 def folded_by_ort(emitted: Emitted, rg: RuntimeGraph) -> list:

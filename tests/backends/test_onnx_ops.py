@@ -135,3 +135,26 @@ def test_op_compiles_for_onnx_and_matches_the_reference(case):
     assert v["dynamic_batch"]
     bigger = torch.randn(5, *shape, generator=g)  # the symbolic batch runs
     torch.testing.assert_close(art(bigger), art.run_reference(bigger), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("mode,weights,ops", [
+    ("dynamic", None, {"dynamic_quantize", "matmul_integer"}),
+    ("weight_only", qcompile.WeightSpec(bits=4, group_size=32, symmetric=False), {"matmul_nbits", "embedding_rows"}),
+    ("weight_only", qcompile.WeightSpec(dtype="nf4", group_size=64), {"matmul_bnb4", "embedding_rows"}),
+], ids=["dynamic", "int4", "nf4"])
+def test_pre_export_graph_computes_the_reference(mode, weights, ops):
+    """The pre-export pass's qcompile_onnx ops (what torch.onnx translates into DynamicQuantizeLinear /
+    MatMulInteger / MatMulNBits / MatMulBnb4 / Gather) compute the reference graph's numbers in eager mode."""
+    from qcompile import zoo
+    from qcompile.backends.onnx.prepare import prepare
+    from qcompile.qparams import sqnr
+    model = zoo.make_bert_encoder(seed=0, hidden=64, layers=1, heads=2, intermediate=128)
+    ex = zoo._bert_inputs(batch=2, seq=16)
+    art = qcompile.compile(model, ex, backend="onnx", mode=mode, weights=weights, verify=False, progress=False)
+    prep = prepare(art.reference)
+    found = {n.target.name().split("::")[1] for n in prep.gm.graph.nodes
+             if n.op == "call_function" and hasattr(n.target, "name") and "qcompile_onnx" in n.target.name()}
+    assert ops <= found, found
+    with torch.no_grad():
+        assert sqnr(art.run_reference(*ex), prep.gm(*ex)) > 100
+    assert not any("qcompile_onnx" in str(n.target) for n in art.reference.graph.nodes)  # reference untouched
