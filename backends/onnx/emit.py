@@ -110,7 +110,7 @@ def _export(gm: fx.GraphModule, args: tuple, kwargs: dict, dynamic: bool):
 
 
 def _to_onnx(ep, ref: fx.GraphModule, opts: EmitOptions, user_table: dict | None = None):
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-op registration chatter
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "torchvision is not installed"
     table = {**custom_ops.TRANSLATIONS, **(user_table or {})}
     try:
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, opset_version=opts.opset,

@@ -44,6 +44,7 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
     flat = flat_inputs(args, kwargs)
     emitted = emit(ref, args, kwargs, opts, user_table)
     session, optimized = make_session(emitted.model, threads)
+    _run_once(session, emitted, flat)
     notes = list(emitted.notes)
     if emitted.dynamic_batch:
         why = _dynamic_batch_problem(session, emitted, flat)
@@ -59,8 +60,31 @@ def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, thr
             low.kernels[name] = f"{low.kernels[name]} ({note})"
     for name in folded_by_ort(emitted, rg):
         low.kernels.setdefault(name, "none: ORT folded it into a constant at session load (constant inputs)")
+    for name in folded_at_export(ref, emitted):
+        low.kernels.setdefault(name, "none: folded into a constant at export (constant inputs)")
     low.gm, low.storage = storage_view(emitted.model, emitted.storage)
     return low
+
+
+def _run_once(session, emitted: Emitted, flat: list) -> None:
+    """The artifact is proven on the runtime before compile returns (also with verify=False)."""
+    from qcompile.errors import UnsupportedError
+    try:
+        session.run(None, feeds(emitted, flat))
+    except Exception as e:  # noqa: BLE001 - ORT's message is the reason
+        raise UnsupportedError(f"onnx backend: ONNX Runtime loaded the model but could not run it on the example "
+                               f"inputs: {str(e).strip().splitlines()[0][:300]}") from e
+
+
+def folded_at_export(ref: fx.GraphModule, emitted: Emitted) -> list:
+    """Planned group anchors with no ONNX node at all: torch.onnx's optimizer folded them (e.g. the
+    position-embedding gather of a fixed ``arange``)."""
+    out = []
+    for node in ref.graph.nodes:
+        ann = A.get_annotation(node) if node.op == "call_function" else None
+        if ann is not None and ann.status == A.INT8 and ann.group == node.name and node.name not in emitted.onnx_of:
+            out.append(node.name)
+    return out
 
 
 def folded_by_ort(emitted: Emitted, rg: RuntimeGraph) -> list:

@@ -266,7 +266,7 @@ def test_weight_only_bert_encoder_embeddings_and_linears(tmp_path):
     art = onnx_compile(model, ex, "weight_only", weights=WeightSpec(bits=4, group_size=32))
     rows = {r.module: r for r in art.report.rows if r.op in ("linear", "embedding")}
     assert rows["tok_emb"].kernel == "Gather (int8 rows gathered, then scaled per row)"
-    assert rows["pos_emb"].kernel.startswith("none: ORT folded it into a constant")  # gathers a fixed arange
+    assert rows["pos_emb"].kernel.startswith("none: ") and "folded" in rows["pos_emb"].kernel  # a fixed arange
     assert all(r.kernel.startswith("MatMulNBits (int4 symmetric group 32") for r in rows.values() if "emb" not in
                r.module)
     bits = art.report.bits_per_weight()
