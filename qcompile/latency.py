@@ -33,6 +33,8 @@ def runtime_name(model) -> str:
 def model_bytes(model) -> int | None:
     """Bytes the model stores: the artifact's stored constants (or its runtime file), or the module's
     parameters and buffers."""
+    if getattr(model, "file_bytes", None):
+        return int(model.file_bytes)
     report = getattr(model, "report", None)
     if report is not None:
         program = getattr(getattr(model, "lowered", None), "program", None)
