@@ -122,11 +122,19 @@ def cmd_demo(a) -> int:
     from . import demo_model
     from .backends import get_backend
     get_backend(a.backend)  # an unknown backend fails before any work
-    model, example = demo_model.tiny_cnn()
+    if a.model == "tiny_cnn":
+        (model, example), calib, data, slices = demo_model.tiny_cnn(), demo_model.calibration(), \
+            demo_model.evaluation(), "brightness"
+    else:  # the test zoo's shapes (random weights, except the digits CNN)
+        from . import zoo
+        model, example = zoo.get_model(a.model)
+        calib, slices = zoo.calibration_samples(a.model), None
+        data = calib[-4:]
     print(qcompile.explain(model, example, backend=a.backend).summary(), "(predicted before calibration)\n")
-    art = qcompile.compile(model, example, backend=a.backend, calibration=demo_model.calibration(), progress=True)
+    art = qcompile.compile(model, example, backend=a.backend, calibration=calib, progress=True)
     print(art.report)
-    ev = qcompile.evaluate(art, model, demo_model.evaluation(), slices="brightness", batch_sizes=(1, 8))
+    ev = qcompile.evaluate(art, model, data, slices=slices, batch_sizes=(1, 8),
+                           task="embedding" if a.model == "bert_encoder" else None)
     print()
     print(ev)
     if a.html:
@@ -190,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile and evaluate a tiny CNN, print its report",
                        description="Compile qcompile.demo_model:tiny_cnn, print the report and the evaluation.")
     d.add_argument("--backend", default="x86", help=BACKENDS_HELP)
+    d.add_argument("--model", default="tiny_cnn", choices=["tiny_cnn", "resnet18", "mobilenet_v2", "bert_encoder",
+                                                          "digits_cnn"], help="which model (default tiny_cnn)")
     d.add_argument("--html", help="also write the HTML report here")
     d.set_defaults(fn=cmd_demo)
     return ap
