@@ -293,16 +293,19 @@ def changed_predictions(task, cand, ref, targets, labels, limit: int) -> tuple[i
 
 # -- entry point -------------------------------------------------------------------------------------
 def evaluate(candidate, reference, data, metric=None, slices=None, batch_sizes=(1, 8, 32), *, task=None,
-             select=None, changed_limit: int = 100, timing_options: timing.TimingOptions | None = None) -> Evaluation:
+             select=None, changed_limit: int = 100, timing_options: timing.TimingOptions | None = None,
+             progress: bool = False) -> Evaluation:
     """Evaluate ``candidate`` (an Artifact or any model) against ``reference`` (usually the float model) on
     ``data`` (see :func:`batches`). ``metric(outputs, targets) -> float`` replaces the default (top-1 / token
     agreement or accuracy, cosine for embeddings); targets are the data's ``targets`` or else the reference
     outputs. ``slices``: a data key, per-sample labels or a per-sample function. ``task``: override the
     detection ("classification" for [N, C] outputs, "sequence" for [N, T, V], "embedding" otherwise).
     ``select(outputs, batch)``: the tensor to evaluate (default: logits / last_hidden_state / first).
-    ``batch_sizes``: latency per batch size (empty: no timing)."""
+    ``batch_sizes``: latency per batch size (empty: no timing). ``progress``: a progress bar."""
+    from tqdm.auto import tqdm
     all_b = batches(data)
-    cand = torch.cat([run_model(candidate, b, select) for b in all_b])
+    cand = torch.cat([run_model(candidate, b, select)
+                      for b in tqdm(all_b, desc="evaluating", disable=not progress, leave=False)])
     ref = torch.cat([run_model(reference, b, select) for b in all_b])
     if cand.shape != ref.shape:
         raise InputError(f"evaluate: candidate output {tuple(cand.shape)} vs reference {tuple(ref.shape)}")

@@ -33,6 +33,8 @@ def runtime_name(model) -> str:
 def model_bytes(model) -> int | None:
     """Bytes the model stores: the artifact's stored constants (or its runtime file), or the module's
     parameters and buffers."""
+    if getattr(model, "file_bytes", None):
+        return int(model.file_bytes)
     report = getattr(model, "report", None)
     if report is not None:
         program = getattr(getattr(model, "lowered", None), "program", None)
@@ -131,12 +133,22 @@ def _status(field_name: str) -> int:
     raise QCompileError(f"/proc/self/status has no {field_name}")
 
 
+def _trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then read low
+        pass
+
+
 @torch.no_grad()
 def peak_rss_delta(model, args, kwargs) -> int | None:
     """Growth of the process's peak resident memory while running ``model`` (Linux: the high-water mark
-    is reset through /proc/self/clear_refs first). Counts every allocator (PyTorch, ONNX Runtime,
-    ExecuTorch); None where the kernel does not offer it."""
+    is reset through /proc/self/clear_refs first, after glibc's malloc_trim returned freed pages). Counts
+    every allocator (PyTorch, ONNX Runtime, ExecuTorch) but not memory a runtime keeps cached between runs
+    (an arena already resident reads as 0); None where the kernel does not offer it."""
     try:
+        _trim()  # return freed heap pages to the kernel, so the run's working memory faults in anew
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status("VmRSS")

@@ -41,10 +41,23 @@ def quant_points(reference: fx.GraphModule) -> list[QuantPoint]:
         if not all(isinstance(v, (int, float)) for v in (scale, zp, qmin, qmax)):
             continue  # a run-time (dynamic) quantize: no calibrated range
         src = n.args[0]
+        if _requantized_view(src):
+            continue  # a view / transpose of a value already counted, with the same range: nothing new
         if src.op == "placeholder" or src.op == "call_function":
             points.append(QuantPoint(n.name, src.name, module_path(src) or src.name,
                                      (qmin - zp) * scale, (qmax - zp) * scale, float(scale)))
     return points
+
+
+_SHAPE_OPS = {"view", "reshape", "transpose", "permute", "flatten", "unsqueeze", "squeeze", "contiguous", "clone",
+              "expand", "_unsafe_view", "t", "slice", "select"}
+
+
+def _requantized_view(src) -> bool:
+    name = getattr(src.target, "__name__", "").split(".")[0] if src.op == "call_function" else ""
+    inp = src.args[0] if src.args else None
+    return name in _SHAPE_OPS and isinstance(inp, fx.Node) and inp.target in (
+        qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor)
 
 
 def flat_inputs(args, kwargs) -> list:

@@ -6,6 +6,7 @@ import math
 from markupsafe import Markup, escape
 
 from . import annotation as A
+from .textfmt import human_bytes
 
 GREEN, RED, GREY = "#2e9e4f", "#d64545", "#9a9a9a"  # graph nodes: int8 / float / excluded
 SQNR_GOOD, SQNR_MID, SQNR_BAD = "#1a9850", "#fdae61", "#d73027"  # per-layer SQNR bars
@@ -177,6 +178,7 @@ def render(report, evaluation=None, path: str | None = None) -> str:
     import jinja2
     env = jinja2.Environment(loader=jinja2.PackageLoader("qcompile", "templates"), autoescape=True)
     env.filters["n"] = _n
+    env.filters["bytes"] = lambda v: human_bytes(v if isinstance(v, (int, float)) else None)
     env.globals["status_class"] = status_class
     layer = [(f"{r['value']} ({r['module']})" if r.get("module") else r["value"], r["sqnr_db"])
              for r in getattr(report, "layer_sqnr", [])] if report is not None else []

@@ -84,6 +84,14 @@ def test_page_is_self_contained_and_its_filters_run(resnet_page, tmp_path):
     assert "<title>" in dom and "int8" in dom
 
 
+def test_evaluation_alone_renders(resnet_page, tmp_path):
+    _, _, ev = resnet_page
+    path = tmp_path / "ev.html"
+    ev.to_html(str(path))  # no report: e.g. an .onnx file evaluated from the CLI
+    img, console = browse(path, tmp_path, height=1500)
+    assert console == [] and pixels(img, H.CANDIDATE) > 40 and pixels(img, H.GREEN) == 0
+
+
 def test_a_script_error_is_caught(tmp_path):
     """The console check can fail: a page that throws is reported."""
     bad = tmp_path / "bad.html"
