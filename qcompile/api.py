@@ -110,15 +110,20 @@ class Options:
         opts = cls(**kw)
         if opts.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {opts.mode!r}")
-        from .gptq import ALGORITHMS, GPTQConfig
-        if not (opts.algorithm is None or opts.algorithm in ALGORITHMS or isinstance(opts.algorithm, GPTQConfig)):
-            raise ConfigError(f"algorithm must be one of {ALGORITHMS} or a qcompile.gptq.GPTQConfig, "
-                              f"got {opts.algorithm!r}")
+        from . import algorithms
+        algorithms.normalize(opts.algorithm)  # ConfigError for an unknown algorithm
         return opts
 
     @property
     def gptq(self) -> bool:
-        return self.algorithm is not None and self.algorithm != "rtn"
+        from . import algorithms
+        return "gptq" in (algorithms.normalize(self.algorithm) or {})
+
+    def algorithms(self, weight_bits: int | None) -> dict:
+        """The accuracy algorithms to run: the explicit choice, else the defaults of the mode."""
+        from . import algorithms
+        chosen = algorithms.normalize(self.algorithm)
+        return algorithms.defaults(self.mode, weight_bits) if chosen is None else chosen
 
 
 def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
@@ -197,6 +202,7 @@ def _attach_storage(art: Artifact, ctx: Context, ref: fx.GraphModule) -> None:
     from .passes.weight_only import ROUNDING
     from .report import storage_rows, storage_summary
     art.report.weight_rounding = dict(ref.meta.get(ROUNDING, {}))
+    art.report.algorithms = dict(ref.meta.get("qcompile_algorithms", {}))
     gm = getattr(art.lowered, "gm", None)
     if not isinstance(gm, fx.GraphModule):
         return
@@ -215,14 +221,15 @@ class _Samples:
         return (_sample_to_inputs(s, self.n_inputs) for s in self.data)
 
 
-def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
-    """GPTQ on the prepared graph (before observers see data, so they calibrate the rounded model)."""
-    from .gptq import GPTQConfig
-    from .passes.weight_only import GPTQRounding
-    t0 = time.perf_counter()
-    cfg = algorithm if isinstance(algorithm, GPTQConfig) else GPTQConfig()
-    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, len(prepared._ctx.inputs.args)))
-    prepared._ctx.timings["weight_rounding_s"] = time.perf_counter() - t0
+def _run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress) -> None:
+    """Equalization / SmoothQuant / weight rounding / bias correction on the prepared graph, before the
+    observers see data (so they calibrate the transformed model). See qcompile.algorithms."""
+    from . import algorithms
+    weights = prepared._ctx.config.weights
+    chosen = opts.algorithms(getattr(weights, "bits", None))
+    if not chosen or calibration is None or not algorithms.needs_data(chosen):
+        return
+    algorithms.run(prepared, _Samples(calibration, len(prepared._ctx.inputs.args)), chosen, progress)
 
 
 def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
@@ -236,11 +243,10 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
     if opts.gptq and calibration is None:
         raise CalibrationError("algorithm='gptq' needs calibration=<iterable of samples>: its Hessians come from "
                                "the layers' calibration inputs (use algorithm='rtn' for round-to-nearest)")
-    if opts.gptq and iter(calibration) is calibration:
-        calibration = list(calibration)  # GPTQ reads the samples once per round of layers
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)  # the algorithms read the samples more than once
     prepared = prepare(model, example_inputs, backend, **options)
-    if opts.gptq:
-        _round_weights(prepared, calibration, opts.algorithm)
+    _run_algorithms(prepared, calibration, opts, progress)
     t0 = time.perf_counter()
     if calibration is not None and opts.mode not in FLOAT_MODES:
         prepared.calibrate(calibration, progress=progress)

@@ -44,6 +44,7 @@ class Report:
     predicted: bool = False
     storage: list = field(default_factory=list)  # one dict per stored tensor of the lowered model (storage_rows)
     weight_rounding: dict = field(default_factory=dict)  # layer -> GPTQ stats (qcompile.passes.weight_only)
+    algorithms: dict = field(default_factory=dict)  # accuracy algorithm -> what it did (qcompile.algorithms)
 
     # -- queries --------------------------------------------------------------------------------
     def by_status(self) -> Counter:
@@ -82,7 +83,8 @@ class Report:
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "config": self.config, "verify": self.verify, "sizes": self.sizes,
                 "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows],
-                "storage": self.storage, "weight_rounding": self.weight_rounding}
+                "storage": self.storage, "weight_rounding": self.weight_rounding,
+                "algorithms": self.algorithms}
 
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
