@@ -10,6 +10,7 @@ from .config import ModuleConfig, QConfig
 from .errors import (BackendUnavailableError, CalibrationError, CaptureError, ConfigError, InputError,
                      QCompileError, StrictFallbackError, UnsupportedError)
 from .report import Report
+from .budget import AccuracyBudget
 from .specs import ActivationSpec, QuantSpec, WeightSpec
 
 __version__ = "0.1.0"
@@ -17,4 +18,5 @@ __all__ = [
     "compile", "prepare", "prepare_qat", "convert", "explain", "load", "Artifact", "Report", "QConfig", "ModuleConfig",
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
+    "AccuracyBudget",
 ]

@@ -233,10 +233,15 @@ def _run_algorithms(prepared: PreparedModel, calibration, opts: Options, progres
 
 
 def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
-            progress=None, **options) -> Artifact:
+            progress=None, accuracy=None, **options) -> Artifact:
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
-    tensors, tuples of positional inputs or dicts of keyword inputs). Other options: see :class:`Options`."""
+    tensors, tuples of positional inputs or dicts of keyword inputs). Other options: see :class:`Options`.
+    ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision until it holds."""
     opts = Options.parse(options)
+    if accuracy is not None:
+        from .budget import search
+        calibration = list(calibration) if calibration is not None else None
+        return search(model, example_inputs, backend, calibration, accuracy, **options)
     if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
                                "(or use mode='dynamic' / 'weight_only', which need none)")
