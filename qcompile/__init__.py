@@ -12,6 +12,7 @@ from .errors import (ArtifactFileError, BackendUnavailableError, CalibrationErro
                      NumericsError, QCompileError, QCompileWarning, QuantizationWarning, StrictFallbackError,
                      UnsupportedError)
 from .report import Report
+from .budget import AccuracyBudget
 from .specs import ActivationSpec, QuantSpec, WeightSpec
 
 __version__ = "0.1.0"
@@ -20,4 +21,5 @@ __all__ = [
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
     "ArtifactFileError", "QCompileWarning", "NumericsError", "QuantizationWarning",
+    "AccuracyBudget",
 ]

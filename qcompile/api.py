@@ -101,15 +101,20 @@ class Options:
         check_options(opts)
         if opts.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {opts.mode!r}")
-        from .gptq import ALGORITHMS, GPTQConfig
-        if not (opts.algorithm is None or opts.algorithm in ALGORITHMS or isinstance(opts.algorithm, GPTQConfig)):
-            raise ConfigError(f"algorithm must be one of {ALGORITHMS} or a qcompile.gptq.GPTQConfig, "
-                              f"got {opts.algorithm!r}")
+        from . import algorithms
+        algorithms.normalize(opts.algorithm)  # ConfigError for an unknown algorithm
         return opts
 
     @property
     def gptq(self) -> bool:
-        return self.algorithm is not None and self.algorithm != "rtn"
+        from . import algorithms
+        return "gptq" in (algorithms.normalize(self.algorithm) or {})
+
+    def algorithms(self, weight_bits: int | None) -> dict:
+        """The accuracy algorithms to run: the explicit choice, else the defaults of the mode."""
+        from . import algorithms
+        chosen = algorithms.normalize(self.algorithm)
+        return algorithms.defaults(self.mode, weight_bits) if chosen is None else chosen
 
 
 def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
@@ -191,6 +196,7 @@ def _attach_storage(art: Artifact, ctx: Context, ref: fx.GraphModule) -> None:
     from .passes.weight_only import ROUNDING
     from .report import storage_rows, storage_summary
     art.report.weight_rounding = dict(ref.meta.get(ROUNDING, {}))
+    art.report.algorithms = dict(ref.meta.get("qcompile_algorithms", {}))
     gm = getattr(art.lowered, "gm", None)
     if not isinstance(gm, fx.GraphModule):
         return
@@ -212,37 +218,42 @@ class _Samples:
             yield args, kwargs
 
 
-def _round_weights(prepared: PreparedModel, calibration, algorithm) -> None:
-    """GPTQ on the prepared graph (before observers see data, so they calibrate the rounded model)."""
-    from .gptq import GPTQConfig
-    from .passes.weight_only import GPTQRounding
-    t0 = time.perf_counter()
-    cfg = algorithm if isinstance(algorithm, GPTQConfig) else GPTQConfig()
-    GPTQRounding(cfg)(prepared.gm, _Samples(calibration, prepared._ctx.inputs, _input_names(prepared.gm)))
-    prepared._ctx.timings["weight_rounding_s"] = time.perf_counter() - t0
+def _run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress) -> None:
+    """Equalization / SmoothQuant / weight rounding / bias correction on the prepared graph, before the
+    observers see data (so they calibrate the transformed model). See qcompile.algorithms."""
+    from . import algorithms
+    weights = prepared._ctx.config.weights
+    chosen = opts.algorithms(getattr(weights, "bits", None))
+    if not chosen or calibration is None or not algorithms.needs_data(chosen):
+        return
+    algorithms.run(prepared, _Samples(calibration, prepared._ctx.inputs, _input_names(prepared.gm)), chosen, progress)
 
 
 def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
-            progress=None, verify_data=None, **options) -> Artifact:
+            progress=None, verify_data=None, accuracy=None, **options) -> Artifact:
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
     tensors, tuples of positional inputs or dicts of keyword inputs). ``verify_data``: held-out samples the
     report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, which are
-    then not calibrated on). Other options: see :class:`Options`."""
+    then not calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision
+    until it holds. Other options: see :class:`Options`."""
     from .health import after_calibration, split_holdout, track_ranges
     opts = Options.parse(options)
     check_call_args(backend, calibration, verify, progress)
+    if accuracy is not None:
+        from .budget import search
+        calibration = list(calibration) if calibration is not None else None
+        return search(model, example_inputs, backend, calibration, accuracy, **options)
     if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
                                "(or use mode='dynamic' / 'weight_only', which need none)")
     if opts.gptq and calibration is None:
         raise CalibrationError("algorithm='gptq' needs calibration=<iterable of samples>: its Hessians come from "
                                "the layers' calibration inputs (use algorithm='rtn' for round-to-nearest)")
-    if opts.gptq and iter(calibration) is calibration:
-        calibration = list(calibration)  # GPTQ reads the samples once per round of layers
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)  # the algorithms read the samples more than once
     calibration, held_out, held_out_source = split_holdout(calibration, verify_data)
     prepared = prepare(model, example_inputs, backend, **options)
-    if opts.gptq:
-        _round_weights(prepared, calibration, opts.algorithm)
+    _run_algorithms(prepared, calibration, opts, progress)
     t0 = time.perf_counter()
     with track_ranges(prepared) as ranges:
         if calibration is not None and opts.mode not in FLOAT_MODES:

@@ -50,6 +50,7 @@ class Report:
     layer_sqnr: list = field(default_factory=list)  # per quantized value: SQNR of the reference vs float (dB)
     activations: list = field(default_factory=list)  # per quantized value: chosen range, histogram, clipped share
     health: dict = field(default_factory=dict)  # calibration health findings (qcompile.health)
+    algorithms: dict = field(default_factory=dict)  # accuracy algorithm -> what it did (qcompile.algorithms)
 
     # -- queries --------------------------------------------------------------------------------
     def by_status(self) -> Counter:
@@ -101,7 +102,7 @@ class Report:
                 "timings": self.timings, "predicted": self.predicted, "nodes": [asdict(r) for r in self.rows],
                 "storage": self.storage, "weight_rounding": self.weight_rounding, "heldout": self.heldout,
                 "layer_sqnr": self.layer_sqnr, "activations": self.activations, "health": self.health,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "algorithms": self.algorithms}
 
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, default=_jsonable)

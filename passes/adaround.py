@@ -1,0 +1,160 @@
+"""Learned weight rounding: AdaRound (Nagel et al., "Up or Down? Adaptive Rounding", 2020).
+
+Each weight is rounded down or up (not to nearest) so that the layer's *output* on calibration data
+moves least. Per layer a continuous variable ``V`` per weight gives a soft rounding
+``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``; Adam minimises
+
+    tr(D H D^T) / tr(W H W^T) + lambda * sum(1 - |2 h - 1|^beta),     D = W - s (floor(W/s) + h - z ...)
+
+where ``H = X^T X`` is the layer's input Gram matrix on the calibration rows (exactly the mean squared
+output error, so no activations are kept: memory ``K x K`` per conv group, shared with GPTQ's runner),
+and ``beta`` anneals from 20 to 2 so ``h`` ends at 0 or 1. Layers are visited in order as in
+``passes/weight_only.py`` (later layers see earlier layers already rounded).
+
+Bounded on CPU: ``iterations`` per layer, early stop once every ``h`` is within 1e-3 of 0 or 1 after
+the warm-up, a total ``time_limit_s`` after which the remaining layers keep round-to-nearest, and a
+progress bar. A layer keeps round-to-nearest unless learned rounding gives the lower output error on
+the calibration rows (``cross_validate=True``: on the calibration half it was not fitted on, as GPTQ).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qcompile.gptq import FoldedHessian, quadratic_error, rtn_grouped
+from qcompile.ir import get_attr_value
+from qcompile.qparams import dequantize, quantize
+from qcompile.specs import QParams, QuantSpec
+
+from .convert import WEIGHT_QPARAMS, weight_qparams
+from .weight_only import ROUNDING, GPTQRounding, _runner, _set_attr, rounds, weighted_layers
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig:
+    iterations: int = 300
+    lr: float = 3e-2
+    reg_weight: float = 0.01
+    beta: tuple = (20.0, 2.0)
+    warmup: float = 0.2        # fraction of iterations without the rounding regularizer
+    time_limit_s: float = 900.0
+    cross_validate: bool = False  # True: fit on each calibration half, score on the other (3x the time)
+
+
+def _h(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _grid(w: torch.Tensor, qp: QParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scale, zero point broadcast to ``w`` (per-tensor / per-channel axis 0)."""
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    s = qp.scale.float().reshape(shape) if qp.scale.numel() > 1 else qp.scale.float().reshape(())
+    z = qp.zero_point.float().reshape(shape) if qp.zero_point.numel() > 1 else qp.zero_point.float().reshape(())
+    return s, z, torch.floor(w / s)
+
+
+def _soft(w_floor, h, s, z, qp):
+    return (torch.clamp(w_floor + h + z, qp.quant_min, qp.quant_max) - z) * s
+
+
+def _loss_parts(d2: torch.Tensor, hs: torch.Tensor) -> torch.Tensor:
+    """``tr(D H D^T)`` with ``D [N, K]`` split into conv groups, ``hs [G, Kg, Kg]``."""
+    g = hs.shape[0]
+    dg = d2.reshape(g, d2.shape[0] // g, -1)
+    return torch.einsum("gnk,gkl,gnl->", dg, hs, dg)
+
+
+def adaround_weight(w: torch.Tensor, hs: torch.Tensor, qp: QParams, cfg: AdaRoundConfig) -> tuple[torch.Tensor, dict]:
+    """Learned rounding of ``w`` on the grid ``qp`` for input Gram matrices ``hs [G, Kg, Kg]``."""
+    w = w.detach().float()
+    s, z, w_floor = _grid(w, qp)
+    rest = (w / s - w_floor).clamp(0.01, 0.99)
+    v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    n = w.shape[0]
+    sig = _loss_parts(w.reshape(n, -1), hs).clamp_min(1e-30).detach()
+    warm = int(cfg.warmup * cfg.iterations)
+    it = 0
+    for it in range(cfg.iterations):
+        d = (w - _soft(w_floor, _h(v), s, z, qp)).reshape(n, -1)
+        loss = _loss_parts(d, hs) / sig
+        if it >= warm:
+            frac = (it - warm) / max(cfg.iterations - warm, 1)
+            beta = cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
+            loss = loss + cfg.reg_weight * (1 - (2 * _h(v) - 1).abs().pow(beta)).sum() / w.numel()
+            if it % 20 == 0 and bool(((_h(v) < 1e-3) | (_h(v) > 1 - 1e-3)).all()):
+                break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        q = _soft(w_floor, (_h(v) >= 0.5).float(), s, z, qp)
+    return q, {"iterations": it + 1}
+
+
+def _hessians(hess: FoldedHessian, which=None) -> torch.Tensor:
+    src = hess if which is None else which
+    return torch.stack([src.matrix(g).float() for g in range(hess.groups)])
+
+
+class AdaRound(GPTQRounding):
+    """AdaRound every annotated per-tensor / per-channel linear / conv2d weight of a prepared graph."""
+
+    def __init__(self, config: AdaRoundConfig = AdaRoundConfig(), progress=None):
+        self.config, self.progress = config, progress
+
+    def __call__(self, gm: fx.GraphModule, samples) -> dict:
+        from tqdm.auto import tqdm
+        runner = _runner(gm)
+        stats = gm.meta.setdefault(ROUNDING, {})
+        nodes = {n.name: n for n in gm.graph.nodes}
+        layers = [lay for lay in weighted_layers(gm) if isinstance(lay.spec, QuantSpec)
+                  and lay.spec.granularity in ("per_tensor", "per_channel")]
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(layers), desc="learned rounding", disable=self.progress is False if
+                   self.progress is not None else None, leave=False)
+        for group in rounds(gm, layers):
+            over = time.perf_counter() - t0 > self.config.time_limit_s
+            hessians = {} if over else self._collect(runner, group, samples)
+            for layer in group:
+                bar.update(1)
+                if over:
+                    stats[layer.name] = {"algorithm": "rtn", "reason": "time limit reached"}
+                    continue
+                w_node = nodes[layer.weight]
+                w = get_attr_value(gm, w_node).detach().float()
+                q, qp, stats[layer.name] = self._layer(w, hessians[layer.tap_key], layer.spec)
+                if qp is None:
+                    continue
+                for mod in (gm, runner):
+                    _set_attr(mod, w_node.target, q.to(w.dtype))
+                w_node.meta[WEIGHT_QPARAMS] = qp
+        bar.close()
+        return stats
+
+    def _layer(self, w: torch.Tensor, hess: FoldedHessian, spec: QuantSpec):
+        cfg, qp = self.config, weight_qparams(w, spec)
+        q_rtn = rtn_grouped(w, hess.groups, spec)
+        if cfg.cross_validate and hess.cross_validates:
+            a, b = hess.folds
+            held = sum(quadratic_error(w, adaround_weight(w, _hessians(hess, fit), qp, cfg)[0], score)[0]
+                       for fit, score in ((a, b), (b, a)))
+            held_rtn = sum(quadratic_error(w, q_rtn, f)[0] for f in (a, b))
+        q, info = adaround_weight(w, _hessians(hess), qp, cfg)
+        err, sig = quadratic_error(w, q, hess)
+        err_rtn = quadratic_error(w, q_rtn, hess)[0]
+        if not (cfg.cross_validate and hess.cross_validates):
+            held, held_rtn = err, err_rtn
+        st = {"rel_error": err / sig, "rtn_rel_error": err_rtn / sig, "heldout_rel_error": held / (2 * sig),
+              "heldout_rtn_rel_error": held_rtn / (2 * sig), "calibration_rows": hess.rows, **info}
+        if held < held_rtn:
+            q = dequantize(quantize(q, qp), qp)  # exactly on the grid convert reproduces
+            return q, qp, {"algorithm": "adaround", **st}
+        st.update(rel_error=err_rtn / sig,
+                  reason="kept round-to-nearest: learned rounding's output error on held-out calibration rows was higher")
+        return q_rtn, None, {"algorithm": "rtn", **st}

@@ -1,0 +1,123 @@
+"""Accuracy-recovery algorithms run on the prepared graph before calibration (``compile(algorithm=...)``).
+
+``algorithm`` is ``None`` (the defaults of the mode and weight width), one name, a config object, or
+a list of them; an explicit value replaces the defaults (``algorithm=[]`` turns everything off).
+
+=================  ==========================================================  =====================
+name               what                                                        pass
+=================  ==========================================================  =====================
+"equalize"         cross-layer equalization + high-bias absorption            passes/equalize.py
+"smoothquant"      activation outliers of linears moved into their weights    passes/smoothquant.py
+"gptq"             GPTQ weight rounding (kept per layer only where it wins)    passes/weight_only.py
+"adaround"         learned rounding (AdaRound), layer-wise reconstruction     passes/adaround.py
+"bias_correction"  empirical bias correction of the weights' rounding shift    passes/bias_correction.py
+"rtn"              round-to-nearest (nothing to run; spelled for clarity)      --
+=================  ==========================================================  =====================
+
+They run in the order of this table whatever order they are given in. The report's
+``algorithms`` entry says what each did.
+"""
+from __future__ import annotations
+
+import time
+
+from .errors import ConfigError
+
+ORDER = ("equalize", "smoothquant", "gptq", "adaround", "bias_correction", "rtn")
+DATA_FREE = ("rtn",)
+REPORT_KEY = "qcompile_algorithms"  # gm.meta: name -> summary
+
+
+def _config_name(a) -> str | None:
+    from .gptq import GPTQConfig
+    if isinstance(a, GPTQConfig):
+        return "gptq"
+    try:
+        from .passes.adaround import AdaRoundConfig
+        if isinstance(a, AdaRoundConfig):
+            return "adaround"
+    except ImportError:  # pragma: no cover
+        pass
+    return a if isinstance(a, str) and a in ORDER else None
+
+
+def normalize(algorithm) -> dict | None:
+    """``{name: config or None}`` in run order, or None for "use the defaults"; ConfigError if unknown."""
+    if algorithm is None:
+        return None
+    items = list(algorithm) if isinstance(algorithm, (list, tuple)) else [algorithm]
+    out = {}
+    for a in items:
+        name = _config_name(a)
+        if name is None:
+            raise ConfigError(f"algorithm must be one of {ORDER}, a qcompile.gptq.GPTQConfig, a "
+                              f"qcompile.passes.adaround.AdaRoundConfig, or a list of them; got {a!r}")
+        out[name] = None if isinstance(a, str) else a
+    if "gptq" in out and "adaround" in out:
+        raise ConfigError("algorithm: choose one weight rounding, 'gptq' or 'adaround', not both")
+    return {k: out[k] for k in ORDER if k in out}
+
+
+def defaults(mode: str, weight_bits: int | None) -> dict:
+    """What plain ``compile`` runs: nothing outside static mode; learned rounding for <= 4-bit weights."""
+    if mode != "static":
+        return {}
+    chosen = {"equalize": None, "bias_correction": None}
+    if weight_bits is not None and weight_bits <= 4:
+        chosen["adaround"] = None
+    return {k: chosen[k] for k in ORDER if k in chosen}
+
+
+def needs_data(chosen: dict) -> bool:
+    return any(k not in DATA_FREE for k in chosen)
+
+
+def run(prepared, samples, chosen: dict, progress=None) -> dict:
+    """Run the chosen algorithms on ``prepared.gm`` in order; returns ``{name: summary}``."""
+    from .ir import get_attr_value
+    from .passes.weight_only import weighted_layers
+    gm, report = prepared.gm, {}
+    timings = prepared._ctx.timings
+    reference = None
+    for name, cfg in chosen.items():
+        t0 = time.perf_counter()
+        if name == "equalize":
+            report[name] = _equalize(gm, samples)
+        elif name == "smoothquant":
+            from .passes.smoothquant import SmoothQuant
+            report[name] = SmoothQuant(**({} if cfg is None else {"config": cfg}))(gm, samples)
+        elif name in ("gptq", "adaround"):
+            nodes = {n.name: n for n in gm.graph.nodes}
+            reference = {nodes[layer.weight].target: get_attr_value(gm, nodes[layer.weight]).detach().clone()
+                         for layer in weighted_layers(gm)}
+            report[name] = _round(gm, samples, name, cfg, progress)
+        elif name == "bias_correction":
+            from .passes.bias_correction import BiasCorrection
+            report[name] = {"corrected_layers": len(BiasCorrection(reference)(gm, samples))}
+        timings[f"{name}_s"] = time.perf_counter() - t0
+    gm.meta[REPORT_KEY] = report
+    return report
+
+
+def _equalize(gm, samples) -> dict:
+    from .passes.calibration_stats import collect
+    from .passes.equalize import CrossLayerEqualization, stats_nodes
+    names = stats_nodes(gm)
+    stats = collect(gm, names, samples) if names else {}
+    CrossLayerEqualization(stats)(gm)
+    from .passes.equalize import EQUALIZATION
+    rep = gm.meta[EQUALIZATION]
+    return {"pairs": len(rep["pairs"]), "skipped": len(rep["skipped"]),
+            "bias_absorbed_channels": sum(p["bias_absorbed_channels"] for p in rep["pairs"])}
+
+
+def _round(gm, samples, name, cfg, progress) -> dict:
+    if name == "gptq":
+        from .gptq import GPTQConfig
+        from .passes.weight_only import GPTQRounding
+        stats = GPTQRounding(cfg or GPTQConfig())(gm, samples)
+    else:
+        from .passes.adaround import AdaRound, AdaRoundConfig
+        stats = AdaRound(cfg or AdaRoundConfig(), progress=progress)(gm, samples)
+    kept = sum(1 for s in stats.values() if s.get("algorithm") == name)
+    return {"layers": len(stats), "kept": kept, "round_to_nearest": len(stats) - kept}

@@ -1,0 +1,168 @@
+"""Accuracy algorithms on small models where their effect is known exactly."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import qcompile
+from qcompile import WeightSpec
+from qcompile.errors import ConfigError
+from qcompile.passes.calibration_stats import collect, runner
+from qcompile.passes.equalize import CrossLayerEqualization, _ranges, find_pairs, stats_nodes
+from qcompile.qparams import sqnr
+
+
+def _prepared(model, x):
+    return qcompile.prepare(model, (x,), backend="x86")
+
+
+def _two_convs(act=nn.ReLU, pad=1):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act(), nn.Conv2d(8, 6, 3, padding=pad)).eval()
+    with torch.no_grad():
+        m[0].weight[:4] *= 30  # four wide channels
+        m[0].bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def test_cle_equalizes_per_channel_ranges_exactly_and_keeps_the_float_output():
+    m, x = _two_convs(), torch.randn(2, 3, 12, 12)
+    gm = _prepared(m, x).gm
+    ref = runner(gm)(x)
+    (pair,) = find_pairs(gm)
+    r1, r2 = _ranges(gm, pair)
+    assert float((r1 / r2).max() / (r1 / r2).min()) > 30
+    CrossLayerEqualization(iterations=1)(gm)
+    r1, r2 = _ranges(gm, pair)
+    torch.testing.assert_close(r1, r2, rtol=1e-5, atol=0)  # sqrt(r1 r2) on both sides
+    torch.testing.assert_close(runner(gm)(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cle_chains_conv_depthwise_conv_and_keeps_the_float_output():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                      nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        m[2].weight[::2] *= 50
+    x = torch.randn(2, 3, 10, 10)
+    gm = _prepared(m, x).gm
+    ref = runner(gm)(x)
+    assert [(p.kind, len(p.second.args) > 6) for p in find_pairs(gm)] == [("relu", True), ("relu", False)]
+    spread = lambda: max(float((a / b).max() / (a / b).min()) for a, b in (_ranges(gm, p) for p in find_pairs(gm)))  # noqa: E731
+    before = spread()
+    CrossLayerEqualization(iterations=20)(gm)
+    assert spread() < 1.05 < before / 10
+    torch.testing.assert_close(runner(gm)(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cle_through_relu6_keeps_the_output_on_calibration_data_and_needs_statistics():
+    m = _two_convs(nn.ReLU6)
+    with torch.no_grad():
+        m[0].weight[4:] *= 0.02  # channels that never reach the clip: free to scale
+    xs = [torch.randn(2, 3, 12, 12) for _ in range(3)]
+    gm = _prepared(m, xs[0]).gm
+    ref = [runner(gm)(x) for x in xs]
+    CrossLayerEqualization()(gm)  # no statistics: the ReLU6 pair is skipped and reported
+    assert gm.meta["qcompile_equalization"]["skipped"][0]["reason"].startswith("ReLU6")
+    stats = collect(gm, stats_nodes(gm), [((x,), {}) for x in xs])
+    CrossLayerEqualization(stats)(gm)
+    rep = gm.meta["qcompile_equalization"]["pairs"][0]
+    assert rep["activation"] == "relu6" and rep["scale_min"] < 0.2  # small channels scaled up toward the clip
+    for x, r in zip(xs, ref):
+        torch.testing.assert_close(runner(gm)(x), r, rtol=1e-5, atol=1e-5)
+
+
+def test_high_bias_absorption_moves_bias_into_the_next_layer_exactly():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        m[0].bias.fill_(5.0)  # pre-activations always > 0 on this data
+    xs = [torch.randn(2, 3, 6, 6) * 0.3 for _ in range(2)]
+    gm = _prepared(m, xs[0]).gm
+    ref = runner(gm)(xs[1])
+    CrossLayerEqualization(collect(gm, stats_nodes(gm), [((x,), {}) for x in xs]))(gm)
+    assert gm.meta["qcompile_equalization"]["pairs"][0]["bias_absorbed_channels"] == 8
+    torch.testing.assert_close(runner(gm)(xs[1]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32)).eval()
+    cal = [torch.randn(16, 64) + 2.0 for _ in range(8)]  # non-zero input mean: rounding shifts the output
+    kw = dict(backend="x86", calibration=cal, weights=WeightSpec(bits=4), verify=False)
+    plain = qcompile.compile(m, (cal[0],), algorithm=[], **kw)
+    corrected = qcompile.compile(m, (cal[0],), algorithm=["bias_correction"], **kw)
+    x = torch.cat(cal)
+    with torch.no_grad():
+        shift = lambda art: (art(x) - m(x)).mean(0).abs().max().item()  # noqa: E731
+        assert shift(plain) > 0.05
+        assert shift(corrected) < 0.1 * shift(plain)
+    assert corrected.report.algorithms["bias_correction"]["corrected_layers"] == 1
+
+
+def test_learned_rounding_lowers_the_layer_reconstruction_error_below_round_to_nearest():
+    from qcompile.passes.adaround import AdaRoundConfig, adaround_weight
+    from qcompile.passes.convert import weight_qparams
+    from qcompile.specs import QuantSpec
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * 0.1
+    basis = torch.randn(8, 64)
+    x = torch.randn(2048, 8) @ basis + 0.1 * torch.randn(2048, 64)
+    spec = QuantSpec(torch.int8, 4, True, granularity="per_channel", axis=0)
+    qp = weight_qparams(w, spec)
+    q, _ = adaround_weight(w, (x.T @ x / len(x))[None], qp, AdaRoundConfig(iterations=300))
+    rtn = (torch.clamp(torch.round(w / qp.scale[:, None]), qp.quant_min, qp.quant_max)) * qp.scale[:, None]
+    err = lambda wq: float(((x @ (w - wq).T) ** 2).mean())  # noqa: E731
+    assert err(q) < 0.7 * err(rtn)
+    codes = q / qp.scale[:, None]
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the grid
+
+
+def test_default_algorithms_and_turning_them_off():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                      nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(32, 10)).eval()
+    cal, t = [torch.randn(4, 3, 16, 16) for _ in range(4)], torch.randn(8, 3, 16, 16)
+    kw = dict(backend="x86", calibration=cal, weights=WeightSpec(bits=4), verify=False)
+    off = qcompile.compile(m, (t,), algorithm=[], **kw)
+    on = qcompile.compile(m, (t,), **kw)
+    assert set(on.report.algorithms) == {"equalize", "adaround", "bias_correction"} and not off.report.algorithms
+    with torch.no_grad():
+        assert sqnr(m(t), on(t)) > sqnr(m(t), off(t)) + 6  # 47.1 vs 28.6 dB measured
+    w8 = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False)
+    assert set(w8.report.algorithms) == {"equalize", "bias_correction"}  # no learned rounding at 8 bits
+
+
+def test_algorithm_option_is_validated():
+    m, x = nn.Sequential(nn.Linear(4, 4)).eval(), torch.randn(2, 4)
+    with pytest.raises(ConfigError, match="algorithm"):
+        qcompile.compile(m, (x,), backend="x86", calibration=[x], algorithm=["equalize", "magic"])
+    with pytest.raises(ConfigError, match="one weight rounding"):
+        qcompile.compile(m, (x,), backend="x86", calibration=[x], algorithm=["gptq", "adaround"])
+
+
+def test_gptq_keeps_round_to_nearest_where_it_does_not_generalize():
+    from qcompile.gptq import FoldedHessian, gptq_or_rtn
+    from qcompile.specs import QuantSpec
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * 0.1
+    h = FoldedHessian(64)
+    a, b = torch.randn(4, 64), torch.randn(4, 64)  # two tiny, unrelated folds: GPTQ overfits each
+    h.add(a, 0)
+    h.add(b, 1)
+    spec = QuantSpec(torch.int8, 8, True, granularity="per_channel", axis=0)
+    q, params, st = gptq_or_rtn(w, h, spec)
+    assert st["heldout_rel_error"] >= st["heldout_rtn_rel_error"]
+    assert st["algorithm"] == "rtn" and params is None and "kept round-to-nearest" in st["reason"]
+    assert math.isclose(st["rel_error"], st["rtn_rel_error"])
+
+
+def test_analytic_clipped_normal_mean_matches_monte_carlo():
+    from qcompile.passes.bias_correction import clipped_normal_mean
+    torch.manual_seed(0)
+    mu, sigma = torch.tensor([-1.0, 0.5, 3.0, 7.0], dtype=torch.float64), torch.tensor([1.0, 2.0, 2.5, 1.0], dtype=torch.float64)
+    z = mu + sigma * torch.randn(400_000, 4, dtype=torch.float64)
+    torch.testing.assert_close(clipped_normal_mean(mu, sigma), z.clamp_min(0).mean(0), rtol=0, atol=0.01)
+    torch.testing.assert_close(clipped_normal_mean(mu, sigma, 0.0, 6.0), z.clamp(0, 6).mean(0), rtol=0, atol=0.01)
