@@ -56,8 +56,12 @@ def read_results(path: str) -> dict:
 
 
 def _append(path: str, r: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(r, default=str) + "\n")
+    """One write() with O_APPEND: two runs may share a results file (e.g. one going backwards)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(r, default=str) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 # -- worker side ---------------------------------------------------------------------------------------

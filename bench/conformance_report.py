@@ -46,11 +46,20 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+_GEMM_NAMES = ("conv", "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "scaled_dot_product_attention")
+
+
+def _is_gemm(op: str, macs: int) -> bool:
+    """A report row of a GEMM: it has MACs, or its op name says so (a row whose op kind qcompile does not
+    recognize, e.g. ``conv2d.padding``, carries 0 MACs in the report)."""
+    return bool(macs) or op.startswith("conv") or op in _GEMM_NAMES
+
+
 def fallback_summary(r) -> str:
-    """GEMM fallbacks grouped by (op, reason) first, then the other float ops by op."""
+    """GEMM fallbacks grouped by (op, reason) first (bold), then the other float ops by op."""
     fb = r.get("fallbacks") or []
-    gemm = Counter((op, reason) for op, reason, macs, *_ in fb if macs)
-    other = Counter(op for op, reason, macs, *_ in fb if not macs)
+    gemm = Counter((op, reason) for op, reason, macs, *_ in fb if _is_gemm(op, macs))
+    other = Counter(op for op, reason, macs, *_ in fb if not _is_gemm(op, macs))
     parts = [f"**{op}×{n}**: {_short(reason, 70)}" for (op, reason), n in gemm.most_common(3)]
     if other:
         parts.append("float: " + ", ".join(f"{op}×{n}" for op, n in other.most_common(5)) +
