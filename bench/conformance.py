@@ -56,8 +56,12 @@ def read_results(path: str) -> dict:
 
 
 def _append(path: str, r: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(r, default=str) + "\n")
+    """One write() with O_APPEND: two runs may share a results file (e.g. one going backwards)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(r, default=str) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 # -- worker side ---------------------------------------------------------------------------------------
@@ -159,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="/tmp/conformance.jsonl", help="JSON lines, one per job (resumable)")
     p.add_argument("--timeout", type=float, default=400, help="seconds per model x backend x mode job")
     p.add_argument("--fresh", action="store_true", help="ignore jobs already in --results")
+    p.add_argument("--merge", default="", help="comma-separated results files of parallel runs to include")
+    p.add_argument("--render-only", action="store_true", help="write --out from the results, run nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--jobs", help=argparse.SUPPRESS)
     p.add_argument("--progress", help=argparse.SUPPRESS)
@@ -173,7 +179,7 @@ def main(argv=None) -> int:
     if a.fresh and os.path.exists(a.results):
         os.remove(a.results)
     wanted = jobs_for(models, backends)
-    for m in models:
+    for m in ([] if a.render_only else models):
         todo = [j for j in wanted if j[0] == m and j not in read_results(a.results)]
         if todo:
             t0 = time.time()
@@ -181,6 +187,8 @@ def main(argv=None) -> int:
             print(f"{m}: {len(todo)} job(s) in {time.time() - t0:.0f} s", flush=True)
     from conformance_report import render
     done = read_results(a.results)
+    for extra in filter(None, a.merge.split(",")):
+        done.update(read_results(extra))
     rows = [done[j] for j in wanted if j in done]
     with open(a.out, "w") as f:
         f.write(render(rows, " ".join(sys.argv[1:] if argv is None else argv)))

@@ -25,7 +25,10 @@ GEMM_OPS = _CONV | _CONV_T | _MM | {"linear", "scaled_dot_product_attention"}
 
 
 def op_short(target) -> str:
-    """``aten.convolution.default`` / ``torch.ops.aten.linear.default`` -> ``convolution`` / ``linear``."""
+    """``aten.convolution.default`` / ``aten.conv2d.padding`` -> ``convolution`` / ``conv2d``."""
+    packet = getattr(target, "overloadpacket", None)  # an OpOverload: its packet names the op, any overload
+    if packet is not None and hasattr(packet, "__name__"):
+        return packet.__name__.split(".")[-1]
     name = getattr(target, "__name__", None) or str(target)
     parts = name.split(".")
     return parts[-2] if len(parts) >= 2 and parts[-1] in ("default", "Tensor", "input", "out") else parts[-1]

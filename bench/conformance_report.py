@@ -38,7 +38,9 @@ def _db(v) -> str:
 
 
 def _pct(v) -> str:
-    return "—" if v is None else f"{100 * v:.0f}%"
+    if v is None:
+        return "—"
+    return f"{100 * v:.0f}%" if round(100 * v, 1) in (0.0, 100.0) or abs(100 * v - round(100 * v)) < 0.05 else f"{100 * v:.1f}%"
 
 
 def _short(text: str, n: int = 110) -> str:
@@ -46,11 +48,20 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+_GEMM_NAMES = ("conv", "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "scaled_dot_product_attention")
+
+
+def _is_gemm(op: str, macs: int) -> bool:
+    """A report row of a GEMM: it has MACs, or its op name says so (a row whose op kind qcompile does not
+    recognize, e.g. ``conv2d.padding``, carries 0 MACs in the report)."""
+    return bool(macs) or op.startswith("conv") or op in _GEMM_NAMES
+
+
 def fallback_summary(r) -> str:
-    """GEMM fallbacks grouped by (op, reason) first, then the other float ops by op."""
+    """GEMM fallbacks grouped by (op, reason) first (bold), then the other float ops by op."""
     fb = r.get("fallbacks") or []
-    gemm = Counter((op, reason) for op, reason, macs, *_ in fb if macs)
-    other = Counter(op for op, reason, macs, *_ in fb if not macs)
+    gemm = Counter((op, reason) for op, reason, macs, *_ in fb if _is_gemm(op, macs))
+    other = Counter(op for op, reason, macs, *_ in fb if not _is_gemm(op, macs))
     parts = [f"**{op}×{n}**: {_short(reason, 70)}" for (op, reason), n in gemm.most_common(3)]
     if other:
         parts.append("float: " + ", ".join(f"{op}×{n}" for op, n in other.most_common(5)) +
@@ -90,7 +101,9 @@ def summary(rows: list) -> list[str]:
                                                     or (r.get("sqnr") or -math.inf) >= r["peer_sqnr"])]
     mac_pairs = [r for r in rows if r.get("peer_mac_share") is not None or r.get("mac_share") is not None]
     mac_ok = [r for r in mac_pairs if passed(r) and (r.get("mac_share") or 0) + 1e-3 >= (r.get("peer_mac_share") or 0)]
-    lines = [f"- **pass rate** (compiles, runs, saved file loads and runs on the runtime): {len(ok)}/{n} "
+    models = len({r["model"] for r in rows})
+    lines = [f"- {n} model × backend × mode rows over {models} models",
+             f"- **pass rate** (compiles, runs, saved file loads and runs on the runtime): {len(ok)}/{n} "
              f"({_pct(len(ok) / n if n else 0)})"]
     for b in sorted({r["backend"] for r in rows}):
         sub = [r for r in rows if r["backend"] == b]
@@ -152,9 +165,16 @@ def render(rows: list, cmdline: str = "") -> str:
         "seeded weights (bench/conformance_models.py). Static mode calibrates on 4 samples; SQNR is against the "
         "float model on a held-out input. int8 MACs: MACs of the GEMMs (conv / linear / matmul / attention) run "
         "in int8, over the float model's total GEMM MACs, one formula for both sides (bench/conformance_macs.py). "
-        "Latency: median of 10 interleaved calls of the artifact / the float PyTorch model (batch as in the "
-        "example; 1 thread). **loads & runs**: the artifact runs, and its file (.qc / .onnx / .pte) loaded "
-        "by the runtime alone gives the same output.", "",
+        "Latency: median of 10 interleaved calls of the artifact / the float PyTorch model (eager, batch as in "
+        "the example; 1 thread); these models are tiny, so the ratio mostly measures per-operator overhead "
+        "(Python / portable kernels), and the machine is shared: indicative only. **loads & runs**: the "
+        "artifact runs, and its file (.qc / .onnx / .pte) loaded by the runtime alone (qcompile.load, an ONNX "
+        "Runtime session, executorch.runtime) gives the artifact's output (≥ 30 dB). A failure is shown as "
+        "the exception type and the first line of its message; the JSON results also hold the innermost "
+        "qcompile frame (`where`).", "",
+        "Run: `python bench/conformance.py [--models a,b] [--backends x86,onnx,executorch] [--timeout S] "
+        "[--out FILE] [--results FILE.jsonl]`; `pytest -m slow tests/test_conformance.py` asserts issue 11's "
+        "criteria over the whole suite, the default test run a fast subset.", "",
         "Peers: " + "; ".join(f"{b}: {m}" for b, m in peers), "", "## Summary", ""]
     body = summary(rows) + ["", "## Results", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     body += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]

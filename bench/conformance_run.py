@@ -18,7 +18,7 @@ from conformance_models import MODELS
 from conformance_peers import PEERS, ort_feeds, ort_session, run_pte
 
 N_CALIB, HELD_OUT_SEED = 4, 100
-FLOAT_STATUSES = ("float: unsupported by backend", "float: fell back on the runtime")
+EXCLUDED = "float: excluded by user"  # every other "float: ..." status of a report row runs in float
 _EXT = {"x86": ".qc", "onnx": ".onnx", "executorch": ".pte"}
 
 
@@ -94,8 +94,8 @@ def _qcompile(data: Data, backend: str, mode: str, r: dict):
     int8_macs = sum(row.macs for row in rep.rows if row.status == "int8")
     r["int8_macs"] = int8_macs
     r["mac_share"] = min(1.0, int8_macs / data.total_macs) if data.total_macs else None
-    r["fallbacks"] = [[row.op, row.reason, row.macs, row.module, row.name] for row in rep.rows
-                      if row.status in FLOAT_STATUSES]
+    r["fallbacks"] = [[row.op, row.reason or row.status, row.macs, row.module, row.name] for row in rep.rows
+                      if row.status.startswith("float") and row.status != EXCLUDED]
     r["verify"] = {k: v for k, v in rep.verify.items() if isinstance(v, (int, float, str, bool))}
     try:
         with torch.no_grad():
