@@ -139,7 +139,7 @@ def _out_spec(ref: fx.GraphModule):
 def _dynamic_batch_problem(session, emitted: Emitted, flat: list) -> str | None:
     """Run at batch + 1 (the first sample repeated at the end); a graph that baked the example batch into a
     constant fails or misshapes here, or changes the example's rows. (A batch-1 capture is never made
-    dynamic, see ``Emitter``: a repeated sample cannot show that it mixes samples.)"""
+    dynamic, see ``emit.emit``: a repeated sample cannot show that it mixes samples.)"""
     grown = [torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v for v in flat]
     batch = next(v.shape[0] for v in grown if isinstance(v, torch.Tensor) and v.dim() > 0)
     try:

@@ -139,7 +139,7 @@ CAPABILITIES = Capabilities(
 )
 
 
-# -- dynamic and weight-only modes (``modes.py`` makes their specs, ``prepare.py`` rewrites them into ``custom_ops.py``) ----------
+# -- dynamic and weight-only modes (``modes.py``: specs; ``prepare.py`` + ``custom_ops.py``: emission) ---
 # The claimed linear computes and returns float; what ORT runs for it (measured, ORT 1.32 CPU EP):
 # * dynamic: DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) -> Add(bias), the form
 #   ORT's own quantize_dynamic writes. ORT fuses it into DynamicQuantizeMatMul (one reader of x) or keeps one
