@@ -32,11 +32,11 @@ BACKENDS = ("x86", "onnx", "executorch")
 DEFAULT_OUT = os.path.join(HERE, "..", "docs", "conformance.md")
 
 
-def jobs_for(models, backends) -> list[tuple]:
+def jobs_for(models, backends, only_modes=("static", "dynamic")) -> list[tuple]:
     out = []
     for m in models:
         modes = ("static", "dynamic") if MODELS[m].kind == "text" else ("static",)
-        out += [(m, b, mode) for b in backends for mode in modes]
+        out += [(m, b, mode) for b in backends for mode in modes if mode in only_modes]
     return out
 
 
@@ -98,8 +98,9 @@ def run_model(model: str, todo: list[tuple], results: str, timeout: float) -> No
             os.remove(progress)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", model, "--jobs",
                ",".join(f"{b}:{m}" for _, b, m in todo), "--results", results, "--progress", progress]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        log = results + f".{model}.stderr"  # a file, not a pipe: a full pipe would block a chatty worker
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         started = time.time()
         killed = None
         while proc.poll() is None:
@@ -109,7 +110,8 @@ def run_model(model: str, todo: list[tuple], results: str, timeout: float) -> No
             if time.time() - since > timeout + (0 if current else 300):  # model build + export: 300 s grace
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = current
-        stderr = proc.stderr.read() if proc.stderr else ""
+        with open(log, errors="replace") as f:
+            stderr = f.read()
         done = read_results(results)
         left = [t for t in todo if t not in done]
         if not left:
@@ -162,6 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=DEFAULT_OUT, help="markdown table (default docs/conformance.md)")
     p.add_argument("--results", default="/tmp/conformance.jsonl", help="JSON lines, one per job (resumable)")
     p.add_argument("--timeout", type=float, default=400, help="seconds per model x backend x mode job")
+    p.add_argument("--modes", default="static,dynamic", help="static and/or dynamic (text models run both)")
     p.add_argument("--fresh", action="store_true", help="ignore jobs already in --results")
     p.add_argument("--merge", default="", help="comma-separated results files of parallel runs to include")
     p.add_argument("--render-only", action="store_true", help="write --out from the results, run nothing")
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
     backends = a.backends.split(",")
     if a.fresh and os.path.exists(a.results):
         os.remove(a.results)
-    wanted = jobs_for(models, backends)
+    wanted = jobs_for(models, backends, a.modes.split(","))
     for m in ([] if a.render_only else models):
         todo = [j for j in wanted if j[0] == m and j not in read_results(a.results)]
         if todo:
