@@ -120,10 +120,9 @@ class Options:
         return "gptq" in (algorithms.normalize(self.algorithm) or {})
 
     def algorithms(self, weight_bits: int | None) -> dict:
-        """The accuracy algorithms to run: the explicit choice, else the defaults of the mode."""
+        """The accuracy algorithms to run ("recommended" expanded for the mode and weight width)."""
         from . import algorithms
-        chosen = algorithms.normalize(self.algorithm)
-        return algorithms.defaults(self.mode, weight_bits) if chosen is None else chosen
+        return algorithms.resolve(self.algorithm, self.mode, weight_bits)
 
 
 def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
