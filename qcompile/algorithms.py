@@ -108,6 +108,8 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
             from .passes.bias_correction import BiasCorrection
             report[name] = {"corrected_layers": len(BiasCorrection(reference)(gm, samples))}
         timings[f"{name}_s"] = time.perf_counter() - t0
+        if name in ("gptq", "adaround"):
+            timings["weight_rounding_s"] = timings[f"{name}_s"]
     gm.meta[REPORT_KEY] = report
     return report
 

@@ -226,8 +226,11 @@ def _run_algorithms(prepared: PreparedModel, calibration, opts: Options, progres
     from . import algorithms
     weights = prepared._ctx.config.weights
     chosen = opts.algorithms(getattr(weights, "bits", None))
-    if not chosen or calibration is None or not algorithms.needs_data(chosen):
+    if not chosen or not algorithms.needs_data(chosen):
         return
+    if calibration is None:
+        raise CalibrationError(f"algorithm={sorted(chosen)} needs calibration=<iterable of samples>: the passes "
+                               f"measure the layers' inputs on it (or pass algorithm=None)")
     algorithms.run(prepared, _Samples(calibration, len(prepared._ctx.inputs.args)), chosen, progress)
 
 
