@@ -1,13 +1,14 @@
 """Accuracy-recovery algorithms run on the prepared graph before calibration (``compile(algorithm=...)``).
 
-``algorithm`` is ``None`` (the defaults of the mode and weight width), one name, a config object, or
-a list of them; an explicit value replaces the defaults (``algorithm=[]`` turns everything off).
+``algorithm`` is ``None`` (nothing: plain round-to-nearest PTQ, as before these passes existed), one
+name, a config object, or a list of them. ``"recommended"`` expands to what is cheap and helps for the
+mode and weight width (:func:`defaults`: equalization + bias correction in static mode, plus learned
+rounding for <= 4-bit weights) and can be combined with other names.
 
 =================  ==========================================================  =====================
 name               what                                                        pass
 =================  ==========================================================  =====================
 "equalize"         cross-layer equalization + high-bias absorption            passes/equalize.py
-"smoothquant"      activation outliers of linears moved into their weights    passes/smoothquant.py
 "gptq"             GPTQ weight rounding (kept per layer only where it wins)    passes/weight_only.py
 "adaround"         learned rounding (AdaRound), layer-wise reconstruction     passes/adaround.py
 "bias_correction"  empirical bias correction of the weights' rounding shift    passes/bias_correction.py
@@ -23,7 +24,8 @@ import time
 
 from .errors import ConfigError
 
-ORDER = ("equalize", "smoothquant", "gptq", "adaround", "bias_correction", "rtn")
+ORDER = ("equalize", "gptq", "adaround", "bias_correction", "rtn")
+RECOMMENDED = "recommended"
 DATA_FREE = ("rtn",)
 REPORT_KEY = "qcompile_algorithms"  # gm.meta: name -> summary
 
@@ -38,7 +40,7 @@ def _config_name(a) -> str | None:
             return "adaround"
     except ImportError:  # pragma: no cover
         pass
-    return a if isinstance(a, str) and a in ORDER else None
+    return a if isinstance(a, str) and (a in ORDER or a == RECOMMENDED) else None
 
 
 def normalize(algorithm) -> dict | None:
@@ -55,11 +57,21 @@ def normalize(algorithm) -> dict | None:
         out[name] = None if isinstance(a, str) else a
     if "gptq" in out and "adaround" in out:
         raise ConfigError("algorithm: choose one weight rounding, 'gptq' or 'adaround', not both")
-    return {k: out[k] for k in ORDER if k in out}
+    return {k: out[k] for k in (RECOMMENDED,) + ORDER if k in out}
+
+
+def resolve(algorithm, mode: str, weight_bits: int | None) -> dict:
+    """The algorithms to run, in order: ``"recommended"`` expanded for the mode and weight width."""
+    chosen = normalize(algorithm) or {}
+    if RECOMMENDED in chosen:
+        chosen = {**defaults(mode, weight_bits), **{k: v for k, v in chosen.items() if k != RECOMMENDED}}
+    if "gptq" in chosen:
+        chosen.pop("adaround", None)  # an explicit GPTQ replaces the recommended learned rounding
+    return {k: chosen[k] for k in ORDER if k in chosen}
 
 
 def defaults(mode: str, weight_bits: int | None) -> dict:
-    """What plain ``compile`` runs: nothing outside static mode; learned rounding for <= 4-bit weights."""
+    """What ``algorithm="recommended"`` runs: nothing outside static mode; learned rounding for <= 4-bit weights."""
     if mode != "static":
         return {}
     chosen = {"equalize": None, "bias_correction": None}
@@ -83,9 +95,6 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
         t0 = time.perf_counter()
         if name == "equalize":
             report[name] = _equalize(gm, samples)
-        elif name == "smoothquant":
-            from .passes.smoothquant import SmoothQuant
-            report[name] = SmoothQuant(**({} if cfg is None else {"config": cfg}))(gm, samples)
         elif name in ("gptq", "adaround"):
             nodes = {n.name: n for n in gm.graph.nodes}
             reference = {nodes[layer.weight].target: get_attr_value(gm, nodes[layer.weight]).detach().clone()
@@ -95,6 +104,8 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
             from .passes.bias_correction import BiasCorrection
             report[name] = {"corrected_layers": len(BiasCorrection(reference)(gm, samples))}
         timings[f"{name}_s"] = time.perf_counter() - t0
+        if name in ("gptq", "adaround"):
+            timings["weight_rounding_s"] = timings[f"{name}_s"]
     gm.meta[REPORT_KEY] = report
     return report
 

@@ -111,10 +111,9 @@ class Options:
         return "gptq" in (algorithms.normalize(self.algorithm) or {})
 
     def algorithms(self, weight_bits: int | None) -> dict:
-        """The accuracy algorithms to run: the explicit choice, else the defaults of the mode."""
+        """The accuracy algorithms to run ("recommended" expanded for the mode and weight width)."""
         from . import algorithms
-        chosen = algorithms.normalize(self.algorithm)
-        return algorithms.defaults(self.mode, weight_bits) if chosen is None else chosen
+        return algorithms.resolve(self.algorithm, self.mode, weight_bits)
 
 
 def _setup(model, example_inputs, backend, opts: Options, train: bool = False):
@@ -224,8 +223,11 @@ def _run_algorithms(prepared: PreparedModel, calibration, opts: Options, progres
     from . import algorithms
     weights = prepared._ctx.config.weights
     chosen = opts.algorithms(getattr(weights, "bits", None))
-    if not chosen or calibration is None or not algorithms.needs_data(chosen):
+    if not chosen or not algorithms.needs_data(chosen):
         return
+    if calibration is None:
+        raise CalibrationError(f"algorithm={sorted(chosen)} needs calibration=<iterable of samples>: the passes "
+                               f"measure the layers' inputs on it (or pass algorithm=None)")
     algorithms.run(prepared, _Samples(calibration, prepared._ctx.inputs, _input_names(prepared.gm)), chosen, progress)
 
 

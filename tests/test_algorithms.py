@@ -119,20 +119,21 @@ def test_learned_rounding_lowers_the_layer_reconstruction_error_below_round_to_n
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the grid
 
 
-def test_default_algorithms_and_turning_them_off():
+@pytest.mark.slow
+def test_recommended_algorithms_and_plain_ptq_by_default():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
                       nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                       nn.Linear(32, 10)).eval()
     cal, t = [torch.randn(4, 3, 16, 16) for _ in range(4)], torch.randn(8, 3, 16, 16)
     kw = dict(backend="x86", calibration=cal, weights=WeightSpec(bits=4), verify=False)
-    off = qcompile.compile(m, (t,), algorithm=[], **kw)
-    on = qcompile.compile(m, (t,), **kw)
+    off = qcompile.compile(m, (t,), **kw)  # plain PTQ unless asked
+    on = qcompile.compile(m, (t,), algorithm="recommended", **kw)
     assert set(on.report.algorithms) == {"equalize", "adaround", "bias_correction"} and not off.report.algorithms
     with torch.no_grad():
         assert sqnr(m(t), on(t)) > sqnr(m(t), off(t)) + 6  # 47.1 vs 28.6 dB measured
-    w8 = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False)
-    assert set(w8.report.algorithms) == {"equalize", "bias_correction"}  # no learned rounding at 8 bits
+    w8 = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False, algorithm=["recommended", "gptq"])
+    assert set(w8.report.algorithms) == {"equalize", "gptq", "bias_correction"}  # no learned rounding at 8 bits
 
 
 def test_algorithm_option_is_validated():
