@@ -235,9 +235,9 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
             progress=None, verify_data=None, accuracy=None, **options) -> Artifact:
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
     tensors, tuples of positional inputs or dicts of keyword inputs). ``verify_data``: held-out samples the
-    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, which are
-    then not calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision
-    until it holds. Other options: see :class:`Options`."""
+    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, also
+    calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision until it
+    holds. Other options: see :class:`Options`."""
     from .health import after_calibration, split_holdout, track_ranges
     opts = Options.parse(options)
     check_call_args(backend, calibration, verify, progress)

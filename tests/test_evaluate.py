@@ -58,7 +58,7 @@ def test_latency_percentiles_per_batch_on_the_artifact_runtime(digits):
         assert sorted(ev.latency[who]) == [1, 8, 32]
         for b, st in ev.latency[who].items():
             assert 0 < st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"] <= st["max_ms"]
-            assert st["runs"] >= 3 and st["throughput_per_s"] == pytest.approx(b / st["p50_ms"] * 1e3, rel=1e-3)
+            assert st["runs"] >= 3 and st["throughput_per_s"] == pytest.approx(b / st["p50_ms"] * 1e3, rel=1e-3, abs=0.01)
     assert set(ev.speedup) == {1, 8, 32} and ev.speedup[8]["iqr"][0] <= ev.speedup[8]["median"] <= ev.speedup[8]["iqr"][1]
     assert ev.model_bytes["candidate"] == art.report.sizes["stored_bytes"]
     assert ev.model_bytes["reference"] == sum(p.numel() * 4 for p in model.state_dict().values()

@@ -68,7 +68,7 @@ def test_bert_shaped_model_counts_embeddings_and_norms():
 def test_heldout_verification_is_a_distribution_over_the_calibration_tail(text_art):
     model, art, calib = text_art
     h = art.report.heldout
-    assert h["source"] == "calibration tail (2 samples held out)" and len(h["batches"]) == 2
+    assert h["source"].startswith("calibration tail (2 samples") and len(h["batches"]) == 2
     with torch.no_grad():
         for b, x in zip(h["batches"], calib[-2:]):
             assert b["sqnr_vs_float_db"] == pytest.approx(sqnr(model(x), art(x)), abs=1e-6)
