@@ -218,7 +218,20 @@ def _rebuild(path: str, meta: dict, ep) -> Artifact:
         raise ArtifactFileError(f"{path}: malformed report in {_META} ({type(e).__name__}: {e})") from None
     art = Artifact.build(ref, backend, ctx, verify=False)
     art.report.verify = rep.get("verify", {})
+    _restore_report(art.report, rep)
     return art
+
+
+# what the compile measured and the file keeps (plain JSON values): shown again by inspect / report FILE
+_SAVED_REPORT_FIELDS = {"heldout": dict, "layer_sqnr": list, "activations": list, "health": dict,
+                        "warnings": list, "algorithms": dict, "weight_rounding": dict, "timings": dict}
+
+
+def _restore_report(report: Report, rep: dict) -> None:
+    for name, kind in _SAVED_REPORT_FIELDS.items():
+        value = rep.get(name)
+        if isinstance(value, kind) and value and hasattr(report, name):
+            setattr(report, name, value)
 
 
 def _write_all(path: str, data: bytes, chunk: int = 1 << 20) -> None:

@@ -1,5 +1,7 @@
 """The honest report: shares of ALL weights and stored bytes, held-out verification as a distribution,
 per-layer SQNR, calibration health, and a text table that keeps every reason whole."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +101,21 @@ def test_text_table_keeps_long_reasons_whole(text_art):
     text = str(art.report)
     long = [r.reason for r in art.report.rows if len(r.reason) > 40]
     assert long and all(reason in text for reason in long)
+
+
+def test_a_loaded_artifact_keeps_what_the_compile_measured(tmp_path):
+    """inspect / report FILE show the held-out verification, per-layer SQNR and health of the compile."""
+    import torch
+    from torch import nn
+    import qcompile
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    g = torch.Generator().manual_seed(0)
+    cal = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(8)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal,
+                           verify_data=[torch.randn(2, 3, 8, 8, generator=g) for _ in range(2)])
+    assert art.report.heldout and art.report.layer_sqnr
+    back = qcompile.load(art.save(str(tmp_path / "m.qc")))
+    assert back.report.heldout == json.loads(json.dumps(art.report.heldout, default=str))
+    assert len(back.report.layer_sqnr) == len(art.report.layer_sqnr)
+    assert back.report.to_dict()["heldout"]["summary"] == art.report.heldout["summary"]
