@@ -69,9 +69,12 @@ def moving_ranges(seen: dict) -> dict:
 
 
 # -- held-out verification ------------------------------------------------------------------------------
-def _as_inputs(sample, n_args: int):
-    from .api import _sample_to_inputs
-    return _sample_to_inputs(sample, n_args)
+def _as_inputs(sample, ctx, index: int, names):
+    """A held-out sample as (args, kwargs), checked like a calibration sample (qcompile.validate)."""
+    from .validate import check_sample, sample_to_inputs
+    args, kwargs = sample_to_inputs(sample, ctx.inputs, index, names)
+    check_sample(args, kwargs, ctx.inputs, index, what="verify_data / held-out sample")
+    return args, kwargs
 
 
 def _flat(out) -> list:
@@ -199,9 +202,10 @@ def after_calibration(art, prepared, held_out: list, source: str, seen: dict, n_
     from .sensitivity import node_sqnr
     ctx = prepared._ctx
     samples, errors = [], []
-    for s in held_out:
+    names = [n.target for n in prepared.gm.graph.nodes if n.op == "placeholder"]
+    for i, s in enumerate(held_out):
         try:
-            samples.append(_as_inputs(s, len(ctx.inputs.args)))
+            samples.append(_as_inputs(s, ctx, i, names))
         except Exception as e:  # noqa: BLE001 - reported, never fatal for the compile
             errors.append(str(e).splitlines()[0])
     batches = samples or [(tuple(ctx.inputs.args), dict(ctx.inputs.kwargs))]
