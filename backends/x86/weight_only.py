@@ -29,7 +29,7 @@ from torch import fx
 from qcompile.errors import ConfigError
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
-from qcompile.lowbit import dequantize_nf4, nf4_values, pack_int4, unpack_int4
+from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
@@ -302,6 +302,8 @@ def linear_weight_only(rw: Rewriter, node: fx.Node):
         rw.tag(absmax, node.name, "scales")
         for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
             rw.tag(a, node.name, "scales")
+        if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
+            absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
         note, warning = nf4_kernel_note(g)
         if warning:
             warnings.warn(f"{node.name}: {warning}", stacklevel=2)
@@ -345,6 +347,8 @@ def embedding_weight_only(rw: Rewriter, node: fx.Node):
         rw.tag(absmax, node.name, "scales")
         for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
             rw.tag(a, node.name, "scales")
+        if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
+            absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
         return rw.emit(node, embedding_nf4, (ids, packed, absmax, g), "nf4 rows gathered, then dequantized")
     w = int_weight(rw.gm, wdq)
     if w is None or w.q.dim() != 2:
