@@ -13,7 +13,6 @@ latency of one crop, stored size.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import accuracy_case as case  # noqa: E402
+from _timing import machine_line  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile import WeightSpec  # noqa: E402
@@ -40,16 +40,6 @@ ROWS = {
     "w4a8 recommended": dict(algorithm="recommended", weights=W4),
     "budget 1%": dict(algorithm="recommended", budget=0.01),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def latency_ms(fn, x, repeats: int = 7) -> float:
@@ -107,7 +97,7 @@ def main(argv=None) -> None:
     cal, ev = case.split(samples)
     ref_ev = case.run(model, ev)
     print(f"EfficientNet-Lite2, {len(ev)} evaluation crops ({int((ref_ev.softmax(1).max(1).values > 0.5).sum())} "
-          f"confident), {len(cal)} calibration crops, {res}x{res}; CPU: {cpu_model()}, torch {torch.__version__}")
+          f"confident), {len(cal)} calibration crops, {res}x{res}; {machine_line()}, torch {torch.__version__}")
     head = f"{'backend':<11}{'row':<20}{'agree %':>9}{'conf %':>9}{'SQNR dB':>9}{'ms':>9}{'MB':>8}"
     print(head)
     fl = measure(model, ev, ref_ev, sum(p.numel() * 4 for p in model.parameters()))
