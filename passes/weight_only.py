@@ -15,7 +15,6 @@ weight node's ``WEIGHT_QPARAMS`` meta the parameters, so convert recovers the ex
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from qcompile.ir import get_attr_value
 from qcompile.specs import NF4Spec, QuantSpec
 
 from .convert import WEIGHT_QPARAMS
+from .calibration_stats import runner as _runner
 from .insert_observers import OBSERVED
 from .pattern import op_kind
 
@@ -124,17 +124,6 @@ def _set_attr(mod: nn.Module, target: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
     else:
         setattr(owner, attr, value)
-
-
-def _runner(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the graph without observers, sharing gm's constants."""
-    graph = copy.deepcopy(gm.graph)
-    observers = set(gm.meta.get(OBSERVED, {}))
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target in observers:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    return fx.GraphModule(gm, graph)
 
 
 class GPTQRounding:

@@ -7,6 +7,7 @@ CPU, non-empty and finite. See ``docs/trust.md``.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 
@@ -44,7 +45,6 @@ def warn_if_training(model: nn.Module, mode: str) -> None:
 
 def adapt_dict_inputs(model: nn.Module, inputs):
     """A dict given as the example inputs of ``forward(self, batch)`` is one positional dict, not keywords."""
-    from .passes.capture import CapturedInputs
     if inputs.args or not inputs.kwargs:
         return inputs
     try:
@@ -55,7 +55,7 @@ def adapt_dict_inputs(model: nn.Module, inputs):
         return inputs
     names = {p.name for p in params}
     if len(params) == 1 and not has_var_kw and not set(inputs.kwargs) <= names:
-        return CapturedInputs((dict(inputs.kwargs),), {})
+        return dataclasses.replace(inputs, args=(dict(inputs.kwargs),), kwargs={})  # a CapturedInputs
     return inputs
 
 
