@@ -44,7 +44,9 @@ class PreparedModel(nn.Module):
 
     def __init__(self, gm: fx.GraphModule, ctx: Context):
         super().__init__()
+        from .health import install_range_tracking
         self.gm, self._ctx, self.num_calibration_samples = gm, ctx, 0
+        self._ranges, self._range_hooks = install_range_tracking(gm)  # calibration health (qcompile.health)
 
     def forward(self, *args, **kwargs):
         check_sample(args, kwargs, self._ctx.inputs, self.num_calibration_samples)
@@ -169,8 +171,11 @@ def _report(ctx: Context, predicted=False) -> Report:
                   ctx.config.describe(), predicted=predicted)
 
 
-def convert(prepared: PreparedModel, verify: bool = True) -> Artifact:
-    """Observed (or QAT-trained) model -> reference graph -> backend artifact, with the coverage report."""
+def convert(prepared: PreparedModel, verify: bool = True, verify_data=None, *, _held_out_source=None) -> Artifact:
+    """Observed (or QAT-trained) model -> reference graph -> backend artifact, with the coverage report.
+    ``verify_data``: held-out samples (not calibrated on) the report verifies on: SQNR and parity as a
+    distribution, per-layer SQNR, activation histograms and calibration health (see docs/evaluate.md)."""
+    from .health import after_calibration
     from .qat import QATModel, convert_qat
     if isinstance(prepared, QATModel):
         return convert_qat(prepared, verify=verify)
@@ -187,6 +192,12 @@ def convert(prepared: PreparedModel, verify: bool = True) -> Artifact:
     ctx.timings["convert_s"] = time.perf_counter() - t0
     art = Artifact.build(ref, ctx.backend, ctx, verify=verify)
     _attach_storage(art, ctx, ref)
+    for h in prepared._range_hooks:
+        h.remove()
+    if verify:
+        held_out = list(verify_data) if verify_data is not None else []
+        source = _held_out_source or ("verify_data" if held_out else "example inputs only (give verify_data=)")
+        after_calibration(art, prepared, held_out, source, prepared._ranges, prepared.num_calibration_samples)
     return art
 
 
@@ -235,10 +246,10 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
             progress=None, verify_data=None, accuracy=None, **options) -> Artifact:
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
     tensors, tuples of positional inputs or dicts of keyword inputs). ``verify_data``: held-out samples the
-    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, also
-    calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision until it
+    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, which
+    are then not calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision until it
     holds. Other options: see :class:`Options`."""
-    from .health import after_calibration, split_holdout, track_ranges
+    from .health import split_holdout
     opts = Options.parse(options)
     check_call_args(backend, calibration, verify, progress)
     if accuracy is not None:
@@ -257,14 +268,10 @@ def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None
     prepared = prepare(model, example_inputs, backend, **options)
     _run_algorithms(prepared, calibration, opts, progress)
     t0 = time.perf_counter()
-    with track_ranges(prepared) as ranges:
-        if calibration is not None and opts.mode not in FLOAT_MODES:
-            prepared.calibrate(calibration, progress=progress)
+    if calibration is not None and opts.mode not in FLOAT_MODES:
+        prepared.calibrate(calibration, progress=progress)
     prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0
-    art = convert(prepared, verify=verify)
-    if verify:
-        after_calibration(art, prepared, held_out, held_out_source, ranges, prepared.num_calibration_samples)
-    return art
+    return convert(prepared, verify=verify, verify_data=held_out, _held_out_source=held_out_source)
 
 
 def explain(model: nn.Module, example_inputs, backend="x86", **options) -> Report:
