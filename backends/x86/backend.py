@@ -10,6 +10,7 @@ from qcompile.config import QConfig
 from qcompile.errors import ConfigError
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 from qcompile.passes.annotate import Annotate, SpecMaker
+from qcompile.passes.decompose_sdpa import DecomposeSDPA
 from qcompile.passes.dynamic import AnnotateRecurrent, FloatOutputGroups
 from qcompile.passes.fold_batch_norm import FoldBatchNorm
 from qcompile.passes.fuse import FuseGroups
@@ -109,7 +110,7 @@ class X86Backend:
     def prepare_passes(self, config: QConfig, mode: str = "static") -> list:
         if mode in ("dynamic", "weight_only"):
             return self._float_mode_passes(config, mode)
-        return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
+        return [Normalize(), DecomposeSDPA(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
                 Annotate(support.TABLE, config, SpecMaker(self.act_spec, self.weight_spec), self.name, support.NOTES)]
 
     def _float_mode_passes(self, config: QConfig, mode: str) -> list:
