@@ -110,7 +110,12 @@ def int8_macs_per_cycle() -> tuple[int, str]:
 
 
 def int8_peak_macs_per_s(threads: int) -> tuple[float, str]:
-    """cores used x nominal frequency x int8 MACs per cycle."""
-    mhz = float(_cpu_field("cpu MHz") or 0) or 2000.0
+    """cores used x clock x int8 MACs per cycle. The clock is measured (qcompile.kernels.measured_clock_hz:
+    a dependent-add chain, boost included); /proc/cpuinfo's nominal MHz only when the probe is unavailable
+    (it understates a boosting CPU: the peak then reads > 100 %)."""
+    from qcompile.kernels import measured_clock_hz
+    hz, src = measured_clock_hz(), "measured"
+    if hz is None:
+        hz, src = (float(_cpu_field("cpu MHz") or 0) or 2000.0) * 1e6, "nominal, /proc/cpuinfo"
     per_cycle, how = int8_macs_per_cycle()
-    return threads * mhz * 1e6 * per_cycle, f"{threads} cores x {mhz / 1e3:.2f} GHz x {per_cycle} ({how})"
+    return threads * hz * per_cycle, f"{threads} cores x {hz / 1e9:.2f} GHz ({src}) x {per_cycle} ({how})"
