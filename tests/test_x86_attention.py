@@ -86,6 +86,8 @@ def test_torch_transformer_encoder_attention_runs_int8_on_x86():
     mm = [r for r in art.report.rows if r.op == "matmul"]
     assert len(mm) == 4 and all(r.status == "int8" and "int8_matmul" in r.kernel for r in mm)
     assert [r.status for r in art.report.rows if r.op == "softmax"] == ["float: unsupported by backend"] * 2
+    views = [r for r in art.report.rows if r.op in ("unflatten", "unsqueeze", "squeeze", "select")]
+    assert views and all(r.status == "int8" for r in views)  # int8 from the in-projection to Q, K, V
     assert art.report.verify["within_one_step"] >= 0.99
     with torch.no_grad():
         x = torch.randn(3, 16, 64, generator=g)
