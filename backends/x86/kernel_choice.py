@@ -157,3 +157,30 @@ def _arg(node, i, default):
     names = {3: "stride", 4: "padding", 5: "dilation", 6: "groups"}
     v = node.args[i] if len(node.args) > i else node.kwargs.get(names[i], default)
     return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def cpu_has_avx512_vnni() -> bool:
+    """AVX-512 VNNI specifically (what torch's x86 engine checks before it picks oneDNN for a conv)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_vnni" in f.read()
+    except OSError:
+        return False
+
+
+def engine_family(engine: str, kind: str, groups: int, weight_symmetric: bool) -> str:
+    """The kernel family a weight packed under ``engine`` runs on, and why. For torch's "x86" engine this
+    is its fixed rule (ATen quantized/cpu: ``QLinearPackWeightInt8`` packs every linear for fbgemm;
+    ``should_use_onednn_quant`` sends a conv to oneDNN when the CPU has AVX-512 VNNI, groups <= 100, the
+    weights are symmetric and there is no output padding)."""
+    if engine != "x86":
+        return f"{engine}: engine={engine!r} chosen in the backend options"
+    if kind == "linear":
+        return "fbgemm: torch's x86 engine packs every int8 linear for fbgemm"
+    if not cpu_has_avx512_vnni():
+        return "fbgemm: torch's x86 engine uses oneDNN for convs only on AVX-512 VNNI CPUs"
+    if groups > 100:
+        return f"fbgemm: torch's x86 engine keeps convs with {groups} > 100 groups on fbgemm"
+    if not weight_symmetric:
+        return "fbgemm: torch's x86 engine needs symmetric weights for oneDNN"
+    return "onednn: torch's x86 engine (AVX-512 VNNI, symmetric weights, <= 100 groups)"

@@ -8,7 +8,7 @@ import torch
 
 from qcompile.ir import get_attr_value
 
-from .kernel_choice import available_families, example_input, quantized_engine
+from .kernel_choice import available_families, engine_family, example_input, quantized_engine
 from .lower import _DQ_W, Emitted, Value, _int_weight, _qparams
 
 aten, qops = torch.ops.aten, torch.ops.quantized
@@ -49,7 +49,11 @@ def _pack(lw, anchor, prepack, qw, kernel, x, scale, zp):
     chooser, families = getattr(lw, "engine_chooser", None), available_families()
     xq = example_input(anchor, qw, x.scale, x.zero_point) if chooser is not None and len(families) > 1 else None
     if xq is None:
-        return prepack(anchor, qw, bias), ""
+        kind = "conv" if "conv" in str(anchor.target) else "linear"
+        symmetric = bool((qw.q_per_channel_zero_points() == 0).all()) if qw.qscheme() in (
+            torch.per_channel_affine, torch.per_channel_symmetric) else qw.q_zero_point() == 0
+        family = engine_family(torch.backends.quantized.engine, kind, int(_arg(anchor, 6, 1)), symmetric)
+        return prepack(anchor, qw, bias), family
     packs = {}
     for fam in families:
         with quantized_engine(fam):
