@@ -13,6 +13,7 @@ from .errors import (ArtifactFileError, BackendUnavailableError, CalibrationErro
                      UnsupportedError)
 from .report import Report
 from .budget import AccuracyBudget
+from .autotune import autotune
 from .specs import ActivationSpec, QuantSpec, WeightSpec
 
 __version__ = "0.1.0"
@@ -21,5 +22,5 @@ __all__ = [
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
     "ArtifactFileError", "QCompileWarning", "NumericsError", "QuantizationWarning",
-    "AccuracyBudget",
+    "AccuracyBudget", "autotune",
 ]
