@@ -153,6 +153,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     _drop_guards(gm)
     check_outputs(gm, model)
     gm.meta["qcompile_inputs"] = inputs
+    gm.meta["qcompile_train"] = bool(train)  # a training graph: its parameters are still trained (const_fold.py)
     return gm
 
 

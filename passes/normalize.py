@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .canonical_linear import CanonicalLinear
+from .const_fold import fold_constants
 from .conv_padding import rewrite_string_padding
 from .infra import Pass, PassResult
 
@@ -107,6 +108,8 @@ class Normalize(Pass):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True
+        if not gm.meta.get("qcompile_train", False):  # QAT trains the parameters: nothing is constant
+            modified |= fold_constants(gm)
         modified |= CanonicalLinear()(gm).modified
         modified |= rewrite_string_padding(gm)
         if modified:

@@ -1,0 +1,49 @@
+"""Weights computed from parameters (weight_norm, transposes) are folded to constants and quantized."""
+import torch
+from torch import fx, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+import qcompile
+from qcompile.passes.const_fold import fold_constants
+from qcompile.qparams import sqnr
+
+
+class WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = weight_norm(nn.Conv1d(8, 8, 5, padding=2, groups=2), name="weight", dim=2)
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(-1)
+        return self.fc(y * (self.gain * 2.0))  # a buffer expression: folded to one constant
+
+
+def test_folding_is_exact_and_leaves_no_computation_on_parameters():
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    x = torch.randn(2, 8, 20)
+    gm = torch.export.export(model, (x,)).module()
+    gm = fx.GraphModule(gm, gm.graph)
+    assert fold_constants(gm)
+    gm.recompile()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            assert any(n.op == "placeholder" or n.op == "call_function" for n in node.all_input_nodes), node
+    torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+def test_weight_normed_conv_is_int8_on_executorch_and_onnx():
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 8, 20, generator=g) for _ in range(4)]
+    for backend in ("onnx", "executorch"):
+        rep = qcompile.explain(model, (cal[0],), backend=backend)
+        conv = [r for r in rep.rows if r.op == "conv1d"]
+        assert len(conv) == 1 and conv[0].status == "int8", (backend, conv)
+    art = qcompile.compile(model, (cal[0],), backend="onnx", calibration=cal)
+    with torch.no_grad():
+        assert sqnr(model(cal[1]), art(cal[1])) > 25
+    assert model.conv.parametrizations.weight.original0.requires_grad  # the user's model is untouched
