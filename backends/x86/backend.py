@@ -157,4 +157,4 @@ class X86Backend:
 
 def _is_depthwise(node) -> bool:
     groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return node.target == torch.ops.aten.conv2d.default and int(groups) > 1
+    return node.target in (torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default) and int(groups) > 1

@@ -69,6 +69,12 @@ def _conv_prepack(node, qw, bias):
     return qops.conv2d_prepack(qw, bias, list(stride), list(padding), list(dilation), int(groups))
 
 
+def _conv1d_prepack(node, qw, bias):
+    stride, padding = _arg(node, 3, [1]), _arg(node, 4, [0])
+    dilation, groups = _arg(node, 5, [1]), _arg(node, 6, 1)
+    return qops.conv1d_prepack(qw, bias, list(stride), list(padding), list(dilation), int(groups))
+
+
 def _linear_prepack(node, qw, bias):
     return qops.linear_prepack(qw, bias)
 
@@ -76,6 +82,11 @@ def _linear_prepack(node, qw, bias):
 def conv2d(lw, nodes, q):
     return _weighted(lw, nodes, q, _conv_prepack, {False: qops.conv2d.new, True: qops.conv2d_relu.new},
                      "quantized::conv2d")
+
+
+def conv1d(lw, nodes, q):
+    return _weighted(lw, nodes, q, _conv1d_prepack, {False: qops.conv1d.default, True: qops.conv1d_relu.default},
+                     "quantized::conv1d")
 
 
 def linear(lw, nodes, q):
@@ -165,6 +176,7 @@ def matmul(lw, nodes, q):
 RULES = {
     "matmul": matmul,
     "conv2d": conv2d, "conv2d_relu": conv2d, "conv2d_relu6": conv2d,
+    "conv1d": conv1d, "conv1d_relu": conv1d,
     "linear": linear, "linear_relu": linear,
     "add": _binary(qops.add.default, "quantized::add"),
     "add_relu": _binary(qops.add_relu.default, "quantized::add_relu"),

@@ -22,6 +22,13 @@ def _conv_check(nodes):
     return None
 
 
+def _conv1d_check(nodes):
+    val = nodes[0].meta.get("val")
+    if val is not None and val.dim() != 3:
+        return "only batched 3-D conv1d inputs have int8 kernels"
+    return None
+
+
 def _matmul_check(nodes):
     """Activation x activation (attention Q.K^T, P.V): same rank >= 2 and the same batch dims."""
     mm = nodes[0]
@@ -42,6 +49,8 @@ TABLE = [
     OpSupport("conv2d_relu", ("conv2d", "relu"), ANCHOR, (0,), 1, 2, check=_conv_check),
     OpSupport("conv2d_relu6", ("conv2d", "relu6"), ANCHOR, (0,), 1, 2, check=_conv_check),
     OpSupport("conv2d", ("conv2d",), ANCHOR, (0,), 1, 2, check=_conv_check),
+    OpSupport("conv1d_relu", ("conv1d", "relu"), ANCHOR, (0,), 1, 2, check=_conv1d_check),
+    OpSupport("conv1d", ("conv1d",), ANCHOR, (0,), 1, 2, check=_conv1d_check),
     OpSupport("linear_relu", ("linear", "relu"), ANCHOR, (0,), 1, 2),
     OpSupport("linear", ("linear",), ANCHOR, (0,), 1, 2),
     OpSupport("matmul", ("matmul",), ANCHOR, (0, 1), check=_matmul_check),

@@ -47,3 +47,21 @@ def test_weight_normed_conv_is_int8_on_executorch_and_onnx():
     with torch.no_grad():
         assert sqnr(model(cal[1]), art(cal[1])) > 25
     assert model.conv.parametrizations.weight.original0.requires_grad  # the user's model is untouched
+
+
+def test_conv1d_runs_int8_on_x86_within_one_step():
+    """x86 has quantized::conv1d (plain, relu-fused, depthwise): conv1d no longer stays float."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(4, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 3, padding=1, groups=16),
+                          nn.Conv1d(16, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 15, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 4, 32, generator=g) for _ in range(4)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    convs = [r for r in art.report.rows if r.op == "conv1d"]
+    assert len(convs) == 3 and all(r.status == "int8" and r.kernel.startswith("quantized::conv1d") for r in convs)
+    assert art.report.verify["within_one_step"] >= 0.99
+    with torch.no_grad():
+        assert sqnr(model(cal[1]), art(cal[1])) > 25
+    wn = qcompile.compile(WeightNormed().eval(), (torch.randn(2, 8, 20),), backend="x86",
+                          calibration=[torch.randn(2, 8, 20, generator=g) for _ in range(3)])
+    assert [r.status for r in wn.report.rows if r.op == "conv1d"] == ["int8"]
