@@ -187,8 +187,8 @@ def _walk(path: str, x, where: str) -> None:
             _walk(path, v, where)
         return
     if not isinstance(x, dict):
-        if isinstance(x, str):
-            _check_name(path, x, where)
+        if isinstance(x, str) and not (where.startswith("as_float") and x in _FLOAT_SPECIALS):
+            _check_name(path, x, where)  # torch writes a float inf / nan (an attention mask's -inf) as a string
         return
     if {"target", "inputs", "outputs"} <= set(x):  # a graph node
         _check_target(path, x["target"])
@@ -203,6 +203,9 @@ def _walk(path: str, x, where: str) -> None:
             continue
         elif k not in _FREE_TEXT:
             _walk(path, v, k)
+
+
+_FLOAT_SPECIALS = ("Infinity", "-Infinity", "NaN")
 
 
 def _check_name(path: str, s, where: str) -> None:

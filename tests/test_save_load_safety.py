@@ -404,3 +404,26 @@ def test_random_json_mutations_end_in_a_qcompile_error_or_an_artifact(x86_qc, tm
         assert str(path) in str(e) or isinstance(e, (ConfigError, qcompile.BackendUnavailableError)), e
     else:
         assert isinstance(art, qcompile.Artifact)
+
+
+def test_a_program_with_infinite_constants_saves_and_loads(tmp_path):
+    """An attention mask's -inf is a float literal torch serializes as "-Infinity": not a name to refuse."""
+    import torch
+    from torch import nn
+    import qcompile
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            s = self.fc(x)
+            return torch.softmax(s.masked_fill(s < 0, float("-inf")).clamp(max=float("inf")), -1)
+
+    torch.manual_seed(0)
+    model = Masked().eval()
+    cal = [torch.randn(2, 8) for _ in range(3)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    back = qcompile.load(art.save(str(tmp_path / "m.qc")))
+    torch.testing.assert_close(back(cal[1]), art(cal[1]))
