@@ -152,8 +152,8 @@ def int8_matmul(a, b, scale: float, zero_point: int):
     n = bi.shape[-1]
     a3, b3 = ai.reshape(-1, m, k), bi.reshape(-1, k, n)
     acc = torch.empty(a3.shape[0], m, n, dtype=torch.int32)
-    for i in range(a3.shape[0]):
-        torch._int_mm(a3[i], b3[i], out=acc[i])
+    for x, y, out in zip(a3.unbind(0), b3.unbind(0), acc.unbind(0)):  # views made in C++, not 3 indexings each
+        torch._int_mm(x, y, out=out)
     if zb:
         acc -= zb * a3.sum(-1, dtype=torch.int32)[:, :, None]
     if za:
