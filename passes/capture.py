@@ -19,6 +19,8 @@ from torch import fx, nn
 
 from qcompile.errors import CaptureError, InputError
 
+from .infra import establish
+
 _HINTS = [
     ("data-dependent", "the model branches on tensor *values*: use torch.cond, or make the branch depend on "
                        "shapes/constants, or exclude this submodule from quantization"),
@@ -153,6 +155,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     _drop_guards(gm)
     check_outputs(gm, model)
     gm.meta["qcompile_inputs"] = inputs
+    establish(gm, "captured")
     return gm
 
 
