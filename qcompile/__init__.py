@@ -14,6 +14,7 @@ from .errors import (ArtifactFileError, BackendUnavailableError, CalibrationErro
 from .report import Report
 from .budget import AccuracyBudget
 from .specs import ActivationSpec, QuantSpec, WeightSpec
+from .passes.annotate import keep_float
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,5 +22,5 @@ __all__ = [
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
     "ArtifactFileError", "QCompileWarning", "NumericsError", "QuantizationWarning",
-    "AccuracyBudget",
+    "AccuracyBudget", "keep_float",
 ]
