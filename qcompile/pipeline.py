@@ -222,8 +222,9 @@ def finish(ref: fx.GraphModule, ctx: Context, verify: bool = True) -> Artifact:
         ctx.pass_log = ctx.pass_log + pm.log
     lowered = ctx.backend.lower(ref, ctx.inputs, ctx.mode)
     report = build_report(ref, lowered, ctx, time.perf_counter() - t0)
-    meta = {"backend": ctx.backend.name, "options": {f.name: getattr(ctx.backend.options, f.name) for f in dataclasses.fields(ctx.backend.options)}, "mode": ctx.mode,
-            "n_args": len(ctx.inputs.args), "kwargs": sorted(ctx.inputs.kwargs)}
+    options = ctx.backend.options
+    meta = {"backend": ctx.backend.name, "options": {f.name: getattr(options, f.name) for f in dataclasses.fields(options)},
+            "mode": ctx.mode, "n_args": len(ctx.inputs.args), "kwargs": sorted(ctx.inputs.kwargs)}
     art = Artifact(ctx.backend, ref, lowered, report, ctx.inputs, meta)
     if verify:
         report.verify = art.verify(float_model=ctx.float_gm)
