@@ -33,6 +33,7 @@ MODES = ("static", "dynamic", "weight_only", "qat")
 REQUIRED = ("is_available", "capabilities", "default_config", "prepare_passes", "lower", "run", "runtime_name",
             "verify_runtime", "save")
 TAKES_MODE = ("capabilities", "default_config", "prepare_passes", "lower", "verify_runtime")
+ATTRIBUTES = ("name", "Options", "file_extensions", "user_rules")  # data the pipeline reads
 
 
 @dataclass(kw_only=True)
@@ -87,10 +88,10 @@ class Backend(abc.ABC):
     Options: ClassVar[type] = NoOptions
     file_extensions: ClassVar[tuple] = ()  # own file formats written by save()
     rule_help: ClassVar[str] = ""  # the signature of this backend's lowering rules ("" : no with_rules)
+    user_rules: tuple = ()  # LoweringRules added with with_rules
 
     def __init__(self, **options):
         self.options = parse_options(self.name, self.Options, options)
-        self.user_rules: tuple = ()
         self.check_options()
 
     def check_options(self) -> None:
@@ -168,6 +169,7 @@ def check_backend(cls_or_obj, name: str) -> None:
     cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
     missing = [m for m in REQUIRED if not callable(getattr(cls, m, None))]
     missing += sorted(getattr(cls, "__abstractmethods__", ()))
+    missing += [a for a in ATTRIBUTES if not hasattr(cls, a)]
     if missing:
         raise ConfigError(f"backend {name!r} ({cls.__module__}.{cls.__qualname__}) does not implement "
                           f"{sorted(set(missing))}: subclass qcompile.backends.Backend (docs/extending.md)")

@@ -183,6 +183,10 @@ def _rebuild(path: str, meta: dict, ep) -> Artifact:
     art = finish(ref, ctx, verify=False)
     art.report.verify = rep.get("verify", {})
     _restore_report(art.report, rep)
+    rules = meta.get("user_rules")
+    if isinstance(rules, list) and rules:
+        art.report.warnings.append(f"compiled with the user lowering rules {[str(r) for r in rules]} (with_rules), "
+                                   f"which a file cannot carry: loaded and lowered without them")
     return art
 
 

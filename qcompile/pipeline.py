@@ -225,6 +225,8 @@ def finish(ref: fx.GraphModule, ctx: Context, verify: bool = True) -> Artifact:
     options = ctx.backend.options
     meta = {"backend": ctx.backend.name, "options": {f.name: getattr(options, f.name) for f in dataclasses.fields(options)},
             "mode": ctx.mode, "n_args": len(ctx.inputs.args), "kwargs": sorted(ctx.inputs.kwargs)}
+    if ctx.backend.user_rules:  # a file cannot carry code: load() lowers without them
+        meta["user_rules"] = [r.name for r in ctx.backend.user_rules]
     art = Artifact(ctx.backend, ref, lowered, report, ctx.inputs, meta)
     if verify:
         report.verify = art.verify(float_model=ctx.float_gm)

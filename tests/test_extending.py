@@ -113,7 +113,7 @@ def test_requires_is_checked_with_the_pass_and_property_named():
     assert art.reference.meta["seen_quantize"] == 4  # input, conv, conv, mean: the head's output stays float
 
 
-def test_with_rules_lowers_a_user_pattern_and_leaves_the_original_backend_alone():
+def test_with_rules_lowers_a_user_pattern_and_leaves_the_original_backend_alone(tmp_path):
     from qcompile.backends.x86.rules import unary_lut
 
     class GeluNet(nn.Module):
@@ -132,6 +132,9 @@ def test_with_rules_lowers_a_user_pattern_and_leaves_the_original_backend_alone(
     row = _rows(art.report)["gelu"]
     assert row.status == "int8" and row.kernel == "int8 lookup table (gelu.default)"
     assert art.report.verify["within_one_step"] >= 0.99 and art.report.verify["sqnr_vs_float_db"] > 25
+    loaded = qcompile.load(art.save(tmp_path / "gelu.qc"))  # a file carries no code: the rule is not in it
+    assert any("user lowering rules ['gelu']" in w for w in loaded.report.warnings)
+    assert _rows(loaded.report)["gelu"].status == "float: fell back on the runtime"
     plain = qcompile.compile(model, (x,), x86, calibration=cal)  # with_rules returned a copy
     assert _rows(plain.report)["gelu"].status == "float: unsupported by backend"
     declined = LoweringRule("gelu", lambda lw, nodes, q: "the test's kernel declines",
@@ -144,8 +147,7 @@ def test_with_rules_lowers_a_user_pattern_and_leaves_the_original_backend_alone(
 
 
 class _NoMode:
-    name = "nomode"
-    Options = None
+    name, Options, file_extensions, user_rules = "nomode", None, (), ()
 
     def is_available(self):
         return True, ""
@@ -163,8 +165,9 @@ def test_registration_checks_the_contract():
         def is_available(self):
             return True, ""
 
-    with pytest.raises(ConfigError, match=r"does not implement \['capabilities', 'default_config', 'lower', "
-                                          r"'prepare_passes', 'run', 'runtime_name', 'save', 'verify_runtime'\]"):
+    with pytest.raises(ConfigError, match=r"does not implement \['Options', 'capabilities', 'default_config', "
+                                          r"'file_extensions', 'lower', 'prepare_passes', 'run', 'runtime_name', "
+                                          r"'save', 'user_rules', 'verify_runtime'\]"):
         register_backend("incomplete", Incomplete)
     with pytest.raises(ConfigError, match=r"\['capabilities', 'default_config', 'prepare_passes', 'lower', "
                                           r"'verify_runtime'\] must take a 'mode' argument"):
