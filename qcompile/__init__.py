@@ -4,7 +4,8 @@
     art(x); print(art.report); art.save("model.qc"); qcompile.load("model.qc")
 """
 from .api import compile, convert, explain, prepare  # noqa: A004 - the product's verb
-from .artifact import Artifact, load
+from .artifact import Artifact
+from .loading import load
 from .evaluate import Evaluation, evaluate
 from .qat import prepare_qat
 from .config import ModuleConfig, QConfig

@@ -7,7 +7,7 @@ from torch import nn
 from . import pipeline
 from .artifact import Artifact
 from .errors import ConfigError
-from .pipeline import FLOAT_MODES, MODES, Context, Options, PreparedModel  # noqa: F401 - public names
+from .pipeline import Options, PreparedModel
 from .qat import QATModel, convert_qat
 from .report import Report
 from .validate import check_call_args
