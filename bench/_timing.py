@@ -82,6 +82,22 @@ def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
     return 2 * src.numel() * 4 / statistics.median(ts)
 
 
+def read_bandwidth(mib: int = 256, repeats: int = 7) -> float:
+    """Bytes per second a streaming read moves (``sum`` over a buffer far larger than the caches), median
+    of ``repeats``: the limit of a kernel that only reads its weights, as a batch-1 linear does. A copy
+    (:func:`copy_bandwidth`) moves a read stream and a write stream at once; its read + write total is not
+    what one read stream reaches."""
+    import torch
+    src = torch.ones(mib * 2**18)
+    float(src.sum())
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(src.sum())
+        ts.append(time.perf_counter() - t0)
+    return src.numel() * 4 / statistics.median(ts)
+
+
 def _cpu_field(name: str) -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -110,7 +126,12 @@ def int8_macs_per_cycle() -> tuple[int, str]:
 
 
 def int8_peak_macs_per_s(threads: int) -> tuple[float, str]:
-    """cores used x nominal frequency x int8 MACs per cycle."""
-    mhz = float(_cpu_field("cpu MHz") or 0) or 2000.0
+    """cores used x clock x int8 MACs per cycle. The clock is measured (qcompile.kernels.measured_clock_hz:
+    a dependent-add chain, boost included); /proc/cpuinfo's nominal MHz only when the probe is unavailable
+    (it understates a boosting CPU: the peak then reads > 100 %)."""
+    from qcompile.kernels import measured_clock_hz
+    hz, src = measured_clock_hz(), "measured"
+    if hz is None:
+        hz, src = (float(_cpu_field("cpu MHz") or 0) or 2000.0) * 1e6, "nominal, /proc/cpuinfo"
     per_cycle, how = int8_macs_per_cycle()
-    return threads * mhz * 1e6 * per_cycle, f"{threads} cores x {mhz / 1e3:.2f} GHz x {per_cycle} ({how})"
+    return threads * hz * per_cycle, f"{threads} cores x {hz / 1e9:.2f} GHz ({src}) x {per_cycle} ({how})"

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import machine_line  # noqa: E402
+
 
 @dataclass
 class Variant:
@@ -151,6 +154,7 @@ def verdict(variants: dict, sqnrs: dict) -> str:
 
 
 def main(argv=None) -> int:
+    print(machine_line(), flush=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--calib", type=int, default=16, help="calibration images (batch 1)")

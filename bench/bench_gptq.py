@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import table  # noqa: E402
+from _timing import machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.gptq import GPTQConfig  # noqa: E402
@@ -82,6 +82,7 @@ def minilm_table() -> str:
 
 
 def main():
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--skip-resnet", action="store_true")

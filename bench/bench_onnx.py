@@ -25,7 +25,7 @@ import onnx
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved, table  # noqa: E402
+from _timing import interleaved, machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.qparams import sqnr  # noqa: E402
@@ -210,6 +210,7 @@ def sweep(work, args):
 
 
 def main():
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--calib", type=int, default=8)

@@ -15,7 +15,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved, table  # noqa: E402
+from _timing import interleaved, machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile import WeightSpec  # noqa: E402
@@ -66,6 +66,7 @@ def linear_stack(repeats: int, threads):
 
 
 def main():
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved, table  # noqa: E402
+from _timing import interleaved, machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.zoo import image_batches, resnet18_shaped  # noqa: E402
@@ -55,6 +55,7 @@ def qcompile_qat(model, x, **kw):
 
 
 def main():
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--res", type=int, default=112)

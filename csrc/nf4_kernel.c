@@ -174,6 +174,23 @@ int qc_nf4_linear(const float *x, const uint8_t *packed, const float *absmax, co
 
 int qc_nf4_max_rows(void) { return MAX_ROWS; }
 
+/* The benches' clock probe: n iterations of 8 dependent register adds. An add has a latency of one cycle on
+ * every x86 core, so the loop takes 8 n cycles and timing it gives the clock the core really runs at (boost
+ * included), which /proc/cpuinfo's nominal "cpu MHz" does not. Returns -1 where it cannot run. */
+int64_t qc_dependent_adds(int64_t n) {
+#if defined(__x86_64__)
+    int64_t x = 0;
+    for (int64_t i = 0; i < n; i++) {
+        __asm__ volatile("add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\t"
+                         "add $1, %0\n\tadd $1, %0\n\tadd $1, %0\n\tadd $1, %0" : "+r"(x));
+    }
+    return x;
+#else
+    (void)n;
+    return -1;
+#endif
+}
+
 /* An importable module so that the build finds and ships it; the functions are called through ctypes. */
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nf4", "NF4 x86 kernel (called via ctypes)", -1, NULL};
 PyMODINIT_FUNC PyInit__nf4(void) { return PyModule_Create(&module); }

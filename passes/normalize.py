@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from .canonical_linear import CanonicalLinear
+from .conv_padding import rewrite_string_padding
 from .infra import Pass, PassResult
 
 aten = torch.ops.aten
@@ -108,6 +109,7 @@ class Normalize(Pass):
                 gm.graph.erase_node(node)
                 modified = True
         modified |= CanonicalLinear()(gm).modified
+        modified |= rewrite_string_padding(gm)
         if modified:
             gm.recompile()
         return PassResult(gm, modified)

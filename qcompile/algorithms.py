@@ -8,6 +8,7 @@ rounding for <= 4-bit weights) and can be combined with other names.
 =================  ==========================================================  =====================
 name               what                                                        pass
 =================  ==========================================================  =====================
+"smoothquant"      SmoothQuant: LayerNorm -> linear outliers into the weights  passes/smoothquant.py
 "equalize"         cross-layer equalization + high-bias absorption            passes/equalize.py
 "gptq"             GPTQ weight rounding (kept per layer only where it wins)    passes/weight_only.py
 "adaround"         learned rounding (AdaRound), layer-wise reconstruction     passes/adaround.py
@@ -24,7 +25,7 @@ import time
 
 from .errors import ConfigError
 
-ORDER = ("equalize", "gptq", "adaround", "bias_correction", "rtn")
+ORDER = ("smoothquant", "equalize", "gptq", "adaround", "bias_correction", "rtn")
 RECOMMENDED = "recommended"
 DATA_FREE = ("rtn",)
 REPORT_KEY = "qcompile_algorithms"  # gm.meta: name -> summary
@@ -93,7 +94,9 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
     reference = None
     for name, cfg in chosen.items():
         t0 = time.perf_counter()
-        if name == "equalize":
+        if name == "smoothquant":
+            report[name] = _smoothquant(prepared, samples)
+        elif name == "equalize":
             report[name] = _equalize(gm, samples)
         elif name in ("gptq", "adaround"):
             nodes = {n.name: n for n in gm.graph.nodes}
@@ -120,6 +123,23 @@ def _equalize(gm, samples) -> dict:
     rep = gm.meta[EQUALIZATION]
     return {"pairs": len(rep["pairs"]), "skipped": len(rep["skipped"]),
             "bias_absorbed_channels": sum(p["bias_absorbed_channels"] for p in rep["pairs"])}
+
+
+def _smoothquant(prepared, samples) -> dict:
+    from .passes.smoothquant import SMOOTHQUANT, SmoothQuant
+    from .report import build_rows
+    gm = prepared.gm
+    SmoothQuant(samples)(gm)
+    rep = gm.meta[SMOOTHQUANT]
+    known = {r.name for r in prepared._ctx.rows}
+    for row in build_rows(gm):  # the residual muls it added: float, named in the report with the reason
+        if row.name not in known and row.op == "mul":
+            row.reason = "SmoothQuant: restores the residual stream's scale after its LayerNorm was smoothed"
+            prepared._ctx.rows.append(row)
+    smoothed = [g for g in rep["groups"] if g["alpha"] > 0]
+    return {"smoothed_norms": len(smoothed), "groups": len(rep["groups"]), "skipped": len(rep["skipped"]),
+            "residual_muls": sum(g["residual_muls"] for g in smoothed),
+            "alphas": sorted({g["alpha"] for g in smoothed})}
 
 
 def _round(gm, samples, name, cfg, progress) -> dict:

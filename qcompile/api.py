@@ -23,22 +23,24 @@ def prepare(model: nn.Module, example_inputs, backend="x86", **options) -> Prepa
     return pipeline.prepare(model, example_inputs, backend, opts)
 
 
-def convert(prepared: PreparedModel, verify: bool = True) -> Artifact:
-    """Observed (or QAT-trained) model -> reference graph -> backend artifact, with the coverage report."""
+def convert(prepared: PreparedModel, verify: bool = True, verify_data=None) -> Artifact:
+    """Observed (or QAT-trained) model -> reference graph -> backend artifact, with the coverage report.
+    ``verify_data``: held-out samples (not calibrated on) the report verifies on: SQNR and parity as a
+    distribution, per-layer SQNR, activation histograms and calibration health (see docs/evaluate.md)."""
     if isinstance(prepared, QATModel):
         return convert_qat(prepared, verify=verify)
     if not isinstance(prepared, PreparedModel):
         raise ConfigError(f"convert() takes the model returned by qcompile.prepare() or qcompile.prepare_qat(), "
                           f"got {type(prepared).__name__}")
-    return pipeline.convert_prepared(prepared, verify=verify)
+    return pipeline.convert_prepared(prepared, verify=verify, verify_data=verify_data)
 
 
 def compile(model: nn.Module, example_inputs, backend="x86", *, calibration=None, verify: bool = True,
             progress=None, verify_data=None, accuracy=None, **options) -> Artifact:
     """Quantize ``model`` for ``backend``. Static mode needs ``calibration`` (an iterable of samples:
     tensors, tuples of positional inputs or dicts of keyword inputs). ``verify_data``: held-out samples the
-    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, also
-    calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision until it
+    report verifies on (default: the last 1/8, at most 4, of a calibration list of >= 8 samples, which
+    are then not calibrated on). ``accuracy=qcompile.AccuracyBudget(...)``: move layers back to higher precision until it
     holds. ``passes={"after_capture" | "after_annotate" | "before_lower": [passes]}``: your own passes
     (docs/extending.md). Other options: see :class:`qcompile.pipeline.Options`."""
     opts = Options.parse(options)

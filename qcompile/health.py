@@ -20,25 +20,25 @@ HIST_BINS = 48
 
 
 def split_holdout(calibration, verify_data):
-    """(calibration, verification samples, source): ``verify_data`` when given (held out), else the tail of
-    a calibration list of >= 8 samples (up to 4 samples, 1/8 of it; they are also calibrated on)."""
+    """(calibration, verification samples, source): ``verify_data`` when given, else the tail of a calibration
+    list of >= 8 samples (1/8 of it, at most MAX_HOLDOUT samples), which is then NOT calibrated on: a sample
+    the observers saw cannot show whether the ranges generalise."""
     if verify_data is not None:
         return calibration, list(verify_data), "verify_data"
     if isinstance(calibration, (list, tuple)) and len(calibration) >= 8:
-        k = min(MAX_HOLDOUT, len(calibration) // 8)  # still calibrated on: removing them changed every result
-        return calibration, list(calibration[-k:]), (f"calibration tail ({k} samples, also calibrated on: "
-                                                      f"give verify_data= for held-out data)")
+        k = min(MAX_HOLDOUT, len(calibration) // 8)
+        return (list(calibration[:-k]), list(calibration[-k:]),
+                f"calibration tail ({k} samples held out of {len(calibration)}: not calibrated on)")
     return calibration, [], "example inputs only (give verify_data= or >= 8 calibration samples)"
 
 
 # -- ranges while calibrating -------------------------------------------------------------------------
-@contextlib.contextmanager
-def track_ranges(prepared):
-    """Record every per-tensor activation observer's (min, max) after each sample it sees."""
+def install_range_tracking(gm) -> tuple[dict, list]:
+    """Record every per-tensor activation observer's (min, max) after each sample it sees:
+    ({tensor name: [(min, max), ...]}, hook handles)."""
     from .observers import Observer
     seen: dict[str, list] = {}
     handles = []
-    gm = getattr(prepared, "gm", None)
     observed = {n.target: n.args[0].name for n in (gm.graph.nodes if gm is not None else ())
                 if n.op == "call_module" and n.args and hasattr(n.args[0], "name")}
     for name, mod in (gm.named_modules() if gm is not None else []):
@@ -47,6 +47,13 @@ def track_ranges(prepared):
                 if m.min_val is not None and m.min_val.numel() == 1:
                     seen.setdefault(key, []).append((float(m.min_val), float(m.max_val)))
             handles.append(mod.register_forward_hook(hook))
+    return seen, handles
+
+
+@contextlib.contextmanager
+def track_ranges(prepared):
+    """install_range_tracking for the duration of a with-block."""
+    seen, handles = install_range_tracking(getattr(prepared, "gm", None))
     try:
         yield seen
     finally:

@@ -30,6 +30,9 @@ def _lib():
     lib.qc_nf4_linear.restype = c_int
     lib.qc_nf4_isa.restype = c_int
     lib.qc_nf4_max_rows.restype = c_int
+    if hasattr(lib, "qc_dependent_adds"):
+        lib.qc_dependent_adds.argtypes = [i64]
+        lib.qc_dependent_adds.restype = i64
     return lib
 
 
@@ -61,3 +64,18 @@ def nf4_linear(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, gro
         raise ValueError(f"nf4 kernel refused shapes x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
                          f"group_size {group_size}, isa {isa}")
     return y
+
+
+def measured_clock_hz(iterations: int = 20_000_000, repeats: int = 5) -> float | None:
+    """The clock one core runs at, measured: a chain of dependent adds (1 cycle each, csrc/nf4_kernel.c)
+    timed ``repeats`` times, fastest kept (a preempted run is only ever slower). None without the extension."""
+    import time
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_dependent_adds") or lib.qc_dependent_adds(1000) < 0:
+        return None
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lib.qc_dependent_adds(iterations)
+        best = min(best, time.perf_counter() - t0)
+    return 8 * iterations / best

@@ -127,7 +127,9 @@ class PreparedModel(nn.Module):
 
     def __init__(self, gm: fx.GraphModule, ctx: Context):
         super().__init__()
+        from .health import install_range_tracking
         self.gm, self._ctx, self.num_calibration_samples = gm, ctx, 0
+        self._ranges, self._range_hooks = install_range_tracking(gm)  # calibration health (qcompile.health)
 
     def forward(self, *args, **kwargs):
         check_sample(args, kwargs, self._ctx.inputs, self.num_calibration_samples)
@@ -291,11 +293,22 @@ def prepare(model, example_inputs, backend, opts: Options) -> PreparedModel:
     return PreparedModel(gm, ctx)
 
 
-def convert_prepared(prepared: PreparedModel, verify: bool = True) -> Artifact:
+def convert_prepared(prepared: PreparedModel, verify: bool = True, verify_data=None,
+                     held_out_source: str | None = None) -> Artifact:
+    """convert + the held-out report: ``verify_data`` (not calibrated on) gives SQNR and parity as a
+    distribution, per-layer SQNR, activation histograms and calibration health (docs/evaluate.md)."""
+    from .health import after_calibration
     if prepared._ctx.mode == "static" and prepared.num_calibration_samples == 0:
         raise CalibrationError("no calibration data reached the prepared model: run samples through it "
                                "(or call prepared.calibrate(loader)) before convert()")
-    return convert(prepared.gm, prepared._ctx, verify)
+    art = convert(prepared.gm, prepared._ctx, verify)
+    for h in prepared._range_hooks:
+        h.remove()
+    if verify:
+        held_out = list(verify_data) if verify_data is not None else []
+        source = held_out_source or ("verify_data" if held_out else "example inputs only (give verify_data=)")
+        after_calibration(art, prepared, held_out, source, prepared._ranges, prepared.num_calibration_samples)
+    return art
 
 
 class _Samples:
@@ -328,7 +341,7 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
 def compile_model(model, example_inputs, backend, opts: Options, calibration=None, verify: bool = True,
                   progress=None, verify_data=None) -> Artifact:
     """prepare -> accuracy algorithms -> calibrate -> convert -> held-out verification and health."""
-    from .health import after_calibration, split_holdout, track_ranges
+    from .health import split_holdout
     if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
                                "(or use mode='dynamic' / 'weight_only', which need none)")
@@ -341,11 +354,7 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
     prepared = prepare(model, example_inputs, backend, opts)
     run_algorithms(prepared, calibration, opts, progress)
     t0 = time.perf_counter()
-    with track_ranges(prepared) as ranges:
-        if calibration is not None and opts.mode not in FLOAT_MODES:
-            prepared.calibrate(calibration, progress=progress)
+    if calibration is not None and opts.mode not in FLOAT_MODES:
+        prepared.calibrate(calibration, progress=progress)
     prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0
-    art = convert_prepared(prepared, verify=verify)
-    if verify:
-        after_calibration(art, prepared, held_out, held_out_source, ranges, prepared.num_calibration_samples)
-    return art
+    return convert_prepared(prepared, verify, held_out, held_out_source)

@@ -17,10 +17,13 @@ def node_sqnr(float_gm: fx.GraphModule, reference: fx.GraphModule, args, kwargs=
     dq_of = {q.name: next(iter(q.users)).name for q in quantized.values() if q.users}
     f_values = record_values(float_gm, flat, quantized)
     r_values = record_values(reference, flat, dq_of.values())
+    smoothed = reference.meta.get("qcompile_smoothquant_scales", {})  # passes/smoothquant.py: x / s
     rows = []
     for name, q in quantized.items():
         dq = dq_of.get(q.name)
         fv, rv = f_values.get(name), r_values.get(dq)
+        if name in smoothed and isinstance(rv, torch.Tensor):
+            rv = rv * smoothed[name]  # compare in the float model's units
         if isinstance(fv, torch.Tensor) and isinstance(rv, torch.Tensor) and fv.shape == rv.shape:
             rows.append({"value": name, "module": module_path(q.args[0]),
                          "sqnr_db": round(sqnr(fv.float(), rv.float()), 2)})

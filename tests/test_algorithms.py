@@ -167,3 +167,62 @@ def test_analytic_clipped_normal_mean_matches_monte_carlo():
     z = mu + sigma * torch.randn(400_000, 4, dtype=torch.float64)
     torch.testing.assert_close(clipped_normal_mean(mu, sigma), z.clamp_min(0).mean(0), rtol=0, atol=0.01)
     torch.testing.assert_close(clipped_normal_mean(mu, sigma, 0.0, 6.0), z.clamp(0, 6).mean(0), rtol=0, atol=0.01)
+
+
+class _OutlierBlock(nn.Module):
+    """Pre-LN and post-LN linear groups whose LayerNorm output has a few channels 30x the rest."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.fc = nn.Linear(d, d)
+        with torch.no_grad():
+            for ln in (self.ln1, self.ln2):
+                ln.weight[:3] = 30.0
+
+    def forward(self, x):
+        h = self.ln1(x)
+        h = self.q(h) * torch.sigmoid(self.k(h))   # ln1 feeds only linears: folded, no run-time op
+        r = self.ln2(h)
+        return self.fc(r) + r                        # ln2 also feeds the residual: one float mul restores it
+
+
+def test_smoothquant_keeps_the_float_output_and_beats_plain_ptq_on_outlier_channels():
+    from qcompile.passes.smoothquant import SMOOTHQUANT, SmoothQuant
+    torch.manual_seed(0)
+    m = _OutlierBlock().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 16, 32, generator=g) for _ in range(4)]
+    prepared = _prepared(m, cal[0])
+    run_before = runner(prepared.gm)
+    with torch.no_grad():
+        before = run_before(cal[0])
+        assert SmoothQuant([((x,), {}) for x in cal])(prepared.gm).modified
+        after = runner(prepared.gm)(cal[0])
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    rep = prepared.gm.meta[SMOOTHQUANT]
+    assert [len(g_["linears"]) for g_ in rep["groups"]] == [2, 1]
+    assert [g_["residual_muls"] for g_ in rep["groups"]] == [0, 1] and all(g_["alpha"] > 0 for g_ in rep["groups"])
+    kw = dict(backend="x86", calibration=cal)
+    plain, smooth = qcompile.compile(m, (cal[0],), **kw), qcompile.compile(m, (cal[0],), algorithm="smoothquant", **kw)
+    t = torch.randn(4, 16, 32, generator=g)
+    with torch.no_grad():
+        assert sqnr(m(t), smooth(t)) > sqnr(m(t), plain(t)) + 3
+    assert smooth.report.algorithms["smoothquant"]["residual_muls"] == 1
+    muls = [r for r in smooth.report.rows if "SmoothQuant" in r.reason]
+    assert len(muls) == 1 and muls[0].status.startswith("float")
+
+
+def test_smoothquant_gain_holds_on_onnx_runtime():
+    """The algorithm changes the reference graph only: ONNX Runtime runs the smoothed model too."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    m = _OutlierBlock().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 16, 32, generator=g) for _ in range(4)]
+    kw = dict(backend="onnx", calibration=cal)
+    plain, smooth = qcompile.compile(m, (cal[0],), **kw), qcompile.compile(m, (cal[0],), algorithm="smoothquant", **kw)
+    with torch.no_grad():
+        assert sqnr(m(cal[1]), smooth(cal[1])) > sqnr(m(cal[1]), plain(cal[1])) + 3
+    assert smooth.report.verify["within_one_step"] >= 0.99

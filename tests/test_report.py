@@ -119,3 +119,49 @@ def test_a_loaded_artifact_keeps_what_the_compile_measured(tmp_path):
     assert back.report.heldout == json.loads(json.dumps(art.report.heldout, default=str))
     assert len(back.report.layer_sqnr) == len(art.report.layer_sqnr)
     assert back.report.to_dict()["heldout"]["summary"] == art.report.heldout["summary"]
+
+
+def _conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+
+
+def test_the_calibration_tail_is_held_out_not_calibrated_on():
+    """The last 1/8 of the calibration list is verified on and never seen by the observers: a tail scaled
+    10x out of range leaves the ranges where the first samples put them, and the report shows it clipping."""
+    model = _conv_model()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(14)] + [10 * torch.randn(2, 3, 8, 8, generator=g)
+                                                                       for _ in range(2)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    same = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal[:14], verify_data=cal[14:])
+    h = art.report.heldout
+    assert h["source"].startswith("calibration tail (2 samples held out of 16") and len(h["batches"]) == 2
+    assert [b["sqnr_vs_float_db"] for b in h["batches"]] == pytest.approx(
+        [b["sqnr_vs_float_db"] for b in same.report.heldout["batches"]], abs=1e-6)  # calibrated on cal[:14] only
+    with torch.no_grad():
+        for x in cal[14:]:
+            assert sqnr(model(x), art(x)) < sqnr(model(cal[0]), art(cal[0])) - 10  # the tail clips
+    clipped = art.report.health["heldout_clipped_share"]
+    assert clipped and max(clipped.values()) > 0.1
+
+
+def test_prepare_convert_reports_held_out_verification_and_health():
+    """The step-by-step API verifies on held-out data too: convert(prepared, verify_data=...)."""
+    model = _conv_model()
+    g = torch.Generator().manual_seed(2)
+    cal = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(6)]
+    held = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(3)]
+    prepared = qcompile.prepare(model, (cal[0],), backend="x86")
+    for x in cal:
+        prepared(x)  # manual calibration: the ranges are tracked all the same
+    art = qcompile.convert(prepared, verify_data=held)
+    ref = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal, verify_data=held)
+    h = art.report.heldout
+    assert h["source"] == "verify_data" and len(h["batches"]) == 3
+    assert [b["sqnr_vs_float_db"] for b in h["batches"]] == pytest.approx(
+        [b["sqnr_vs_float_db"] for b in ref.report.heldout["batches"]], abs=1e-6)
+    assert art.report.layer_sqnr and art.report.activations and "findings" in art.report.health
+    assert art.report.health["range_growth"] == ref.report.health["range_growth"]
+    plain = qcompile.convert(qcompile.prepare(model, (cal[0],), backend="x86").calibrate(cal))
+    assert plain.report.heldout["source"] == "example inputs"

@@ -30,3 +30,67 @@ def test_attention_matmuls_run_int8_and_match_the_reference():
     with torch.no_grad():
         x = torch.randint(0, 100, (3, 16), generator=g)
         assert sqnr(model(x), art(x)) > 30
+
+
+class _SDPA(torch.nn.Module):
+    def __init__(self, mask=None, causal=False, scale=None):
+        super().__init__()
+        self.mask, self.causal, self.scale = mask, causal, scale
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.causal,
+                                                                scale=self.scale)
+
+
+def _decomposed(model, args):
+    from qcompile.passes.decompose_sdpa import SDPA, DecomposeSDPA
+    gm = torch.export.export(model, args).module()
+    assert any(n.target == SDPA for n in gm.graph.nodes)
+    from torch import fx
+    gm = fx.GraphModule(gm, gm.graph)
+    assert DecomposeSDPA()(gm).modified
+    assert not any(n.target == SDPA for n in gm.graph.nodes)
+    return gm
+
+
+def test_sdpa_decomposition_is_exact_in_float_with_every_mask_kind():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g) for _ in range(3))
+    cases = {"none": _SDPA(), "causal": _SDPA(causal=True), "scale": _SDPA(scale=0.3),
+             "float mask": _SDPA(mask=torch.randn(10, 10, generator=g)),
+             "bool mask": _SDPA(mask=torch.rand(2, 1, 10, 10, generator=g) > 0.3)}
+    for name, model in cases.items():
+        gm = _decomposed(model, (q, k, v))
+        torch.testing.assert_close(gm(q, k, v), model(q, k, v), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_sdpa_with_dropout_or_gqa_stays_fused_with_a_reason():
+    from qcompile.passes.decompose_sdpa import sdpa_arguments, why_not
+    g = torch.Generator().manual_seed(0)
+    gm = torch.export.export(_SDPA(), tuple(torch.randn(1, 4, 6, 8, generator=g) for _ in range(3))).module()
+    node = next(n for n in gm.graph.nodes if sdpa_arguments(n))
+    args = sdpa_arguments(node)
+    assert why_not(args) is None
+    assert "dropout" in why_not({**args, "dropout_p": 0.1})
+    assert "grouped-query" in why_not({**args, "enable_gqa": True})
+
+
+def test_torch_transformer_encoder_attention_runs_int8_on_x86():
+    """nn.TransformerEncoder attends with SDPA: static x86 writes it out and runs Q.K^T and P.V in int8."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 16, 64, generator=g) for _ in range(4)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    mm = [r for r in art.report.rows if r.op == "matmul"]
+    assert len(mm) == 4 and all(r.status == "int8" and "int8_matmul" in r.kernel for r in mm)
+    assert [r.status for r in art.report.rows if r.op == "softmax"] == ["float: unsupported by backend"] * 2
+    views = [r for r in art.report.rows if r.op in ("unflatten", "unsqueeze", "squeeze", "select")]
+    assert views and all(r.status == "int8" for r in views)  # int8 from the in-projection to Q, K, V
+    assert art.report.verify["within_one_step"] >= 0.99
+    with torch.no_grad():
+        x = torch.randn(3, 16, 64, generator=g)
+        assert sqnr(model(x), art(x)) > 30
+    dyn = qcompile.compile(model, (cal[0],), backend="x86", mode="dynamic")  # float modes keep the fused op
+    assert any(r.op == "scaled_dot_product_attention" for r in dyn.report.rows)

@@ -10,6 +10,7 @@ from qcompile.config import QConfig
 from qcompile.errors import ConfigError
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 from qcompile.passes.annotate import SpecMaker
+from qcompile.passes.decompose_sdpa import DecomposeSDPA
 from qcompile.passes.dynamic import AnnotateRecurrent
 
 from ..base import Lowered
@@ -87,6 +88,8 @@ class X86Backend(TableBackend):
             lambda a: None, functools.partial(weight_only.weight_spec, embedding=self.options.embedding_weights)))
 
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
+        if mode not in ("dynamic", "weight_only"):  # attention as matmul / softmax / matmul: Q.K^T and P.V run int8
+            return [DecomposeSDPA()], []
         if mode != "dynamic":
             return [], []
         specs = self.float_mode_table(mode).specs  # LSTM / GRU: one op each, with a list of weights (no pattern row)

@@ -131,8 +131,8 @@ def int8_matmul(a, b, scale: float, zero_point: int):
     (``torch._int_mm``, exact), zero points removed with row / column sums, one float requantize.
     ``u ^ 0x80`` viewed as int8 is ``u - 128``: the codes shift to signed and the zero points with them."""
     za, zb = a.q_zero_point() - 128, b.q_zero_point() - 128
-    ai = (a.int_repr() ^ 128).view(torch.int8)
-    bi = (b.int_repr() ^ 128).view(torch.int8)
+    ai = (a.contiguous().int_repr() ^ 128).view(torch.int8)  # int_repr of a strided view is a slow
+    bi = (b.contiguous().int_repr() ^ 128).view(torch.int8)  # element loop; a quantized copy is not
     *batch, m, k = ai.shape
     n = bi.shape[-1]
     a3, b3 = ai.reshape(-1, m, k), bi.reshape(-1, k, n)
@@ -167,5 +167,6 @@ RULES = {
     "mul": _binary(qops.mul.default, "quantized::mul"),
     "hardswish": unary_lut, "sigmoid": unary_lut, "hardsigmoid": unary_lut,
     **{name: same_op for name in ("relu", "relu6", "max_pool2d", "adaptive_avg_pool2d", "avg_pool2d", "mean",
-                                  "flatten", "reshape", "permute")},
+                                  "flatten", "reshape", "permute", "unflatten", "unsqueeze", "squeeze",
+                                  "select")},
 }

@@ -58,6 +58,7 @@ TABLE = [
     OpSupport("flatten", ("flatten",), SHARED, (0,)),
     OpSupport("reshape", ("reshape",), SHARED, (0,)),
     OpSupport("permute", ("permute",), SHARED, (0,)),
+    *[OpSupport(view, (view,), SHARED, (0,)) for view in ("unflatten", "unsqueeze", "squeeze", "select")],
     OpSupport("sigmoid", ("sigmoid",), FIXED, (0,), fixed=_SIGMOID),
     OpSupport("hardsigmoid", ("hardsigmoid",), FIXED, (0,), fixed=_SIGMOID),
 ]
