@@ -1,6 +1,6 @@
 """The one pipeline: options, context, setup (backend, config, capture, prepare passes), convert (reference
 graph, lowering, verification) and the report. ``compile`` / ``prepare`` / ``convert`` / ``explain``
-(api.py), ``prepare_qat`` / ``convert_qat`` (qat.py) and ``load`` (artifact.py) are thin calls into it.
+(api.py), ``prepare_qat`` / ``convert_qat`` (qat.py) and ``load`` (loading.py) are thin calls into it.
 
     setup:   backend + config -> capture -> [after_capture hooks] -> backend.prepare_passes(config, mode)
              -> [after_annotate hooks] -> rows of the coverage report
