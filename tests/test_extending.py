@@ -234,3 +234,16 @@ def test_docs_python_blocks_run(doc, tmp_path, monkeypatch):
             exec(compile(code, f"{doc} block {i + 1}", "exec"), module.__dict__)
         except Exception as e:
             raise AssertionError(f"docs/{doc}, python block {i + 1} failed: {type(e).__name__}: {e}") from e
+
+
+@pytest.mark.parametrize("backend", ["onnx", "executorch", "toy"])
+def test_keep_float_is_honoured_by_every_backends_lowering(backend):
+    if backend == "toy":
+        _require_toy()
+    model, x, cal = _data()
+    art = qcompile.compile(model, (x,), backend, calibration=cal, passes={"after_annotate": [KeepConv("conv2d")]})
+    rows = _rows(art.report)
+    assert rows["conv2d"].status == "float: excluded by user"
+    assert rows["conv2d"].kernel in ("", "ReorderOutput (float)", "XNNPACK fp32 convolution")  # runs float
+    assert rows["conv2d_1"].status == "int8" and rows["conv2d_1"].kernel
+    assert art.report.verify["within_one_step"] >= 0.99 and art.report.verify["sqnr_vs_float_db"] > 40
