@@ -227,6 +227,8 @@ def test_docs_python_blocks_run(doc, tmp_path, monkeypatch):
     blocks = _python_blocks(DOCS / doc)
     assert len(blocks) >= (7 if doc == "extending.md" else 2)
     monkeypatch.chdir(tmp_path)
+    import qcompile.backends as registry
+    monkeypatch.setattr(registry, "_EXTRA", dict(registry._EXTRA))  # the docs register "sim": not for later tests
     module = types.ModuleType(f"docs_{doc.replace('.', '_')}")  # a real module: dataclasses look it up
     monkeypatch.setitem(sys.modules, module.__name__, module)
     for i, code in enumerate(blocks):
