@@ -8,7 +8,16 @@ from importlib.metadata import entry_points
 from qcompile.errors import BackendUnavailableError, ConfigError
 
 from .base import Backend, Lowered, LoweringRule, check_backend
-from .table import ModeTable, TableBackend
+
+
+def __getattr__(name: str):
+    """``TableBackend`` / ``ModeTable`` load on first use: table.py imports the passes, which import this
+    package's support vocabulary."""
+    if name in ("TableBackend", "ModeTable"):
+        from . import table
+        return getattr(table, name)
+    raise AttributeError(f"module 'qcompile.backends' has no attribute {name!r}")
+
 
 _BUILTIN = {
     "x86": "qcompile.backends.x86.backend:X86Backend",
