@@ -7,6 +7,18 @@ from importlib.metadata import entry_points
 
 from qcompile.errors import BackendUnavailableError, ConfigError
 
+from .base import Backend, Lowered, LoweringRule, check_backend
+
+
+def __getattr__(name: str):
+    """``TableBackend`` / ``ModeTable`` load on first use: table.py imports the passes, which import this
+    package's support vocabulary."""
+    if name in ("TableBackend", "ModeTable"):
+        from . import table
+        return getattr(table, name)
+    raise AttributeError(f"module 'qcompile.backends' has no attribute {name!r}")
+
+
 _BUILTIN = {
     "x86": "qcompile.backends.x86.backend:X86Backend",
     "onnx": "qcompile.backends.onnx.backend:OnnxBackend",
@@ -17,7 +29,10 @@ _EXTRA: dict[str, object] = {}
 
 
 def register_backend(name: str, factory) -> None:
-    """Register a backend class/factory (or a "module:attr" string) under ``name`` at run time."""
+    """Register a backend class (or a "module:attr" string, checked when first used) under ``name``.
+    A class lacking a contract method (see ``backends/base.py``) raises ConfigError naming it."""
+    if not isinstance(factory, str):
+        check_backend(factory, name)
     _EXTRA[name] = factory
 
 
@@ -36,6 +51,10 @@ def _load(ref):
 def get_backend(name_or_backend, **options):
     """Instantiate a backend by name (or pass a backend object through)."""
     if not isinstance(name_or_backend, str):
+        if options:
+            raise ConfigError("backend_options apply to a backend given by name; configure a backend object "
+                              "when you create it")
+        check_backend(name_or_backend, getattr(name_or_backend, "name", type(name_or_backend).__name__))
         return name_or_backend
     name = _ALIASES.get(name_or_backend, name_or_backend)
     ref = _EXTRA.get(name) or _BUILTIN.get(name)
@@ -49,6 +68,7 @@ def get_backend(name_or_backend, **options):
         cls = _load(ref)
     except ImportError as e:
         raise BackendUnavailableError(f"backend {name!r} could not be imported: {e}") from e
+    check_backend(cls, name)
     backend = cls(**options)
     ok, why = backend.is_available()
     if not ok:
@@ -56,4 +76,5 @@ def get_backend(name_or_backend, **options):
     return backend
 
 
-__all__ = ["available_backends", "get_backend", "register_backend"]
+__all__ = ["Backend", "Lowered", "LoweringRule", "ModeTable", "TableBackend", "available_backends", "get_backend",
+           "register_backend"]

@@ -13,6 +13,7 @@ from torch import fx
 
 from qcompile import annotation as A
 from qcompile.config import QConfig, resolve
+from qcompile.errors import ConfigError
 from qcompile.specs import SharedSpec
 from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport
 
@@ -37,6 +38,7 @@ def _is_float_tensor(arg) -> bool:
 
 
 class Annotate(Pass):
+    requires, ensures = frozenset({"normalized"}), frozenset({"annotated"})
     def __init__(self, table: list[OpSupport], config: QConfig, specs: SpecMaker, backend_name: str,
                  notes: dict | None = None):
         self.rows = {row.name: row for row in table}
@@ -52,6 +54,10 @@ class Annotate(Pass):
                 A.set_annotation(node, A.Annotation(status=A.FLOAT_UNSUPPORTED, reason=self._why_not(node)))
                 continue
             nodes = [n for n in gm.graph.nodes if n.name in group.nodes]
+            kept = next((A.get_annotation(n) for n in nodes if A.get_annotation(n) is not None), None)
+            if kept is not None:  # a user pass kept a member float (keep_float): the whole group stays float
+                self._float(nodes, kept.status, kept.reason)
+                continue
             self._annotate_group(nodes, self.rows[group.pattern], quantized)
         return PassResult(gm, True)
 
@@ -100,3 +106,26 @@ class Annotate(Pass):
                 status=status, reason=reason, group=anchor.name, pattern=row.name))
         if output is not None:
             quantized.add(out.name)
+
+
+def keep_float(node: fx.Node, reason: str) -> None:
+    """Keep ``node`` float, with ``reason`` shown in the report (status "float: excluded by user").
+
+    Call it from a pass of your own (a ``passes=`` hook of ``qcompile.compile`` / ``prepare`` / ``explain``
+    / ``prepare_qat``). Before annotation ("after_capture") the backend's annotator keeps the node's whole
+    fusion group float; after it ("after_annotate") the group the node belongs to is re-marked float.
+    Like ``exclude=``, it is a user decision: ``strict=True`` does not count it as a fallback."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        raise ConfigError(f"keep_float takes an fx call_function node of the graph your pass receives, got "
+                          f"{node.op if isinstance(node, fx.Node) else type(node).__name__}")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ConfigError(f"keep_float({node.name}): give the reason the report shows (a non-empty string)")
+    ann = A.Annotation(status=A.FLOAT_EXCLUDED, reason=f"kept float by a user pass: {reason}")
+    group, current = A.get_group(node), A.get_annotation(node)
+    names = set(group.nodes) if group is not None else {node.name}
+    if current is not None and current.group is not None:
+        names |= {n.name for n in node.graph.nodes
+                  if A.get_annotation(n) is not None and A.get_annotation(n).group == current.group}
+    for n in node.graph.nodes:
+        if n.name in names:
+            A.set_annotation(n, ann)

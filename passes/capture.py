@@ -19,6 +19,8 @@ from torch import fx, nn
 
 from qcompile.errors import CaptureError, InputError
 
+from .infra import establish
+
 _HINTS = [
     ("data-dependent", "the model branches on tensor *values*: use torch.cond, or make the branch depend on "
                        "shapes/constants, or exclude this submodule from quantization"),
@@ -154,6 +156,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     check_outputs(gm, model)
     gm.meta["qcompile_inputs"] = inputs
     gm.meta["qcompile_train"] = bool(train)  # a training graph: its parameters are still trained (const_fold.py)
+    establish(gm, "captured")
     return gm
 
 

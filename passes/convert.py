@@ -75,6 +75,7 @@ def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSp
 
 
 class ConvertToReference(Pass):
+    requires, ensures = frozenset({"annotated"}), frozenset({"reference"})
     def call(self, gm: fx.GraphModule) -> PassResult:
         observed = gm.meta.get(OBSERVED, {})
         qps = {name: gm.get_submodule(name).calculate_qparams() for name in observed}

@@ -2,6 +2,10 @@
 
 A pass is ``call(gm) -> PassResult(gm, modified)``; ``modified`` is truthful. Passes hold no global
 state: configuration goes through ``__init__``.
+
+A pass declares the graph properties it ``requires`` and ``ensures`` (``PROPERTIES``); the pass manager
+records the properties a graph has in ``gm.meta`` and raises a PassError naming the pass and the missing
+property before running a pass whose requirement does not hold.
 """
 from __future__ import annotations
 
@@ -21,10 +25,37 @@ class PassResult:
     modified: bool
 
 
+# the graph properties passes require / ensure, in pipeline order
+PROPERTIES = {
+    "captured": "an ATen graph from qcompile's capture (torch.export), inputs recorded",
+    "normalized": "canonical ATen ops (Normalize)",
+    "annotated": "every node carries the backend's quantization annotation or a float reason (Annotate)",
+    "observed": "observers (PTQ) or fake-quants (QAT) sit where the annotation asks",
+    "reference": "the quantize / dequantize reference graph (ConvertToReference)",
+}
+_KEY = "qcompile_properties"
+
+
+def graph_properties(gm: fx.GraphModule) -> frozenset:
+    """The properties ``gm`` is known to have."""
+    return frozenset(gm.meta.get(_KEY, ()))
+
+
+def establish(gm: fx.GraphModule, *properties: str) -> None:
+    """Record that ``gm`` has ``properties`` (the pipeline does this after capture)."""
+    unknown = set(properties) - set(PROPERTIES)
+    if unknown:
+        raise PassError(f"unknown graph propert(ies) {sorted(unknown)}; known: {sorted(PROPERTIES)}")
+    gm.meta[_KEY] = graph_properties(gm) | frozenset(properties)
+
+
 class Pass:
-    """Base class. Subclasses implement :meth:`call`; ``in_place`` documents whether ``gm`` is edited."""
+    """Base class. Subclasses implement :meth:`call`; ``in_place`` documents whether ``gm`` is edited;
+    ``requires`` / ``ensures`` name graph properties (``PROPERTIES``) checked by the pass manager."""
 
     in_place: bool = True
+    requires: frozenset = frozenset()
+    ensures: frozenset = frozenset()
 
     @property
     def name(self) -> str:
@@ -40,8 +71,9 @@ class Pass:
 class FunctionPass(Pass):
     """Wrap ``fn(gm) -> bool`` (returns modified) as a pass."""
 
-    def __init__(self, fn: Callable[[fx.GraphModule], bool], name: str | None = None):
+    def __init__(self, fn: Callable[[fx.GraphModule], bool], name: str | None = None, requires=(), ensures=()):
         self._fn, self._name = fn, name or fn.__name__
+        self.requires, self.ensures = frozenset(requires), frozenset(ensures)
 
     @property
     def name(self) -> str:
@@ -70,6 +102,7 @@ class PassManager:
         modified_any = False
         self._dump(gm, 0, "input")
         for i, p in enumerate(self.passes, 1):
+            self._check_requires(gm, p)
             t0 = time.perf_counter()
             try:
                 res = p(gm)
@@ -84,11 +117,22 @@ class PassManager:
             if res.modified:
                 gm.recompile()
             modified_any |= res.modified
+            if p.ensures:
+                establish(gm, *p.ensures)
             self.log.append((p.name, res.modified, time.perf_counter() - t0))
             self._dump(gm, i, p.name)
             if self.print_graphs:
                 print(f"# after {p.name} (modified={res.modified})\n{gm.code}")
         return PassResult(gm, modified_any)
+
+    def _check_requires(self, gm, p) -> None:
+        missing = sorted(set(getattr(p, "requires", ())) - graph_properties(gm))
+        if missing:
+            ran = ", ".join(name for name, *_ in self.log) or "none"
+            raise PassError(f"pass '{p.name}' requires the graph to be {missing} "
+                            f"({'; '.join(PROPERTIES.get(m, '?') for m in missing)}), which no earlier pass ensured "
+                            f"(passes that ran before it: {ran}); run it at a later hook or after the pass that "
+                            f"establishes it")
 
     def _dump(self, gm, index, name):
         if not self.dump_dir:

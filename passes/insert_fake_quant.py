@@ -66,6 +66,7 @@ def fake_quants(gm: fx.GraphModule) -> dict[str, FakeQuantize]:
 
 class InsertActivationFakeQuant(Pass):
     """Fake-quant modules for annotated activation values / edges, and for fixed-range outputs."""
+    requires, ensures = frozenset({"annotated"}), frozenset({"observed"})
 
     def __init__(self, learn_scale: bool = False, prefix: str = "fake_quant"):
         self.learn_scale, self.prefix = learn_scale, prefix

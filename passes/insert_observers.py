@@ -49,6 +49,7 @@ def value_classes(gm: fx.GraphModule) -> list[tuple[QuantSpec | FixedSpec, list[
 
 class InsertObservers(Pass):
     """``make_observer(spec) -> nn.Module`` builds each observer (fake-quant modules for QAT)."""
+    requires, ensures = frozenset({"annotated"}), frozenset({"observed"})
 
     def __init__(self, make_observer: Callable, prefix: str = "observer"):
         self.make_observer, self.prefix = make_observer, prefix

@@ -92,6 +92,7 @@ def _removable(node: fx.Node, copies_ok: bool) -> bool:
 
 class Normalize(Pass):
     """Rewrite the graph into the canonical form rules are written against."""
+    requires, ensures = frozenset({"captured"}), frozenset({"normalized"})
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified, no_mutation = functionalize(gm)

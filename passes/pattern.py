@@ -50,11 +50,17 @@ OPS: dict[str, tuple] = {
 _KIND = {op: kind for kind, ops in OPS.items() for op in ops}
 
 
+_OWN_NAMESPACES = ("aten", "prims", "quantized_decomposed", "quantized", "qcompile")
+
+
 def op_kind(node: fx.Node) -> str | None:
-    """The op kind of a node; ``relu6`` for hardtanh(0, 6)."""
+    """The op kind of a node; ``relu6`` for hardtanh(0, 6); a user's custom op (``torch.library``) is its
+    own kind, named ``"namespace::name"`` (so support rows and lowering rules can name it)."""
     if node.op != "call_function":
         return None
     kind = _KIND.get(node.target)
+    if kind is None and isinstance(node.target, torch._ops.OpOverload) and node.target.namespace not in _OWN_NAMESPACES:
+        return node.target._schema.name
     if kind == "hardtanh" and tuple(node.args[1:3]) == (0.0, 6.0):
         return "relu6"
     return kind

@@ -4,7 +4,8 @@
     art(x); print(art.report); art.save("model.qc"); qcompile.load("model.qc")
 """
 from .api import compile, convert, explain, prepare  # noqa: A004 - the product's verb
-from .artifact import Artifact, load
+from .artifact import Artifact
+from .loading import load
 from .evaluate import Evaluation, evaluate
 from .qat import prepare_qat
 from .config import ModuleConfig, QConfig
@@ -15,6 +16,7 @@ from .report import Report
 from .budget import AccuracyBudget
 from .autotune import autotune
 from .specs import ActivationSpec, QuantSpec, WeightSpec
+from .passes.annotate import keep_float
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,5 +24,5 @@ __all__ = [
     "WeightSpec", "ActivationSpec", "QuantSpec", "QCompileError", "CaptureError", "ConfigError",
     "CalibrationError", "UnsupportedError", "StrictFallbackError", "InputError", "BackendUnavailableError",
     "ArtifactFileError", "QCompileWarning", "NumericsError", "QuantizationWarning",
-    "AccuracyBudget", "autotune",
+    "AccuracyBudget", "autotune", "keep_float",
 ]

@@ -1,20 +1,19 @@
-"""The compiled artifact: runs the lowered model, carries the report, saves / loads without pickle."""
+"""The compiled artifact: runs the lowered model, carries the report, saves without pickle
+(``qcompile/loading.py`` reads the file back)."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
 import tempfile
-import time
 import warnings
 
 import torch
 from torch import fx
 
-from .errors import ArtifactFileError, ConfigError, InputError, NumericsError, QCompileError, QuantizationWarning
+from .errors import ConfigError, InputError, NumericsError, QCompileError, QuantizationWarning
 from .qparams import sqnr
-from .report import Report, Row, apply_lowering
+from .report import Report
 
 _META = "meta.json"  # the file format itself: qcompile/serialize.py
 
@@ -26,26 +25,9 @@ class Artifact:
         self.backend, self.reference, self.lowered, self.report = backend, reference, lowered, report
         self.example_inputs, self._meta = inputs, meta
 
-    # -- construction ---------------------------------------------------------------------------
-    @classmethod
-    def build(cls, ref: fx.GraphModule, backend, ctx, verify: bool = True) -> "Artifact":
-        t0 = time.perf_counter()
-        lowered = backend.lower(ref, ctx.inputs)
-        report = Report(backend.name, backend.runtime_name(), ctx.mode, copy.deepcopy(ctx.rows),
-                        ctx.config.describe() if hasattr(ctx.config, "describe") else ctx.config)
-        apply_lowering(report.rows, getattr(lowered, "kernels", {}), getattr(lowered, "fallbacks", {}),
-                       backend.runtime_name())
-        report.timings = dict(ctx.timings, lower_s=time.perf_counter() - t0)
-        meta = {"backend": backend.name, "options": _options(backend), "mode": ctx.mode,
-                "n_args": len(ctx.inputs.args), "kwargs": sorted(ctx.inputs.kwargs)}
-        art = cls(backend, ref, lowered, report, ctx.inputs, meta)
-        report.sizes = art._sizes()
-        if verify:
-            report.verify = art.verify(float_model=ctx.float_gm)
-            _flag_numerics(report, ctx.strict)
-        if ctx.strict:
-            report.check_strict(ctx.allow_float)
-        return art
+    @property
+    def mode(self) -> str:
+        return self._meta.get("mode", "static")
 
     # -- running --------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -94,35 +76,20 @@ class Artifact:
                 flo = _flat(float_model(*args, **kwargs))
             out["sqnr_vs_float_db"] = min(sqnr(f, l) for f, l in zip(flo, low))
             out["reference_sqnr_vs_float_db"] = min(sqnr(f, r) for f, r in zip(flo, ref))
-        extra = getattr(self.backend, "verify_runtime", None)
-        if extra is not None:
-            out.update(extra(self))
+        out.update(self.backend.verify_runtime(self, self.mode))
         return out
-
-    # -- sizes ----------------------------------------------------------------------------------
-    def _sizes(self) -> dict:
-        float_bytes = int_bytes = 0
-        for name, t in list(self.reference.named_buffers()) + list(self.reference.named_parameters()):
-            if t.dtype in (torch.int8, torch.uint8):
-                int_bytes += t.numel() * t.element_size()
-            elif t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64):
-                float_bytes += t.numel() * t.element_size()
-        total = float_bytes + int_bytes
-        return {"int8_weight_bytes": int_bytes, "other_bytes": float_bytes, "total_bytes": total,
-                "int8_share_of_bytes": round(int_bytes / total, 4) if total else 0.0}
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path) -> str:
         """Save atomically with the user's umask permissions; the extension decides the format: ``.qc``
-        (any backend; :func:`load` reads it back) or the backend's own file (``.onnx``, ``.pte``)."""
+        (any backend; :func:`qcompile.load` reads it back) or the backend's own file (``.onnx``, ``.pte``)."""
         path = os.fspath(path)
         ext = os.path.splitext(path)[1].lower()
-        custom = getattr(self.backend, "save", None)
-        own = tuple(getattr(self.backend, "file_extensions", ()) or ()) if custom is not None else ()
+        own = tuple(self.backend.file_extensions)
         if ext == ".qc":
             return _atomic(path, self._save_qc)
         if ext in own:
-            return _atomic(path, lambda tmp: custom(self, tmp))
+            return _atomic(path, lambda tmp: self.backend.save(self, tmp))
         raise ConfigError(f"cannot save a {self.backend.name} artifact as {path!r}: the file extension decides the "
                           f"format, and this backend writes {', '.join(('.qc',) + own)} ('.qc' is read back by "
                           f"qcompile.load; {' / '.join(own) or 'no other format'} by its own runtime)")
@@ -156,82 +123,6 @@ class Artifact:
         from .monitor import DriftMonitor
         mon = getattr(self, "_drift_monitor", None) or DriftMonitor(self)
         return mon.report()
-
-
-def load(path) -> Artifact:
-    """Load a ``.qc`` file written by :meth:`Artifact.save`. Nothing in the file can run code: the format
-    is qcompile's own container (JSON + raw tensor bytes, checksummed; see ``docs/trust.md``); a file that
-    fails a check raises :class:`~qcompile.errors.ArtifactFileError` naming the file and the problem."""
-    from .safe_program import load_program
-    from .serialize import read_json, unpack
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ArtifactFileError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise ArtifactFileError(f"{path} is a directory; qcompile.load reads a .qc file")
-    with open(path, "rb") as f:
-        entries = unpack(path, f.read())
-    meta = read_json(path, entries, _META)
-    if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
-        raise ArtifactFileError(f"{path}: malformed {_META} entry (no layout); the file is corrupt")
-    ep = load_program(path, entries, meta["layout"])
-    try:
-        return _rebuild(path, meta, ep)
-    except QCompileError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a checked graph that still cannot be lowered: refuse the file
-        raise ArtifactFileError(f"{path}: the artifact could not be rebuilt ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}); the file is corrupt or was written "
-                                f"by an incompatible qcompile / torch version") from e
-
-
-def _rebuild(path: str, meta: dict, ep) -> Artifact:
-    """The artifact from a checked program and its metadata: lowered again for the recorded backend."""
-    from types import SimpleNamespace
-
-    from .backends import get_backend
-    from .passes.capture import CapturedInputs
-    name, options, rep = meta.get("backend"), meta.get("options", {}), meta.get("report")
-    if not isinstance(name, str) or not isinstance(options, dict) or not isinstance(rep, dict):
-        raise ArtifactFileError(f"{path}: malformed {_META} entry (backend / options / report)")
-    if any(not isinstance(v, (str, int, float, bool, type(None))) for v in options.values()):
-        raise ArtifactFileError(f"{path}: malformed backend options in {_META}")
-    try:
-        backend = get_backend(name, **options)
-    except (TypeError, ConfigError) as e:
-        raise ArtifactFileError(f"{path}: backend {name!r} does not take the options the file records "
-                                f"({e}); the file was written by another qcompile version or with a "
-                                f"third-party backend that is not installed") from None
-    ref = ep.module()
-    ref.graph.eliminate_dead_code()
-    for node in list(ref.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            ref.graph.erase_node(node)
-    ref.recompile()
-    example = ep.example_inputs
-    inputs = CapturedInputs(tuple(example[0]), dict(example[1])) if example else None
-    try:
-        rows = [Row(**r) for r in rep["nodes"]]
-        ctx = SimpleNamespace(inputs=inputs, mode=str(meta["mode"]), config=rep.get("config", {}), timings={},
-                              rows=rows, strict=False, allow_float=frozenset(), float_gm=None)
-    except (TypeError, KeyError) as e:
-        raise ArtifactFileError(f"{path}: malformed report in {_META} ({type(e).__name__}: {e})") from None
-    art = Artifact.build(ref, backend, ctx, verify=False)
-    art.report.verify = rep.get("verify", {})
-    _restore_report(art.report, rep)
-    return art
-
-
-# what the compile measured and the file keeps (plain JSON values): shown again by inspect / report FILE
-_SAVED_REPORT_FIELDS = {"heldout": dict, "layer_sqnr": list, "activations": list, "health": dict,
-                        "warnings": list, "algorithms": dict, "weight_rounding": dict, "timings": dict}
-
-
-def _restore_report(report: Report, rep: dict) -> None:
-    for name, kind in _SAVED_REPORT_FIELDS.items():
-        value = rep.get(name)
-        if isinstance(value, kind) and value and hasattr(report, name):
-            setattr(report, name, value)
 
 
 def _write_all(path: str, data: bytes, chunk: int = 1 << 20) -> None:
@@ -294,7 +185,8 @@ def far_from_float(verify: dict) -> str | None:
     return None
 
 
-def _flag_numerics(report: Report, strict: bool) -> None:
+def flag_numerics(report: Report, strict: bool) -> None:
+    """Warn (raise under strict) when the verified artifact is far from the float model."""
     why = far_from_float(report.verify)
     report.verify["far_from_float"] = why is not None
     if why is None:
@@ -304,12 +196,18 @@ def _flag_numerics(report: Report, strict: bool) -> None:
     report.warnings.append(msg)
     if strict:
         raise NumericsError(f"strict=True: {msg}")
-    warnings.warn(msg, QuantizationWarning, stacklevel=5)  # the caller of compile()
+    warnings.warn(msg, QuantizationWarning, stacklevel=_user_stacklevel())  # the caller of compile()
 
 
-def _options(backend) -> dict:
-    opts = getattr(backend, "options", None)
-    return dict(opts.__dict__) if opts is not None and hasattr(opts, "__dict__") else {}
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside qcompile (the user's call of compile / convert)."""
+    import sys
+    roots = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in
+                  (sys.modules["qcompile"], sys.modules["qcompile.passes"], sys.modules["qcompile.backends"]))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(roots):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _flat(out) -> list:

@@ -162,7 +162,8 @@ def search(model, example_inputs, backend, calibration, budget: AccuracyBudget, 
     """The fastest-to-find artifact meeting ``budget`` (see the module docstring); ``art.report.budget``
     holds the steps: what moved, metric, latency (ms, one example input), size (bytes)."""
     from tqdm.auto import tqdm
-    from .api import compile as qcompile_
+
+    from . import pipeline
     if not budget.data:
         raise ConfigError("AccuracyBudget needs data=<validation samples> (inputs the metric runs on)")
     metric = budget.metric or agreement_metric(model, budget.data)
@@ -179,8 +180,8 @@ def search(model, example_inputs, backend, calibration, budget: AccuracyBudget, 
     target = state["float_metric"] - budget.max_drop
 
     def build(moved: list):
-        return qcompile_(model, example_inputs, backend, calibration=calibration, verify=False, progress=False,
-                         **_overrides(moved, bits, options))
+        opts = pipeline.Options.parse(_overrides(moved, bits, options))
+        return pipeline.compile_model(model, example_inputs, backend, opts, calibration, verify=False, progress=False)
 
     def measure(moved: list) -> dict:
         for rec in state["steps"]:

@@ -81,7 +81,7 @@ def open_artifact(path: str):
     """A callable for ``evaluate``: an Artifact for .qc, an ONNX Runtime / ExecuTorch runner otherwise."""
     ext = _check(path)
     if ext == ".qc":
-        from .artifact import load
+        from .loading import load
         return load(path)
     return _Runner(OnnxFile(path) if ext == ".onnx" else PteFile(path), path)
 
@@ -91,7 +91,7 @@ def inspect_text(path: str) -> str:
     ext = _check(path)
     head = f"{path}: {human_bytes(os.path.getsize(path))}"
     if ext == ".qc":
-        from .artifact import load
+        from .loading import load
         return f"{head}, qcompile artifact\n{load(path).report}"
     return head + "\n" + (_inspect_onnx(path) if ext == ".onnx" else _inspect_pte(path))
 

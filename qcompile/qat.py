@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import time
 
 import torch
 from torch import fx, nn
 
+from . import pipeline
 from .artifact import Artifact
-from .backends import get_backend
-from .config import make_config, validate
 from .errors import CalibrationError, ConfigError
 from .fake_quant import FakeQuantize
-from .passes.capture import capture
 from .passes.convert import ConvertToReference
 from .passes.fold_batch_norm import FoldBatchNorm
 from .passes.infra import FunctionPass, PassManager
@@ -40,7 +37,6 @@ from .passes.insert_fake_quant import (FIXED_FQ, InsertActivationFakeQuant, Inse
 from .passes.normalize import Normalize
 from .passes.qat_conv_bn import (BN_COUNTERS, CollapseConvBn, DetachDropout, ExpandConvBn, FoldConvBn,
                                  ReattachDropout, StripBnCounters, remove_dropout, set_train_flags)
-from .report import build_rows
 
 __all__ = ["prepare_qat", "QATModel", "convert_qat"]
 
@@ -135,24 +131,12 @@ class QATModel(nn.Module):
         return self.train(was_training)
 
 
-def _for_mode(fn, mode: str = "qat"):
-    """Backend hooks that take the mode (capabilities, default_config) get "qat"."""
-    return fn(mode=mode) if "mode" in inspect.signature(fn).parameters else fn()
-
-
-def _validate(cfg, caps, name: str) -> None:
-    """QAT trains the numbers of a static int8 graph: the backend must run static int8 (or declare qat),
-    and every bit width / granularity is checked against its table as for static quantization."""
-    if "qat" not in caps.modes and "static" not in caps.modes:
-        raise ConfigError(f"backend {name!r} runs neither static int8 nor QAT (modes {list(caps.modes)})")
-    validate(cfg, dataclasses.replace(caps, modes=("static",)), name, "static")
-
-
-def _pipeline(backend, cfg, learn_scale: bool) -> tuple[list, list]:
-    from .api import _takes_mode
-    backend_passes = backend.prepare_passes(cfg, "qat") if _takes_mode(backend) else backend.prepare_passes(cfg)
-    prepare = [StripBnCounters(), DetachDropout()] + [CollapseConvBn() if isinstance(p, FoldBatchNorm) else p
-                                                     for p in backend_passes]
+def _qat_passes(learn_scale: bool):
+    """(backend prepare passes -> QAT prepare passes, the fake-quant passes): batch-norm folding becomes the
+    conv-BN collapse; dropout / BN counters are set aside while the backend's passes run."""
+    def prepare(backend_passes: list) -> list:
+        return [StripBnCounters(), DetachDropout()] + [CollapseConvBn() if isinstance(p, FoldBatchNorm) else p
+                                                       for p in backend_passes]
     fake_quant = [InsertActivationFakeQuant(learn_scale), ExpandConvBn(), InsertWeightFakeQuant(learn_scale),
                   ReattachDropout()]
     return prepare, fake_quant
@@ -164,27 +148,12 @@ def prepare_qat(model: nn.Module, example_inputs, backend="x86", *, learn_scale:
 
     learn_scale: LSQ (learned scales, initialised from the first batch / the weights).
     Other options as :func:`qcompile.prepare` (config, weights, activations, exclude, strict, allow_float,
-    example_kwargs, backend_options, quantize_outputs). The user's model is not touched."""
-    from .api import Context, Options, _report
-    opts = Options.parse({**options, "mode": options.get("mode", "qat")})
+    example_kwargs, backend_options, quantize_outputs, passes). The user's model is not touched."""
+    opts = pipeline.Options.parse({**options, "mode": options.get("mode", "qat")})
     if opts.mode != "qat":
         raise ConfigError(f"prepare_qat() is mode='qat'; got mode={opts.mode!r} (use qcompile.prepare for PTQ)")
-    be = get_backend(backend, **(opts.backend_options or {}))
-    cfg = make_config(opts.config, opts.weights, opts.activations, opts.exclude, opts.quantize_outputs)
-    _validate(cfg, _for_mode(be.capabilities), be.name)
-    d = _for_mode(be.default_config)
-    cfg = cfg.with_defaults(d.weights, d.activations, d.quantize_outputs)
-    t0 = time.perf_counter()
-    gm = capture(model, example_inputs, opts.example_kwargs, train=True)
-    t1 = time.perf_counter()
-    prepare, fake_quant = _pipeline(be, cfg, learn_scale)
-    pm = PassManager(prepare)
-    gm = pm(gm).graph_module
-    rows = build_rows(gm)
-    ctx = Context(be, cfg, "qat", opts.strict, opts.allow_float, gm.meta["qcompile_inputs"], None, rows,
-                  {"capture_s": t1 - t0, "prepare_passes_s": time.perf_counter() - t1}, pm.log)
-    if opts.strict:
-        _report(ctx, predicted=True).check_strict(ctx.allow_float)
+    prepare, fake_quant = _qat_passes(learn_scale)
+    gm, ctx = pipeline.setup(model, example_inputs, backend, opts, prepare_passes=prepare)
     t2 = time.perf_counter()
     fq = PassManager(fake_quant)
     gm = fq(gm).graph_module
@@ -248,7 +217,4 @@ def convert_qat(qat: QATModel, verify: bool = True) -> Artifact:
     ctx = dataclasses.replace(qat._ctx, float_gm=float_model(qat), timings=dict(qat._ctx.timings),
                               rows=[r for r in qat._ctx.rows if r.name in names], pass_log=qat._ctx.pass_log + log)
     ctx.timings["convert_s"] = time.perf_counter() - t0
-    art = Artifact.build(ref, ctx.backend, ctx, verify=verify)
-    from .api import _attach_storage  # the same stored-bytes report as PTQ artifacts
-    _attach_storage(art, ctx, ref)
-    return art
+    return pipeline.finish(ref, ctx, verify=verify)

@@ -55,10 +55,10 @@ def test_budget_resumes_from_saved_state_with_the_same_answer(tmp_path, monkeypa
     assert len(state["steps"]) >= 2
     state["steps"] = state["steps"][:-1]  # interrupted before the last step finished
     path.write_text(json.dumps(state))
-    import qcompile.api as api
+    import qcompile.pipeline as pipeline  # budget.search compiles through the pipeline
     calls = []
-    real = api.compile
-    monkeypatch.setattr(api, "compile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline.compile_model
+    monkeypatch.setattr(pipeline, "compile_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = qcompile.compile(m, (val[0],), calibration=cal, accuracy=budget, **KW).report.budget
     assert again["moved"] == first["moved"] and again["metric"] == first["metric"]
     assert len(calls) == 2  # the unfinished step and the returned artifact; the rest replayed from the file

@@ -8,14 +8,10 @@ import torch
 
 from qcompile.config import QConfig
 from qcompile.errors import ConfigError
-from qcompile.passes.annotate import Annotate, SpecMaker
-from qcompile.passes.fold_batch_norm import FoldBatchNorm
 from qcompile.passes.fold_hardsigmoid import FoldHardsigmoid
-from qcompile.passes.fuse import FuseGroups
-from qcompile.passes.normalize import Normalize
-from qcompile.passes.pattern import Rule, RuleSet
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 
+from ..table import TableBackend
 from . import support
 
 INSTALL_HINT = "pip install executorch==1.5.1 torchao==0.18.*"
@@ -50,15 +46,14 @@ class ExecuTorchOptions:
     float_depthwise: bool = True
 
 
-class ExecuTorchBackend:
+class ExecuTorchBackend(TableBackend):
     name = "executorch"
+    Options = ExecuTorchOptions
     file_extensions = (".pte",)
+    static_notes = support.NOTES
+    mode_capabilities = {"static": support.CAPABILITIES}
 
-    def __init__(self, **options):
-        try:
-            self.options = ExecuTorchOptions(**options)
-        except TypeError as e:
-            raise ConfigError(f"executorch backend: {e}; options are {list(ExecuTorchOptions.__dataclass_fields__)}") from e
+    def check_options(self) -> None:
         if self.options.num_threads is not None and self.options.num_threads < 1:
             raise ConfigError(f"executorch backend: num_threads must be >= 1, got {self.options.num_threads}")
 
@@ -81,17 +76,11 @@ class ExecuTorchBackend:
     def support_table(self):
         return support.TABLE
 
-    def capabilities(self):
-        return support.CAPABILITIES
-
-    def default_config(self) -> QConfig:
+    def default_config(self, mode: str) -> QConfig:
         # quantize_outputs: a float-output classifier would run in fp32 outside XNNPACK's int8 kernels
         # (MobileNetV2 batch 1: 1.07x ExecuTorch's own flow, 1.00x with the output quantized)
         return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
                        activations=ActivationSpec(observer="mse"), quantize_outputs=True)
-
-    def fusion_rules(self) -> RuleSet:
-        return RuleSet(Rule(row.name, row.ops) for row in self.support_table())
 
     def act_spec(self, a: ActivationSpec) -> QuantSpec:
         return QuantSpec(dtype=torch.int8, bits=a.bits, symmetric=a.symmetric, observer=a.observer,
@@ -103,24 +92,20 @@ class ExecuTorchBackend:
         return QuantSpec(dtype=torch.int8, bits=w.bits, symmetric=True, narrow=narrow,
                          granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
 
-    def prepare_passes(self, config: QConfig) -> list:
-        specs = SpecMaker(self.act_spec, self.weight_spec)
-        passes = [Normalize(), FoldBatchNorm()]
-        if self.options.fold_hardsigmoid:
-            passes.append(FoldHardsigmoid())
-        passes += [FuseGroups(self.fusion_rules()),
-                   Annotate(self.support_table(), config, specs, self.name, support.NOTES)]
+    def extra_passes(self, config, mode: str) -> tuple[list, list]:
+        before = [FoldHardsigmoid()] if self.options.fold_hardsigmoid else []
+        after = []
         if self.options.float_depthwise:
             from .depthwise import FloatDepthwiseOutput
-            passes.append(FloatDepthwiseOutput())
-        return passes
+            after.append(FloatDepthwiseOutput())
+        return before, after
 
     # -- lowering and running ---------------------------------------------------------------------
     def lower_options(self):
         from .lower import LowerOptions
         return LowerOptions(self.options.duplicate_dequant, self.options.channels_last_inputs)
 
-    def lower(self, reference, example_inputs):
+    def lower(self, reference, example_inputs, mode: str):
         from .lower import lower_reference
         return lower_reference(reference, example_inputs, self.lower_options())
 
@@ -142,6 +127,6 @@ class ExecuTorchBackend:
         with open(path, "wb") as f:
             f.write(artifact.lowered.program.buffer)
 
-    def verify_runtime(self, artifact) -> dict:
+    def verify_runtime(self, artifact, mode: str) -> dict:
         from .verify import verify_runtime
         return verify_runtime(artifact)

@@ -30,6 +30,7 @@ from qcompile.ir import add_constant, get_attr_value
 from qcompile.passes.capture import CapturedInputs
 from qcompile.passes.pattern import op_kind
 
+from ..base import Lowered
 from .delegation import TAG, Delegation, read_delegation
 from .proof import mixed_dim_orders, model_frames, prove
 from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
@@ -50,13 +51,12 @@ class LowerOptions:
 
 
 @dataclass
-class ExecuTorchLowered:
-    """What ``ExecuTorchBackend.lower`` returns: the program and what the runtime does with each node."""
+class ExecuTorchLowered(Lowered):
+    """What ``ExecuTorchBackend.lower`` returns: the program and what the runtime does with each node
+    (kernels: reference node -> "XNNPACK int8 convolution" ...; fallbacks: node meant int8 -> why not)."""
 
     program: PteProgram
     delegation: Delegation
-    kernels: dict = field(default_factory=dict)    # reference node -> "XNNPACK int8 convolution" ...
-    fallbacks: dict = field(default_factory=dict)  # reference node (meant int8) -> why it is not int8
     weights: dict = field(default_factory=dict)    # weight storage in the program (see weight_storage)
     containers: dict = field(default_factory=dict) # low-bit GEMM node -> how its weights are stored
     timings: dict = field(default_factory=dict)
@@ -386,6 +386,6 @@ def lower_reference(reference: fx.GraphModule, inputs: CapturedInputs, opts: Low
     program = PteProgram.from_edge(edge, inputs)
     t3 = time.perf_counter()
     prove(program, [tuple(inputs.args), dict(inputs.kwargs)], edge_gm, reference, run=run_check)
-    return ExecuTorchLowered(program, delegation, kernels, fallbacks, weight_storage(gm, containers), containers,
+    return ExecuTorchLowered(program, delegation, weight_storage(gm, containers), containers,
                              {"export_and_lower_s": t2 - t0, "to_executorch_s": t3 - t2,
-                              "load_and_run_s": time.perf_counter() - t3})
+                              "load_and_run_s": time.perf_counter() - t3}, kernels=kernels, fallbacks=fallbacks)

@@ -13,22 +13,17 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from qcompile.config import QConfig
 from qcompile.errors import ConfigError
-from qcompile.passes.annotate import Annotate, SpecMaker
-from qcompile.passes.dynamic import FloatOutputGroups
-from qcompile.passes.fold_batch_norm import FoldBatchNorm
-from qcompile.passes.fuse import FuseGroups
-from qcompile.passes.normalize import Normalize
-from qcompile.passes.pattern import Rule, RuleSet
+from qcompile.passes.annotate import SpecMaker
+from qcompile.passes.infra import PassManager
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 
-from qcompile.passes.infra import PassManager
-
+from ..table import ModeTable, TableBackend
 from . import modes, support
 from .bias import QuantizeBias
 from .emit import EmitOptions
@@ -76,18 +71,17 @@ class OnnxOptions:
                               f"got {self.accuracy_level!r}")
 
 
-class OnnxBackend:
+class OnnxBackend(TableBackend):
     name = "onnx"
+    Options = OnnxOptions
     file_extensions = (".onnx",)
+    static_notes = support.NOTES
+    mode_capabilities = {"static": support.CAPABILITIES, **support.MODE_CAPABILITIES}
 
-    def __init__(self, **options):
-        try:
-            self.options = OnnxOptions(**options)
-        except TypeError as e:
-            raise ConfigError(f"onnx backend: {e}; options are {[f.name for f in fields(OnnxOptions)]}") from e
+    def check_options(self) -> None:
         self._table = support.table(_ACT_DTYPES[self.options.act_dtype], self.options.quantize_attention)
 
-    # -- what the backend supports ----------------------------------------------------------------
+    # -- what the backend supports (data for TableBackend) ------------------------------------------
     def is_available(self):
         try:
             import onnxruntime  # noqa: F401
@@ -102,19 +96,27 @@ class OnnxBackend:
     def support_table(self):
         return self._table
 
-    def capabilities(self, mode: str = "static"):
-        return support.MODE_CAPABILITIES.get(mode, support.CAPABILITIES)
+    def float_mode_table(self, mode: str) -> ModeTable:
+        """dynamic / weight_only: the claimed linears (embeddings) compute and return float (see modes.py)."""
+        o = self.options
+        if mode == "weight_only":
+            return ModeTable(support.WEIGHT_ONLY_TABLE, support.WEIGHT_ONLY_NOTES,
+                             SpecMaker(lambda a: None, modes.weight_only_spec))
+        table, notes = support.DYNAMIC_TABLE, dict(support.DYNAMIC_NOTES)
+        if not o.dynamic_attention:
+            table = [r for r in table if r.name != "matmul_dynamic"]
+            notes["matmul"] = ("kept float: activation x activation matmul (attention); "
+                               "backend_options={'dynamic_attention': True} quantizes it at run time")
+        return ModeTable(table, notes, SpecMaker(modes.dynamic_act_spec, lambda w, row, node: modes.dynamic_weight_spec(
+            w, row, node, narrow=o.weight_narrow, reduce_range=o.weight_reduce_range)))
 
-    def default_config(self, mode: str = "static") -> QConfig:
+    def default_config(self, mode: str) -> QConfig:
         weights = WeightSpec(bits=8, granularity="per_channel", symmetric=True)
         if mode == "dynamic":  # DynamicQuantizeLinear: uint8 per tensor, affine
             return QConfig(weights=weights, activations=ActivationSpec(granularity="per_tensor", symmetric=False))
         if mode == "weight_only":
             return QConfig(weights=weights)
         return QConfig(weights=weights, activations=ActivationSpec(observer="mse"))
-
-    def fusion_rules(self) -> RuleSet:
-        return RuleSet(Rule(row.name, row.ops) for row in self._table)
 
     def act_spec(self, a: ActivationSpec) -> QuantSpec:
         return QuantSpec(dtype=_ACT_DTYPES[self.options.act_dtype], bits=a.bits, symmetric=a.symmetric,
@@ -129,31 +131,6 @@ class OnnxBackend:
                          reduce_range=self.options.weight_reduce_range, granularity=gran, axis=axis,
                          observer=w.observer)
 
-    def prepare_passes(self, config: QConfig, mode: str = "static") -> list:
-        if mode in ("dynamic", "weight_only"):
-            return self._float_mode_passes(config, mode)
-        return [Normalize(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
-                Annotate(self._table, config, SpecMaker(self.act_spec, self.weight_spec), self.name, support.NOTES)]
-
-    def _float_mode_passes(self, config: QConfig, mode: str) -> list:
-        """dynamic / weight_only: the claimed linears (embeddings) compute and return float (see modes.py);
-        the pass list is the x86 backend's, with ONNX Runtime's tables and specs."""
-        o = self.options
-        if mode == "dynamic":
-            table, notes = support.DYNAMIC_TABLE, dict(support.DYNAMIC_NOTES)
-            if not o.dynamic_attention:
-                table = [r for r in table if r.name != "matmul_dynamic"]
-                notes["matmul"] = ("kept float: activation x activation matmul (attention); "
-                                   "backend_options={'dynamic_attention': True} quantizes it at run time")
-            specs = SpecMaker(modes.dynamic_act_spec, lambda w, row, node: modes.dynamic_weight_spec(
-                w, row, node, narrow=o.weight_narrow, reduce_range=o.weight_reduce_range))
-        else:
-            table, notes, specs = support.WEIGHT_ONLY_TABLE, support.WEIGHT_ONLY_NOTES, SpecMaker(
-                lambda a: None, modes.weight_only_spec)
-        return [Normalize(), FoldBatchNorm(), FuseGroups(RuleSet(Rule(r.name, r.ops) for r in table)),
-                Annotate(table, config, specs, self.name, notes),
-                FloatOutputGroups({r.name: r.note for r in table}, mode, notes)]
-
     # -- lowering and running ---------------------------------------------------------------------
     def emit_options(self) -> EmitOptions:
         o = self.options
@@ -164,7 +141,7 @@ class OnnxBackend:
         what the emitted model computes)."""
         return [QuantizeBias()]
 
-    def lower(self, reference, example_inputs) -> OnnxLowered:
+    def lower(self, reference, example_inputs, mode: str) -> OnnxLowered:
         PassManager(self.lower_passes())(reference)
         return lower(reference, tuple(example_inputs.args), dict(example_inputs.kwargs), self.emit_options(),
                      self.options.threads, self.options.custom_translation_table)
@@ -199,7 +176,7 @@ class OnnxBackend:
             "qcompile.report_summary": json.dumps(artifact.report.summary(), default=str)})
         onnx.save_model(model, path, save_as_external_data=False)
 
-    def verify_runtime(self, artifact) -> dict:
+    def verify_runtime(self, artifact, mode: str) -> dict:
         from .verify import layer_parity, summarize
         low: OnnxLowered = artifact.lowered
         flat = flat_inputs(artifact.example_inputs.args, artifact.example_inputs.kwargs)

@@ -17,6 +17,7 @@ from torch import fx
 from qcompile import annotation as A
 
 from .emit import EmitOptions, Emitted, emit
+from ..base import Lowered
 from .runtime import INT_KERNELS, QDQ, RuntimeGraph, analyze, make_session, producers
 
 qd = torch.ops.quantized_decomposed
@@ -26,17 +27,16 @@ _AUX = QDQ | {"Shape", "Concat", "Identity"}  # bookkeeping nodes that never car
 
 
 @dataclass
-class OnnxLowered:
+class OnnxLowered(Lowered):
+    """kernels: reference node -> ORT kernel; fallbacks: reference node -> why it runs in float on ORT;
+    gm: storage view (the initializers as (meta) buffers, see storage_view); storage: its tags."""
+
     model: onnx.ModelProto
     session: object                       # onnxruntime.InferenceSession
     emitted: Emitted
     runtime: RuntimeGraph
     out_spec: object = None               # pytree spec of the model's output
-    kernels: dict = field(default_factory=dict)    # reference node -> ORT kernel
-    fallbacks: dict = field(default_factory=dict)  # reference node -> why it runs in float on ORT
     notes: list = field(default_factory=list)
-    gm: fx.GraphModule | None = None      # storage view: the initializers as (meta) buffers, see storage_view
-    storage: dict = field(default_factory=dict)    # buffer of ``gm`` -> (reference layer, role, weights)
 
 
 def lower(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, threads: int | None = None,

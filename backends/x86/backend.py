@@ -9,17 +9,15 @@ import torch
 from qcompile.config import QConfig
 from qcompile.errors import ConfigError
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
-from qcompile.passes.annotate import Annotate, SpecMaker
+from qcompile.passes.annotate import SpecMaker
 from qcompile.passes.decompose_sdpa import DecomposeSDPA
-from qcompile.passes.dynamic import AnnotateRecurrent, FloatOutputGroups
-from qcompile.passes.fold_batch_norm import FoldBatchNorm
-from qcompile.passes.fuse import FuseGroups
-from qcompile.passes.normalize import Normalize
-from qcompile.passes.pattern import Rule, RuleSet
+from qcompile.passes.dynamic import AnnotateRecurrent
 
+from ..base import Lowered
+from ..table import ModeTable, TableBackend
 from . import dynamic, support, weight_only
 from .kernel_choice import EngineChooser, cpu_has_vnni, quantized_engine
-from .lower import Lowerer, LowerResult
+from .lower import Lowerer
 from .rules import RULES
 
 
@@ -55,16 +53,14 @@ class X86Options:
     weight_only_activations: str = "bf16"
 
 
-
-
-class X86Backend:
+class X86Backend(TableBackend):
     name = "x86"
+    Options = X86Options
+    rule_help = "fn(lowerer, nodes, quantize_node) -> rules.Emitted | reason string (backends/x86/rules.py)"
+    static_notes = support.NOTES
+    mode_capabilities = {"static": support.CAPABILITIES, **support.MODE_CAPABILITIES}
 
-    def __init__(self, **options):
-        try:
-            self.options = X86Options(**options)
-        except TypeError as e:
-            raise ConfigError(f"x86 backend: {e}; options are {list(X86Options.__dataclass_fields__)}") from e
+    def check_options(self) -> None:
         if self.options.weight_only_activations not in ("bf16", "fp32"):
             raise ConfigError(f"x86 backend: weight_only_activations must be 'bf16' or 'fp32', "
                               f"got {self.options.weight_only_activations!r}")
@@ -78,22 +74,34 @@ class X86Backend:
             return False, f"this torch build has no x86 quantized engine (has {engines})"
         return True, ""
 
+    # -- what the backend supports (data for TableBackend) ------------------------------------------
     def support_table(self):
         return support.TABLE
 
-    def capabilities(self, mode: str = "static"):
-        return support.MODE_CAPABILITIES.get(mode, support.CAPABILITIES)
+    def float_mode_table(self, mode: str) -> ModeTable:
+        """dynamic / weight_only: the claimed linears (embeddings) compute in float, see dynamic.py / weight_only.py."""
+        if mode == "dynamic":
+            max_bits = self.options.max_weight_bits or (8 if cpu_has_vnni() else 7)  # AVX2: u8 x s7 cannot saturate
+            return ModeTable(support.DYNAMIC_TABLE, support.DYNAMIC_NOTES, SpecMaker(
+                dynamic.act_spec, functools.partial(dynamic.weight_spec, max_bits=max_bits)))
+        return ModeTable(support.WEIGHT_ONLY_TABLE, support.WEIGHT_ONLY_NOTES, SpecMaker(
+            lambda a: None, functools.partial(weight_only.weight_spec, embedding=self.options.embedding_weights)))
 
-    def default_config(self, mode: str = "static") -> QConfig:
+    def extra_passes(self, config, mode: str) -> tuple[list, list]:
+        if mode not in ("dynamic", "weight_only"):  # attention as matmul / softmax / matmul: Q.K^T and P.V run int8
+            return [DecomposeSDPA()], []
+        if mode != "dynamic":
+            return [], []
+        specs = self.float_mode_table(mode).specs  # LSTM / GRU: one op each, with a list of weights (no pattern row)
+        return [], [AnnotateRecurrent(config, specs.weight, "int8 weights; gate activations quantized at run time")]
+
+    def default_config(self, mode: str) -> QConfig:
         weights = WeightSpec(bits=8, granularity="per_channel", symmetric=True)
         if mode == "dynamic":  # fbgemm per-tensor: fastest (MiniLM 1.9x float), min cosine 0.992; per_token: 0.998, 1.2-1.4x
             return QConfig(weights=weights, activations=ActivationSpec(granularity="per_tensor"))
         if mode == "weight_only":
             return QConfig(weights=weights)
         return QConfig(weights=weights, activations=ActivationSpec(observer="mse"))
-
-    def fusion_rules(self) -> RuleSet:
-        return RuleSet(Rule(row.name, row.ops) for row in support.TABLE)
 
     def act_spec(self, a: ActivationSpec) -> QuantSpec:
         return QuantSpec(dtype=torch.uint8, bits=a.bits, symmetric=a.symmetric,
@@ -107,52 +115,32 @@ class X86Backend:
         return QuantSpec(dtype=torch.int8, bits=bits, symmetric=True,
                          granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
 
-    def prepare_passes(self, config: QConfig, mode: str = "static") -> list:
-        if mode in ("dynamic", "weight_only"):
-            return self._float_mode_passes(config, mode)
-        return [Normalize(), DecomposeSDPA(), FoldBatchNorm(), FuseGroups(self.fusion_rules()),
-                Annotate(support.TABLE, config, SpecMaker(self.act_spec, self.weight_spec), self.name, support.NOTES)]
-
-    def _float_mode_passes(self, config: QConfig, mode: str) -> list:
-        """dynamic / weight_only: the claimed linears (embeddings) compute in float, see dynamic.py / weight_only.py."""
-        if mode == "dynamic":
-            max_bits = self.options.max_weight_bits or (8 if cpu_has_vnni() else 7)  # AVX2: u8 x s7 cannot saturate
-            table, notes, specs = support.DYNAMIC_TABLE, support.DYNAMIC_NOTES, SpecMaker(
-                dynamic.act_spec, functools.partial(dynamic.weight_spec, max_bits=max_bits))
-        else:
-            table, notes, specs = support.WEIGHT_ONLY_TABLE, support.WEIGHT_ONLY_NOTES, SpecMaker(
-                lambda a: None, functools.partial(weight_only.weight_spec, embedding=self.options.embedding_weights))
-        passes = [Normalize(), FoldBatchNorm(), FuseGroups(RuleSet(Rule(r.name, r.ops) for r in table)),
-                  Annotate(table, config, specs, self.name, notes),
-                  FloatOutputGroups({r.name: r.note for r in table}, mode, notes)]
-        if mode == "dynamic":  # LSTM / GRU: one op each, with a list of weights (no pattern row)
-            passes.append(AnnotateRecurrent(config, specs.weight, "int8 weights; gate activations quantized at run time"))
-        return passes
-
-    def lower(self, reference, example_inputs) -> LowerResult:
+    # -- lowering and running -------------------------------------------------------------------------
+    def lower(self, reference, example_inputs, mode: str) -> Lowered:
+        """Static int8 groups -> quantized CPU kernels (rules.py; ``with_rules`` adds to them); dynamic /
+        weight-only (or a graph with no static activation) -> float-output kernels (dynamic.py, weight_only.py)."""
         auto = self.options.engine == "auto"
         with quantized_engine("x86" if auto else self.options.engine):
-            if not any(n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default
-                       for n in reference.graph.nodes):  # no static activations: dynamic / weight-only graph
+            if mode in ("dynamic", "weight_only") or not any(
+                    n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default for n in reference.graph.nodes):
                 dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.options.weight_only_activations]
-                return weight_only.Rewriter(reference, dynamic.RULES + weight_only.RULES, dtype).run()
-            lw = Lowerer(reference, self.fusion_rules(), RULES, self.options.channels_last, self.options.exact_quantize)
+                r = weight_only.Rewriter(reference, dynamic.RULES + weight_only.RULES, dtype).run()
+                return Lowered(gm=r.gm, kernels=r.kernels, fallbacks=r.fallbacks, taps=r.taps, storage=r.storage)
+            lw = Lowerer(reference, self.fusion_rules("static"), self.lowering_rules(RULES), self.options.channels_last,
+                         self.options.exact_quantize)
             lw.engine_chooser = EngineChooser() if auto else None  # rules.py: per-layer measured kernel family
-            result = lw.run()
+            r = lw.run()
             if auto:
                 lw.engine_chooser.save()
-            return result
+            return Lowered(gm=r.gm, kernels=r.kernels, fallbacks=r.fallbacks, taps=r.taps)
 
     def runtime_name(self) -> str:
         isa = "VNNI" if cpu_has_vnni() else "AVX2"
         return f"PyTorch quantized CPU kernels (engine={self.options.engine}, {isa})"
 
-    def run(self, lowered: LowerResult, args, kwargs):
+    def run(self, lowered: Lowered, args, kwargs):
         with torch.no_grad():
             return lowered.gm(*args, **kwargs)
-
-    def save_payload(self, lowered) -> None:
-        return None  # the .qc file stores the reference graph; load() lowers it again
 
 
 def _is_depthwise(node) -> bool:

@@ -90,9 +90,9 @@ def test_rule_check_reason_is_recorded_and_matching_does_not_mutate():
 
 def test_observers_share_across_maxpool_and_flatten():
     be = get_backend("x86")
-    cfg = QConfig().with_defaults(be.default_config().weights, be.default_config().activations)
+    cfg = QConfig().with_defaults(be.default_config("static").weights, be.default_config("static").activations)
     gm = capture(ConvBnRelu().eval(), (torch.randn(1, 3, 8, 8),))
-    gm = PassManager(be.prepare_passes(cfg) + [InsertObservers(make_observer)])(gm).graph_module
+    gm = PassManager(be.prepare_passes(cfg, "static") + [InsertObservers(make_observer)])(gm).graph_module
     observed = gm.meta[OBSERVED]
     shared = [names for names in observed.values() if "max_pool2d" in names]
     assert shared and {"relu", "max_pool2d"} <= set(shared[0])  # one observer, one set of qparams
