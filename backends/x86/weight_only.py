@@ -29,6 +29,8 @@ from torch import fx
 from qcompile.errors import ConfigError
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
+from qcompile.passes import rewrite
+from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
@@ -196,12 +198,14 @@ class Lowered:
 
 
 class Rewriter:
-    """Rewrite a copy of the reference graph node by node. A rule returns None (not its pattern),
-    :class:`Lowered` (the node now calls a kernel) or a reason string (the node keeps its reference ops)."""
+    """Rewrite a copy of the reference graph node by node with the rewrite engine's loop. A rule's pattern
+    is one node; its ``rewrite(match)`` (``match.ctx`` is this rewriter) returns :class:`Lowered` (the node
+    now calls a kernel), a reason string (the node keeps its reference ops, reported) or None (not its case)."""
 
-    def __init__(self, ref: fx.GraphModule, rules: list, kernel_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, ref: fx.GraphModule, rules, kernel_dtype: torch.dtype = torch.bfloat16):
         self.gm, self.kernel_dtype = copy.deepcopy(ref), kernel_dtype  # activation dtype of weight-only kernels
-        self.rules, self.result, self._n = rules, FloatLowerResult(self.gm), 0
+        self.rules = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+        self.result, self._n = FloatLowerResult(self.gm), 0
 
     def const(self, value, before: fx.Node, layer: str, role: str, weights: int = 0) -> fx.Node:
         self._n += 1
@@ -229,17 +233,11 @@ class Rewriter:
         return Lowered(kernel)
 
     def run(self) -> FloatLowerResult:
-        for node in list(self.gm.graph.nodes):
-            if node.op != "call_function":
-                continue
-            for rule in self.rules:
-                out = rule(self, node)
-                if isinstance(out, Lowered):
-                    self.result.kernels[node.name] = out.kernel
-                elif isinstance(out, str):
-                    self.result.fallbacks[node.name] = out
-                if out is not None:
-                    break
+        for step in rewrite.run(self.gm.graph.nodes, self.rules, self, skip=lambda n: n.op != "call_function"):
+            if step.applied:
+                self.result.kernels[step.node.name] = step.result.kernel
+            elif step.reason is not None:
+                self.result.fallbacks[step.node.name] = step.reason
         self.gm.graph.eliminate_dead_code()
         used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
         for name in [b for b, _ in self.gm.named_buffers() if b not in used and "." not in b]:
@@ -289,9 +287,12 @@ def _is_dynamic_act(x) -> bool:
     return isinstance(x, fx.Node) and x.target in (qd.dequantize_per_token.default, qd.dequantize_per_tensor.tensor)
 
 
-def linear_weight_only(rw: Rewriter, node: fx.Node):
-    if node.target != aten.linear.default or _is_dynamic_act(node.args[0]):
-        return None
+def _weight_only_linear(node: fx.Node) -> bool:
+    return node.target == aten.linear.default and not _is_dynamic_act(node.args[0])
+
+
+def linear_weight_only(m: Match):
+    rw, node = m.ctx, m.anchor
     x, wdq = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     rw.tag(bias, node.name, "bias")
@@ -336,9 +337,8 @@ def linear_weight_only(rw: Rewriter, node: fx.Node):
                    f"int{w.bits}: no kernel ({why}); codes dequantized at every call + fp32 linear")
 
 
-def embedding_weight_only(rw: Rewriter, node: fx.Node):
-    if node.target != aten.embedding.default:
-        return None
+def embedding_weight_only(m: Match):
+    rw, node = m.ctx, m.anchor
     wdq, ids = node.args[0], node.args[1]
     if isinstance(wdq, fx.Node) and wdq.target == qc.dequantize_nf4.default:
         packed, absmax, g = wdq.args
@@ -365,7 +365,12 @@ def embedding_weight_only(rw: Rewriter, node: fx.Node):
                    f"int{w.bits} rows gathered{' (packed 4-bit)' if packed else ''}, then dequantized")
 
 
-RULES = [linear_weight_only, embedding_weight_only]
+RULES = RuleSet([
+    # linear(x, dequantize(int / nf4 codes)) -> kernel on the stored codes (int8 / int4 / nf4 / dequantize)
+    Rule("linear_weight_only", (_weight_only_linear,), rewrite=linear_weight_only),
+    # embedding(dequantize(int / nf4 table), ids) -> gather the codes, then dequantize the rows
+    Rule("embedding_weight_only", ("embedding",), rewrite=embedding_weight_only),
+])
 
 
 # -- specs (the backend's SpecMaker hook for mode="weight_only") ---------------------------------------
