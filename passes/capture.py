@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from qcompile import meta
 from qcompile.errors import CaptureError, InputError
 
 _HINTS = [
@@ -152,7 +153,7 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     gm = ep.module()
     _drop_guards(gm)
     check_outputs(gm, model)
-    gm.meta["qcompile_inputs"] = inputs
+    meta.INPUTS.set(gm, inputs)
     return gm
 
 

@@ -34,13 +34,25 @@ import qcompile.backends
 import qcompile.passes
 
 # Modules that orchestrate the pipeline: they may import any layer (and nothing below may import them).
+# ``algorithms`` runs the calibration-time passes (equalization, GPTQ, AdaRound, bias correction) in order.
 ENTRY = {"qcompile", "qcompile.api", "qcompile.pipeline", "qcompile.artifact", "qcompile.budget", "qcompile.qat",
-         "qcompile.cli", "qcompile.cli_files", "qcompile.cli_io", "qcompile.evaluate"}
+         "qcompile.cli", "qcompile.cli_files", "qcompile.cli_io", "qcompile.evaluate", "qcompile.algorithms"}
 
-# Cycles that remain only through the entry modules being reorganised in parallel (issue 15 items 1/2):
-# each entry is the set of modules of one strongly connected component. The lead empties this at merge.
+# Cycles that remain only through the entry modules being reorganised in parallel (issue 15 item 1, one
+# pipeline module): each entry is the set of modules of one strongly connected component. The lead
+# empties this at merge.
 ALLOWED_CYCLES: list[frozenset] = [
+    frozenset({"qcompile.api", "qcompile.qat", "qcompile.budget"}),  # api <-> qat, api <-> budget
 ]
+
+# Upward edges (or edges into an entry module) left in files other engineers own during issue 15, with the
+# one-line fix; the lead applies the fix and empties this at merge.
+PENDING_EDGES: dict[tuple, str] = {
+    ("qcompile.passes.annotate", "qcompile.backends.support"):
+        "passes/annotate.py: from qcompile.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport",
+    ("qcompile.health", "qcompile.artifact"):
+        "health.py: from .ir import output_steps (artifact.py: drop its copy, import it from .ir)",
+}
 
 _ROOTS = {"qcompile": qcompile, "qcompile.passes": qcompile.passes, "qcompile.backends": qcompile.backends}
 
@@ -105,6 +117,7 @@ def test_graph_sees_the_whole_package():
     assert {"qcompile.api", "qcompile.passes.convert", "qcompile.backends.x86.lower",
             "qcompile.backends.onnx.emit"} <= set(g)
     assert g.has_edge("qcompile.backends.x86.backend", "qcompile.backends.x86.lower")  # relative import
+    assert g.has_edge("qcompile.backends.onnx.emit", "qcompile.passes.capture")  # inside a function
     assert g.number_of_edges() > 200
 
 
@@ -121,14 +134,21 @@ def test_no_import_cycles():
 def test_imports_only_go_downward():
     g = import_graph()
     upward = [f"{a} -> {b} (line {d['line']})" for a, b, d in g.edges(data=True)
-              if a not in ENTRY and layer(b) > layer(a)]
+              if a not in ENTRY and layer(b) > layer(a) and (a, b) not in PENDING_EDGES]
     assert not upward, "upward imports (core -> passes/backends or passes -> backends):\n" + "\n".join(upward)
 
 
 def test_nothing_imports_an_entry_module():
     g = import_graph()
-    bad = [f"{a} -> {b}" for a, b in g.edges if b in ENTRY and a not in ENTRY]
+    bad = [f"{a} -> {b}" for a, b in g.edges if b in ENTRY and a not in ENTRY and (a, b) not in PENDING_EDGES]
     assert not bad, f"modules below the entry layer import it: {bad}"
+
+
+def test_pending_edges_still_exist():
+    """An edge fixed at merge must leave PENDING_EDGES too, so the list cannot hide a new one."""
+    g = import_graph()
+    stale = [f"{a} -> {b}" for a, b in PENDING_EDGES if not g.has_edge(a, b)]
+    assert not stale, f"fixed: remove from PENDING_EDGES: {stale}"
 
 
 @pytest.mark.parametrize("edge", [("qcompile.api", "qcompile.passes.capture")])

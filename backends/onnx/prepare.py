@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import add_constant, erase_dead_params, get_attr_value, module_path
 
 from . import custom_ops as C
 from .lowbit_pack import accuracy_level, nbits_layout
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
-REF = "qcompile_ref"
+REF = meta.ONNX_REF
 W_DQ = {qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default}
 LOWBIT_DQ = {qd.dequantize_per_channel_group.default, qc.dequantize_nf4.default}
 
@@ -44,7 +45,7 @@ class Prepared:
 
 
 def ref_name(node: fx.Node) -> str:
-    return node.meta.get("custom", {}).get(REF, node.name)
+    return meta.custom_get(node, REF, node.name)
 
 
 class _Builder:
@@ -315,7 +316,7 @@ def prepare(ref: fx.GraphModule, accuracy: int | None = None) -> Prepared:
     """The rewritten copy of ``ref`` (``ref`` is left untouched)."""
     gm = fx.GraphModule(ref, copy.deepcopy(ref.graph))  # node meta is copied shallowly: replaced, never mutated
     for node in gm.graph.nodes:
-        node.meta["custom"] = {**node.meta.get("custom", {}), REF: node.name}
+        meta.custom_set(node, REF, node.name)
     b = _Builder(gm, accuracy)
     for targets, rewrite in RULES:
         for node in list(gm.graph.nodes):
