@@ -106,14 +106,16 @@ def accuracy_cases() -> list:
     """(label, x, w, stride, pad, groups, ReLU input), drawn in a fixed order from one seeded generator."""
     g = torch.Generator().manual_seed(123)
     return [
-        ("3x3 64->64 @56 N=2, ReLU-smooth x, kaiming W", smooth(g, 2, 64, 56, True), kaiming(g, 64, 64, 3), 1, 1, 1, True),
+        ("3x3 64->64 @56 N=2, ReLU-smooth x, kaiming W", smooth(g, 2, 64, 56, True), kaiming(g, 64, 64, 3),
+         1, 1, 1, True),
         ("3x3 64->64 @56 N=2, ReLU-smooth x, Student-t3 W", smooth(g, 2, 64, 56, True), student(g, 64, 64, 3), 1, 1, 1,
          True),
         ("3x3 64->64 @56 N=2, signed-smooth x (no ReLU), kaiming W", smooth(g, 2, 64, 56, False), kaiming(g, 64, 64, 3),
          1, 1, 1, False),
-        ("conv1 7x7 s2 3->64 @224, image-like signed x, kaiming W", image_like(g), kaiming(g, 64, 3, 7), 2, 3, 1, False),
-        ("dw 3x3 144 @56, ReLU-smooth x, kaiming W", smooth(g, 1, 144, 56, True, False), kaiming(g, 144, 1, 3), 1, 1, 144,
-         True),
+        ("conv1 7x7 s2 3->64 @224, image-like signed x, kaiming W", image_like(g), kaiming(g, 64, 3, 7),
+         2, 3, 1, False),
+        ("dw 3x3 144 @56, ReLU-smooth x, kaiming W", smooth(g, 1, 144, 56, True, False), kaiming(g, 144, 1, 3),
+         1, 1, 144, True),
         ("3x3 64->64 @56 N=2, dense uniform x (stress), kaiming W", torch.rand(2, 64, 56, 56, generator=g),
          kaiming(g, 64, 64, 3), 1, 1, 1, True),
     ]

@@ -99,7 +99,8 @@ class _ConvCase:
                 y = torch.ops.quantized.conv2d(xin, self.packs[e], self.os, self.oz)
                 rows.append((self.name, f"quantized.conv2d [{e}]", lab, _memory_format(y)))
         for xin, lab in ((self.u8, "channels_last"), (self.u8.contiguous(), "NCHW")):
-            rows.append((self.name, "onednn.qconv2d_pointwise", lab, _memory_format(self.pointwise(xin, self.oz, "none"))))
+            y = self.pointwise(xin, self.oz, "none")
+            rows.append((self.name, "onednn.qconv2d_pointwise", lab, _memory_format(y)))
         return rows
 
 
@@ -202,7 +203,8 @@ def _elementwise_entries(lay, a_n, b_n, r_n) -> list:
         ("sigmoid (torch.sigmoid on quint8)", lambda: torch.sigmoid(a), lambda: torch.sigmoid(qa)),
         ("max_pool2d 3x3 s2 p1", lambda: F.max_pool2d(r, 3, 2, 1), lambda: F.max_pool2d(qr, 3, 2, 1)),
         ("adaptive_avg_pool2d(1)", lambda: F.adaptive_avg_pool2d(r, 1), lambda: F.adaptive_avg_pool2d(qr, 1)),
-        ("quantize_per_tensor f32->quint8", lambda: a.clone(), lambda: torch.quantize_per_tensor(a, sa, za, torch.quint8)),
+        ("quantize_per_tensor f32->quint8", lambda: a.clone(),
+         lambda: torch.quantize_per_tensor(a, sa, za, torch.quint8)),
         (".dequantize() quint8->f32", lambda: a.clone(), lambda: qa.dequantize()),
     ]
     if lay == "NCHW":

@@ -68,8 +68,8 @@ class Lowerer:
     def __init__(self, ref: fx.GraphModule, patterns: RuleSet, rules: RuleSet, channels_last: bool = True,
                  exact_quantize: bool = False):
         self.ref, self.patterns, self.rules, self.channels_last = ref, patterns, rules, channels_last
-        self.groups = RuleSet(Rule(p.name, p.pattern, p.check, p.score, rewrite=_group_rewrite(p.name, rules.get(p.name)))
-                              for p in patterns)
+        self.groups = RuleSet(Rule(p.name, p.pattern, p.check, p.score,
+                                   rewrite=_group_rewrite(p.name, rules.get(p.name))) for p in patterns)
         self.exact_quantize = exact_quantize
         self.graph = fx.Graph()
         self.root = torch.nn.Module()
