@@ -19,7 +19,7 @@ conv-BN collapse, fusion, and both x86 lowerings (static groups, float-mode kern
 
 Matching never mutates the graph. Rules live in explicit :class:`RuleSet` values owned by their user
 (``FoldBatchNorm(RULES)``, the x86 backend's ``RULES``); nothing is registered by importing a module.
-:func:`run` is the loop; :func:`rewrite_graph` is the loop for passes that rewrite a graph in place.
+:func:`run` is the loop; :func:`rewritten` / :func:`rewrite_graph` run it in place over a graph module.
 """
 from __future__ import annotations
 
@@ -196,9 +196,14 @@ def run(nodes: Iterable[fx.Node], rules: RuleSet, ctx=None, skip: Callable[[fx.N
         yield _apply(rules, node, ctx)
 
 
-def rewrite_graph(gm: fx.GraphModule, rules: RuleSet, ctx=None) -> int:
-    """Run ``rules`` over ``gm``'s call_function nodes in place (``ctx`` defaults to ``gm``); returns how
-    many rewrites applied."""
+def rewritten(gm: fx.GraphModule, rules: RuleSet, ctx=None) -> list[str]:
+    """Run ``rules`` over ``gm``'s call_function nodes in place (``ctx`` defaults to ``gm``); returns the
+    names of the nodes a rule rewrote, in graph order."""
     steps = run(gm.graph.nodes, rules, gm if ctx is None else ctx,
                 skip=lambda n: n.op != "call_function" or getattr(n, "_erased", False))
-    return sum(1 for s in steps if s.applied)
+    return [s.node.name for s in steps if s.applied]
+
+
+def rewrite_graph(gm: fx.GraphModule, rules: RuleSet, ctx=None) -> int:
+    """:func:`rewritten` for passes that only need to know how many rewrites applied."""
+    return len(rewritten(gm, rules, ctx))
