@@ -195,7 +195,7 @@ def dynamic_linear(b: _Builder, node: fx.Node) -> bool:
 
 # ----------------------------------------------------------------------------- weight-only
 def nbits_linear(b: _Builder, node: fx.Node) -> bool:
-    from qcompile.backends.x86.weight_only import int_weight
+    from qcompile.int_weight import int_weight
     x, w, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
     if _is_static_dq(x) or not isinstance(w, fx.Node) or w.target not in (W_DQ | {qd.dequantize_per_channel_group.default}):
         return False

@@ -17,12 +17,13 @@ import torch
 from torch import fx
 
 from qcompile.errors import ConfigError
+from qcompile.int_weight import int_weight
 from qcompile.ir import get_attr_value
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import QuantSpec
 
 from .kernel_choice import cpu_has_vnni
-from .weight_only import Rewriter, _rows, int_weight
+from .weight_only import Rewriter, _rows
 
 aten, qd, qops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.quantized
 
