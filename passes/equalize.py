@@ -26,9 +26,9 @@ from torch import fx
 
 from qcompile import meta
 from qcompile.ir import get_attr_value
+from qcompile.ops import op_kind
 
 from .infra import Pass, PassResult
-from qcompile.ops import op_kind
 from .weight_only import _set_attr
 
 EQUALIZATION = meta.EQUALIZATION.name  # the key's string, for older callers
