@@ -69,9 +69,10 @@ class LoweringRule:
     """A lowering rule a user adds with ``backend.with_rules([...])``.
 
     name     the pattern name (a support-table row name; the lowering of that pattern is replaced)
-    lower    the backend's rule function. x86: ``fn(lowerer, nodes, quantize_node)`` returning the
-             emitted kernel (``Emitted``) or a reason string when it declines (the nodes then stay float
-             with that reason); a TableBackend subclass documents its own rule signature.
+    lower    the backend's rule function, a rewrite of the one rewrite engine (qcompile.passes.rewrite).
+             x86: ``fn(match)`` (``match.ctx`` the Lowerer, ``match.nodes`` the group, ``match.user`` its
+             output quantize node) returning the emitted kernel (``Emitted``) or a reason string when it
+             declines (the nodes then stay float with that reason); a TableBackend subclass documents its own.
     support  an ``OpSupport`` row claiming a new pattern at annotation (None: the row already exists)
     """
 
@@ -147,9 +148,16 @@ class Backend(abc.ABC):
         new.user_rules = self.user_rules + rules
         return new
 
-    def lowering_rules(self, builtin: dict) -> dict:
-        """``builtin`` (pattern name -> rule function) with the user's rules on top."""
-        return {**builtin, **{r.name: r.lower for r in self.user_rules}}
+    def lowering_rules(self, builtin):
+        """``builtin`` (a :class:`~qcompile.passes.rewrite.RuleSet`) with the user's rules on top: a user rule
+        replaces the built-in rule of the same name, or lowers the new pattern its support row claims."""
+        from qcompile.passes.rewrite import Rule, RuleSet
+        rules = {r.name: r for r in builtin}
+        for u in self.user_rules:
+            pattern = (tuple(u.support.ops) if u.support is not None
+                       else rules[u.name].pattern if u.name in rules else (u.name,))
+            rules[u.name] = Rule(u.name, pattern, rewrite=u.lower)
+        return RuleSet(rules.values())
 
 
 def parse_options(name: str, cls: type, options: dict):

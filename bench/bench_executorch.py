@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ExecuTorch / XNNPACK benchmark: the MobileNetV2-shaped zoo model at batch 1, in one run.
+"""ExecuTorch / XNNPACK benchmark: the MobileNetV2-shaped demo model at batch 1, in one run.
 
 Variants, all run by executorch.runtime with XNNPACK delegation:
   et-fp32      ExecuTorch float: torch.export -> to_edge_transform_and_lower(XnnpackPartitioner)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         a.res, a.calib, a.eval, a.rounds, a.warmup = 96, 4, 2, 15, 2
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from qcompile import zoo
+    from qcompile import demo_shapes as zoo
     from qcompile.backends.executorch.runtime import set_threads, thread_count
 
     torch.manual_seed(a.seed)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
             with open(os.path.join(a.save, f"{v.name}.pte"), "wb") as f:
                 f.write(v.buffer)
     import executorch.version
-    print(f"## ExecuTorch {executorch.version.__version__} + XNNPACK, MobileNetV2-shaped (zoo.make_mobilenet_v2, "
+    print(f"## ExecuTorch {executorch.version.__version__} + XNNPACK, MobileNetV2-shaped (demo_shapes.make_mobilenet_v2, "
           f"res {a.res}), batch 1, {thread_count()} thread(s), {a.rounds} interleaved rounds, "
           f"{a.calib} calibration / {a.eval} held-out images\n")
     print(table(built, sqnrs, by_name["et-int8"]))

@@ -32,7 +32,7 @@ CALIBRATION = [s for s in (Path(__file__).parent / "calibration_sentences.txt").
 
 
 def resnet_table(n_calib: int) -> str:
-    from qcompile.zoo import resnet18_shaped
+    from qcompile.demo_shapes import resnet18_shaped
     torch.manual_seed(0)
     model = resnet18_shaped().eval()
     g = torch.Generator().manual_seed(1)
@@ -59,7 +59,8 @@ def resnet_table(n_calib: int) -> str:
 
 
 def minilm_table() -> str:
-    from qcompile.zoo import SENTENCES, embed, load_minilm
+    from _fixtures import zoo
+    SENTENCES, embed, load_minilm = zoo.SENTENCES, zoo.embed, zoo.load_minilm
     model, tok = load_minilm()
     enc = lambda s: tok(s, padding="max_length", truncation=True, max_length=64, return_tensors="pt")  # noqa: E731
     calib = [(e["input_ids"], e["attention_mask"]) for e in (enc(CALIBRATION[i:i + 4])

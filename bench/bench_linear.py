@@ -40,7 +40,8 @@ def _agreement(ref: torch.Tensor, emb: torch.Tensor) -> tuple[float, float]:
 
 
 def minilm_table(repeats: int) -> str:
-    from qcompile.zoo import SENTENCES, embed, load_minilm
+    from _fixtures import zoo
+    SENTENCES, embed, load_minilm = zoo.SENTENCES, zoo.embed, zoo.load_minilm
     model, tok = load_minilm()
     ref = embed(model, tok, SENTENCES)
     enc = {b: tok(SENTENCES[:b], padding="max_length", truncation=True, max_length=128, return_tensors="pt")

@@ -29,7 +29,7 @@ from _timing import interleaved, machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile.qparams import sqnr  # noqa: E402
-from qcompile.zoo import image_batches, make_bert_encoder, make_resnet18  # noqa: E402
+from qcompile.demo_shapes import image_batches, make_bert_encoder, make_resnet18  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

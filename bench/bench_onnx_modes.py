@@ -19,7 +19,9 @@ from _timing import interleaved, machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile import WeightSpec  # noqa: E402
-from qcompile.zoo import SENTENCES, embed, load_minilm  # noqa: E402
+from _fixtures import zoo  # noqa: E402
+
+SENTENCES, embed, load_minilm = zoo.SENTENCES, zoo.embed, zoo.load_minilm
 
 warnings.filterwarnings("ignore")
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import interleaved, machine_line, table  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.zoo import image_batches, resnet18_shaped  # noqa: E402
+from qcompile.demo_shapes import image_batches, resnet18_shaped  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -22,7 +22,7 @@ from _timing import int8_peak_macs_per_s, interleaved, machine_line, table  # no
 
 import qcompile  # noqa: E402
 from qcompile.qparams import sqnr  # noqa: E402
-from qcompile.zoo import resnet18_shaped  # noqa: E402
+from qcompile.demo_shapes import resnet18_shaped  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

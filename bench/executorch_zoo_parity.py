@@ -8,6 +8,7 @@ layer by layer (``qcompile.backends.executorch.taps.layer_parity``). Prints a ma
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -22,7 +23,8 @@ HEAD = ("| model | compile s | e2e within 1 step | e2e max steps | SQNR runtime 
 
 def row(name: str) -> str:
     import qcompile
-    from qcompile import zoo
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _fixtures import zoo
     from qcompile.backends.executorch.taps import layer_parity
     model, inputs = zoo.get_model(name)
     t0 = time.perf_counter()

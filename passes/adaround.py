@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.gptq import FoldedHessian, quadratic_error, rtn_grouped
 from qcompile.ir import get_attr_value
+from qcompile.observers import weight_qparams
 from qcompile.qparams import dequantize, quantize
 from qcompile.specs import QParams, QuantSpec
 
-from .convert import WEIGHT_QPARAMS, weight_qparams
-from .weight_only import ROUNDING, GPTQRounding, _runner, _set_attr, rounds, weighted_layers
+from .weight_only import GPTQRounding, _runner, _set_attr, rounds, weighted_layers
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -111,7 +112,7 @@ class AdaRound(GPTQRounding):
     def __call__(self, gm: fx.GraphModule, samples) -> dict:
         from tqdm.auto import tqdm
         runner = _runner(gm)
-        stats = gm.meta.setdefault(ROUNDING, {})
+        stats = meta.WEIGHT_ROUNDING.setdefault(gm, {})
         nodes = {n.name: n for n in gm.graph.nodes}
         layers = [lay for lay in weighted_layers(gm) if isinstance(lay.spec, QuantSpec)
                   and lay.spec.granularity in ("per_tensor", "per_channel")]
@@ -133,7 +134,7 @@ class AdaRound(GPTQRounding):
                     continue
                 for mod in (gm, runner):
                     _set_attr(mod, w_node.target, q.to(w.dtype))
-                w_node.meta[WEIGHT_QPARAMS] = qp
+                meta.WEIGHT_QPARAMS.set(w_node, qp)
         bar.close()
         return stats
 

@@ -15,11 +15,11 @@ from qcompile import annotation as A
 from qcompile.config import QConfig, resolve
 from qcompile.errors import ConfigError
 from qcompile.specs import SharedSpec
-from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport
+from qcompile.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport
 
 from .fuse import REJECTIONS
 from .infra import Pass, PassResult
-from .pattern import op_kind
+from qcompile.ops import op_kind
 
 
 @dataclass(frozen=True)

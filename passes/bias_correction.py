@@ -23,23 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from qcompile import meta
 from qcompile import annotation as A
 from qcompile.ir import get_attr_value
+from qcompile.observers import weight_qparams
+from qcompile.ops import op_kind
 from qcompile.qparams import dequantize, quantize
 from qcompile.specs import QuantSpec
 
 from .calibration_stats import collect
-from .convert import WEIGHT_QPARAMS, weight_qparams
 from .equalize import _bias, _set_bias
-from .insert_observers import OBSERVED
-from .pattern import op_kind
 
-BIAS_CORRECTION = "qcompile_bias_correction"  # gm.meta: layer -> |shift| removed
 
 
 def quantized_layers(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, QuantSpec]]:
     """(layer, its float input value, weight spec) of every conv / linear whose weight convert quantizes."""
-    observers = set(gm.meta.get(OBSERVED, {}))
+    observers = set(meta.OBSERVED.get(gm, {}))
     out = []
     for node in gm.graph.nodes:
         ann = A.get_annotation(node)
@@ -59,7 +58,7 @@ def rounded_weight(gm: fx.GraphModule, layer: fx.Node, spec: QuantSpec) -> torch
     """The dequantized weight convert will produce for ``layer``."""
     w_node = layer.args[1]
     w = get_attr_value(gm, w_node).detach().float()
-    qp = w_node.meta.get(WEIGHT_QPARAMS) or weight_qparams(w, spec)
+    qp = meta.WEIGHT_QPARAMS.get(w_node) or weight_qparams(w, spec)
     return dequantize(quantize(w, qp), qp)
 
 
@@ -90,7 +89,7 @@ class BiasCorrection:
     def __call__(self, gm: fx.GraphModule, samples) -> dict:
         layers = quantized_layers(gm)
         stats = collect(gm, [x.name for _, x, _ in layers], samples)
-        report = gm.meta.setdefault(BIAS_CORRECTION, {})
+        report = meta.BIAS_CORRECTION.setdefault(gm, {})
         for layer, x, spec in layers:
             w_node = layer.args[1]
             w = self.reference.get(w_node.target, get_attr_value(gm, w_node)).detach().float()

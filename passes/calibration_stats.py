@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .insert_observers import OBSERVED
+from qcompile import meta
+
 
 
 def channel_axis(x: torch.Tensor) -> int:
@@ -77,7 +78,7 @@ class _Tap(nn.Module):
 def runner(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of the graph without observers, sharing gm's constants."""
     graph = copy.deepcopy(gm.graph)
-    observers = set(gm.meta.get(OBSERVED, {}))
+    observers = set(meta.OBSERVED.get(gm, {}))
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target in observers:
             node.replace_all_uses_with(node.args[0])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from qcompile import meta
 from qcompile.errors import CaptureError, InputError
 
 from .infra import establish
@@ -154,8 +155,8 @@ def capture(model: nn.Module, example_inputs, example_kwargs=None, *, train: boo
     gm = ep.module()
     _drop_guards(gm)
     check_outputs(gm, model)
-    gm.meta["qcompile_inputs"] = inputs
-    gm.meta["qcompile_train"] = bool(train)  # a training graph: its parameters are still trained (const_fold.py)
+    meta.INPUTS.set(gm, inputs)
+    meta.TRAIN.set(gm, bool(train))  # a training graph: its parameters are still trained (const_fold.py)
     establish(gm, "captured")
     return gm
 

@@ -11,25 +11,17 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 from torch import fx
 
+from qcompile import meta
 from qcompile import annotation as A
 from qcompile.ir import add_constant, copy_meta, erase_dead_params, get_attr_value
+from qcompile.observers import weight_qparams  # noqa: F401  (also re-exported: older callers import it here)
 from qcompile.qparams import quantize
 from qcompile.specs import FixedSpec, NF4Spec, QParams, QuantSpec
 
-from .dynamic import RNN_SPEC, insert_dynamic_qdq, insert_nf4_weight, quantize_recurrent_weights
+from .dynamic import insert_dynamic_qdq, insert_nf4_weight, quantize_recurrent_weights
 from .infra import Pass, PassResult
-from .insert_observers import OBSERVED
 
 qd = torch.ops.quantized_decomposed
-QPARAMS = "qcompile_qparams"  # node.meta of a quantize node: the QParams it applies
-WEIGHT_QPARAMS = "qcompile_weight_qparams"  # node.meta of a weight constant: QParams to use (QAT fake-quant)
-
-
-def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> QParams:
-    from qcompile.observers import make_observer
-    obs = make_observer(spec)
-    obs(w.detach())
-    return obs.calculate_qparams()
 
 
 def insert_qdq(gm: fx.GraphModule, value: fx.Node, qp: QParams, users=None) -> fx.Node:
@@ -41,7 +33,7 @@ def insert_qdq(gm: fx.GraphModule, value: fx.Node, qp: QParams, users=None) -> f
         dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, *args))
     for n in (q, dq):
         copy_meta(value, n)
-    q.meta[QPARAMS] = qp
+    meta.QPARAMS.set(q, qp)
     targets = list(users) if users is not None else [u for u in value.users if u is not q]
     for u in targets:
         u.replace_input_with(value, dq)
@@ -52,7 +44,7 @@ def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSp
     """Replace ``node.args[index]`` (a constant) by int constant -> dequantize."""
     w_node = node.args[index]
     w = get_attr_value(gm, w_node).detach().float()
-    qp = w_node.meta.get(WEIGHT_QPARAMS) or weight_qparams(w, spec)
+    qp = meta.WEIGHT_QPARAMS.get(w_node) or weight_qparams(w, spec)
     q = add_constant(gm, f"{node.name}_weight_int", quantize(w, qp), node)
     if qp.per_tensor:
         args = (q, float(qp.scale.item()), int(qp.zero_point.item()), qp.quant_min, qp.quant_max, qp.dtype)
@@ -69,7 +61,7 @@ def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSp
         target = qd.dequantize_per_channel_group.default
     with gm.graph.inserting_before(node):
         dq = gm.graph.call_function(target, args)
-    dq.meta[QPARAMS] = qp
+    meta.QPARAMS.set(dq, qp)
     copy_meta(w_node, dq, keys=("val",))
     node.update_arg(index, dq)
 
@@ -77,7 +69,7 @@ def quantize_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSp
 class ConvertToReference(Pass):
     requires, ensures = frozenset({"annotated"}), frozenset({"reference"})
     def call(self, gm: fx.GraphModule) -> PassResult:
-        observed = gm.meta.get(OBSERVED, {})
+        observed = meta.OBSERVED.get(gm, {})
         qps = {name: gm.get_submodule(name).calculate_qparams() for name in observed}
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and node.target in qps:
@@ -103,12 +95,12 @@ class ConvertToReference(Pass):
                 elif isinstance(spec, QuantSpec) and arg.op == "get_attr":
                     quantize_weight(gm, node, i, spec)
                 elif isinstance(spec, NF4Spec) and arg.op == "get_attr":
-                    insert_nf4_weight(gm, node, i, spec, arg.meta.get(WEIGHT_QPARAMS))
-            if RNN_SPEC in node.meta:  # LSTM / GRU: a list of weight matrices
-                quantize_recurrent_weights(gm, node, node.meta[RNN_SPEC])
+                    insert_nf4_weight(gm, node, i, spec, meta.WEIGHT_QPARAMS.get(arg))
+            if meta.RNN_WEIGHT_SPEC.has(node):  # LSTM / GRU: a list of weight matrices
+                quantize_recurrent_weights(gm, node, meta.RNN_WEIGHT_SPEC.get(node))
         for name in observed:
             gm.delete_submodule(name)
-        gm.meta.pop(OBSERVED, None)
+        meta.OBSERVED.pop(gm, None)
         erase_dead_params(gm)  # the float weights now read through their integer form
         return PassResult(gm, True)
 

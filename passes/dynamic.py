@@ -19,14 +19,16 @@ import operator
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile import annotation as A
 from qcompile.ir import add_constant, copy_meta, get_attr_value
 from qcompile.lowbit import NF4Params, nf4_params, nf4_quantize, pack_int4
+from qcompile.observers import weight_qparams
+from qcompile.ops import op_kind
 from qcompile.qparams import quantize
 from qcompile.specs import NF4Spec, QuantSpec
 
 from .infra import Pass, PassResult
-from .pattern import op_kind
 
 qd = torch.ops.quantized_decomposed
 qc = torch.ops.qcompile
@@ -116,12 +118,11 @@ def insert_nf4_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: NF4Sp
 
 # -- recurrent layers (LSTM / GRU): one ATen op holding a list of weight matrices -------------------
 RNN_OPS = (torch.ops.aten.lstm.input, torch.ops.aten.gru.input)
-RNN_SPEC = "qcompile_rnn_weight_spec"  # node.meta: the QuantSpec of a recurrent op's weight matrices
 
 
 class AnnotateRecurrent(Pass):
     """Claim ``aten.lstm`` / ``aten.gru`` for dynamic int8 (their gate GEMMs quantize activations at run
-    time inside the kernel): int8 status, and the weight spec in ``node.meta[RNN_SPEC]`` for convert."""
+    time inside the kernel): int8 status, and the weight spec in ``meta.RNN_WEIGHT_SPEC`` for convert."""
 
     def __init__(self, config, weight_spec, note: str):
         self.config, self.weight_spec, self.note = config, weight_spec, note
@@ -140,14 +141,13 @@ class AnnotateRecurrent(Pass):
             else:
                 A.set_annotation(node, A.Annotation(status=A.INT8, reason=self.note, group=node.name,
                                                     pattern=f"{kind}_dynamic"))
-                node.meta[RNN_SPEC] = self.weight_spec(mc.weights, None, node)
+                meta.RNN_WEIGHT_SPEC.set(node, self.weight_spec(mc.weights, None, node))
             modified = True
         return PassResult(gm, modified)
 
 
 def quantize_recurrent_weights(gm: fx.GraphModule, node: fx.Node, spec: QuantSpec) -> None:
     """Weight matrices of the op's parameter list -> int constants -> dequantize (biases stay float)."""
-    from .convert import weight_qparams  # convert imports this module
     stride = 4 if node.args[3] else 2  # (w_ih, w_hh[, b_ih, b_hh]) per layer and direction
     params = list(node.args[2])
     for j, p in enumerate(params):

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import get_attr_value
+from qcompile.ops import op_kind
 
 from .infra import Pass, PassResult
-from .insert_observers import OBSERVED
-from .pattern import op_kind
 from .weight_only import _set_attr
 
-EQUALIZATION = "qcompile_equalization"  # gm.meta: report of the pass
+EQUALIZATION = meta.EQUALIZATION.name  # the key's string, for older callers
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _eligible(gm, node: fx.Node) -> bool:
 
 def _only_user(gm, node: fx.Node) -> fx.Node | None:
     """The single consumer of ``node``, looking through observers (the graph may be prepared)."""
-    observers = gm.meta.get(OBSERVED, {})
+    observers = meta.OBSERVED.get(gm, {})
     while len(node.users) == 1:
         user = next(iter(node.users))
         if not (user.op == "call_module" and user.target in observers):
@@ -224,7 +224,7 @@ class CrossLayerEqualization(Pass):
             report["pairs"].append({"first": p.first.name, "second": p.second.name, "activation": p.kind,
                                     "scale_min": float(s.min()), "scale_max": float(s.max()),
                                     "bias_absorbed_channels": moved})
-        gm.meta[EQUALIZATION] = report
+        meta.EQUALIZATION.set(gm, report)
         gm.recompile()
         return PassResult(gm, bool(report["pairs"]))
 

@@ -7,7 +7,7 @@ from torch import fx
 from qcompile.ir import erase_dead_params, get_attr_value, is_param, replace_weight_bias
 
 from .infra import Pass, PassResult
-from .pattern import Rule, RuleSet
+from .rewrite import Match, Rule, RuleSet, rewrite_graph
 
 aten = torch.ops.aten
 
@@ -31,13 +31,6 @@ def _check(nodes) -> str | None:
     return None
 
 
-RULES = RuleSet([
-    Rule("conv2d_bn", ("conv2d", "batch_norm"), _check),
-    Rule("conv1d_bn", ("conv1d", "batch_norm"), _check),
-    Rule("linear_bn", ("linear", "batch_norm"), _check),
-])
-
-
 def fold_params(w, b, gamma, beta, mean, var, eps):
     """Return (w', b') of conv/linear followed by batch-norm; output channels on axis 0."""
     inv = torch.rsqrt(var + eps)
@@ -49,30 +42,36 @@ def fold_params(w, b, gamma, beta, mean, var, eps):
     return w2, (b0 - mean) * scale + be
 
 
+def _fold(m: Match) -> bool:
+    gm, (conv, bn) = m.ctx, m
+    val = lambda n: None if n is None else get_attr_value(gm, n).detach()  # noqa: E731
+    gamma, beta, mean, var, _, eps = _bn_args(bn)
+    bias_node = conv.args[2] if len(conv.args) > 2 else None
+    w2, b2 = fold_params(val(conv.args[1]), val(bias_node), val(gamma), val(beta), val(mean), val(var), eps)
+    replace_weight_bias(gm, conv, w2, b2, "folded")
+    out = bn
+    if bn.target != aten.batch_norm.default:  # tuple output: replace getitem[0]
+        out = next(u for u in bn.users if u.args[1] == 0)
+    out.replace_all_uses_with(conv)
+    for n in [out, bn] if out is not bn else [bn]:
+        if not n.users:
+            gm.graph.erase_node(n)
+    return True
+
+
+RULES = RuleSet([
+    Rule("conv2d_bn", ("conv2d", "batch_norm"), _check, rewrite=_fold),  # conv2d -> bn  ->  conv2d(w', b')
+    Rule("conv1d_bn", ("conv1d", "batch_norm"), _check, rewrite=_fold),  # conv1d -> bn  ->  conv1d(w', b')
+    Rule("linear_bn", ("linear", "batch_norm"), _check, rewrite=_fold),  # linear -> bn  ->  linear(w', b')
+])
+
+
 class FoldBatchNorm(Pass):
     def __init__(self, rules: RuleSet = RULES):
         self.rules = rules
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in list(gm.graph.nodes):
-            rule, nodes, _ = self.rules.match(node)
-            if rule is None:
-                continue
-            conv, bn = nodes
-            val = lambda n: None if n is None else get_attr_value(gm, n).detach()
-            gamma, beta, mean, var, _, eps = _bn_args(bn)
-            bias_node = conv.args[2] if len(conv.args) > 2 else None
-            w2, b2 = fold_params(val(conv.args[1]), val(bias_node), val(gamma), val(beta), val(mean), val(var), eps)
-            replace_weight_bias(gm, conv, w2, b2, "folded")
-            out = bn
-            if bn.target != aten.batch_norm.default:  # tuple output: replace getitem[0]
-                out = next(u for u in bn.users if u.args[1] == 0)
-            out.replace_all_uses_with(conv)
-            for n in [out, bn] if out is not bn else [bn]:
-                if not n.users:
-                    gm.graph.erase_node(n)
-            modified = True
+        modified = rewrite_graph(gm, self.rules) > 0
         if modified:
             erase_dead_params(gm)
         return PassResult(gm, modified)

@@ -21,7 +21,7 @@ from torch import fx
 from qcompile.ir import erase_dead_params, get_attr_value, is_param, replace_weight_bias
 
 from .infra import Pass, PassResult
-from .pattern import Rule, RuleSet
+from .rewrite import Match, Rule, RuleSet, rewrite_graph
 
 aten = torch.ops.aten
 
@@ -38,13 +38,30 @@ def _check(nodes) -> str | None:
     return None
 
 
-RULES = RuleSet([Rule(f"{op}_hardsigmoid", (op, "hardsigmoid"), _check) for op in ("conv2d", "conv1d", "linear")])
-
-
 def fold_params(w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W / 6, (b + 3) / 6) with output channels on axis 0."""
     b0 = b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)
     return w / 6.0, (b0 + 3.0) / 6.0
+
+
+def _fold(m: Match) -> bool:
+    gm, (gemm, hsig) = m.ctx, m
+    bias = gemm.args[2] if len(gemm.args) > 2 else None
+    w2, b2 = fold_params(get_attr_value(gm, gemm.args[1]).detach(),
+                         None if bias is None else get_attr_value(gm, bias).detach())
+    replace_weight_bias(gm, gemm, w2, b2, "hsig")
+    with gm.graph.inserting_before(hsig):
+        clamp = gm.graph.call_function(aten.hardtanh.default, (gemm, 0.0, 1.0))
+    clamp.meta.update({k: v for k, v in hsig.meta.items()
+                       if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace", "source_fn_stack")})
+    hsig.replace_all_uses_with(clamp)
+    gm.graph.erase_node(hsig)
+    return True
+
+
+# gemm(x, W, b) -> hardsigmoid  ->  gemm(x, W / 6, (b + 3) / 6) -> hardtanh(0, 1), for conv2d / conv1d / linear
+RULES = RuleSet([Rule(f"{op}_hardsigmoid", (op, "hardsigmoid"), _check, rewrite=_fold)
+                 for op in ("conv2d", "conv1d", "linear")])
 
 
 class FoldHardsigmoid(Pass):
@@ -52,23 +69,7 @@ class FoldHardsigmoid(Pass):
         self.rules = rules
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in list(gm.graph.nodes):
-            rule, nodes, _ = self.rules.match(node)
-            if rule is None:
-                continue
-            gemm, hsig = nodes
-            bias = gemm.args[2] if len(gemm.args) > 2 else None
-            w2, b2 = fold_params(get_attr_value(gm, gemm.args[1]).detach(),
-                                 None if bias is None else get_attr_value(gm, bias).detach())
-            replace_weight_bias(gm, gemm, w2, b2, "hsig")
-            with gm.graph.inserting_before(hsig):
-                clamp = gm.graph.call_function(aten.hardtanh.default, (gemm, 0.0, 1.0))
-            clamp.meta.update({k: v for k, v in hsig.meta.items()
-                               if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace", "source_fn_stack")})
-            hsig.replace_all_uses_with(clamp)
-            gm.graph.erase_node(hsig)
-            modified = True
+        modified = rewrite_graph(gm, self.rules) > 0
         if modified:
             erase_dead_params(gm)
             gm.recompile()

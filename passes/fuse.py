@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from torch import fx
 
+from qcompile import meta
 from qcompile.annotation import FusionGroup, get_group, set_group
 
 from .infra import Pass, PassResult
-from .pattern import RuleSet
+from .rewrite import RuleSet, run
 
-REJECTIONS = "qcompile_rejections"
+REJECTIONS = meta.REJECTIONS.name  # the key's string, for passes.annotate (reads node.meta[REJECTIONS])
 
 
 class FuseGroups(Pass):
@@ -21,16 +22,14 @@ class FuseGroups(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or get_group(node) is not None:
+        skip = lambda n: n.op != "call_function" or get_group(n) is not None  # noqa: E731
+        for step in run(gm.graph.nodes, self.rules, gm, skip):
+            if step.reasons:
+                meta.REJECTIONS.set(step.node, list(step.reasons))
+            if step.match is None or any(get_group(n) is not None for n in step.match):
                 continue
-            rule, nodes, reasons = self.rules.match(node)
-            if reasons:
-                node.meta[REJECTIONS] = reasons
-            if rule is None or any(get_group(n) is not None for n in nodes):
-                continue
-            group = FusionGroup(node.name, rule.name, tuple(n.name for n in nodes))
-            for n in nodes:
+            group = FusionGroup(step.node.name, step.match.rule.name, tuple(n.name for n in step.match))
+            for n in step.match:
                 set_group(n, group)
             modified = True
         return PassResult(gm, modified)

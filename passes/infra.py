@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from torch import fx
 
+from qcompile import meta
 from qcompile.errors import QCompileError
 
 
@@ -33,12 +34,11 @@ PROPERTIES = {
     "observed": "observers (PTQ) or fake-quants (QAT) sit where the annotation asks",
     "reference": "the quantize / dequantize reference graph (ConvertToReference)",
 }
-_KEY = "qcompile_properties"
 
 
 def graph_properties(gm: fx.GraphModule) -> frozenset:
     """The properties ``gm`` is known to have."""
-    return frozenset(gm.meta.get(_KEY, ()))
+    return frozenset(meta.PROPERTIES.get(gm, ()))
 
 
 def establish(gm: fx.GraphModule, *properties: str) -> None:
@@ -46,7 +46,7 @@ def establish(gm: fx.GraphModule, *properties: str) -> None:
     unknown = set(properties) - set(PROPERTIES)
     if unknown:
         raise PassError(f"unknown graph propert(ies) {sorted(unknown)}; known: {sorted(PROPERTIES)}")
-    gm.meta[_KEY] = graph_properties(gm) | frozenset(properties)
+    meta.PROPERTIES.set(gm, graph_properties(gm) | frozenset(properties))
 
 
 class Pass:

@@ -21,18 +21,17 @@ import dataclasses
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile import annotation as A
 from qcompile.errors import ConfigError
 from qcompile.fake_quant import FakeQuantize, make_fake_quant
 from qcompile.ir import add_constant, copy_meta, get_attr_value, module_path
 from qcompile.specs import FixedSpec, QuantSpec
 
-from .convert import WEIGHT_QPARAMS
 from .infra import Pass, PassResult
-from .insert_observers import OBSERVED, InsertObservers
+from .insert_observers import InsertObservers
 
-WEIGHT_FQ = "qcompile_weight_fake_quant"  # gm.meta: weight fake-quant module name -> consumer node name
-FIXED_FQ = "qcompile_fixed_fake_quant"    # gm.meta: fixed-range fake-quant module names
+FIXED_FQ = meta.FIXED_FAKE_QUANT.name  # the key's string, for qcompile.qat (reads gm.meta[FIXED_FQ])
 
 
 def eval_constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
@@ -77,8 +76,8 @@ class InsertActivationFakeQuant(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         gm = InsertObservers(self._make, prefix=self.prefix)(gm).graph_module
-        gm.meta.setdefault(OBSERVED, {})
-        fixed = gm.meta.setdefault(FIXED_FQ, [])
+        meta.OBSERVED.setdefault(gm, {})
+        fixed = meta.FIXED_FAKE_QUANT.setdefault(gm, [])
         for node in list(gm.graph.nodes):
             ann = A.get_annotation(node)
             if ann is not None and isinstance(ann.output_spec, FixedSpec):
@@ -111,7 +110,7 @@ class InsertWeightFakeQuant(Pass):
         self.learn_scale, self.prefix = learn_scale, prefix
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        table = gm.meta.setdefault(WEIGHT_FQ, {})
+        table = meta.WEIGHT_FAKE_QUANT.setdefault(gm, {})
         for node in list(gm.graph.nodes):
             ann = A.get_annotation(node)
             if ann is None or node.op != "call_function":
@@ -138,8 +137,8 @@ class MaterializeWeightFakeQuant(Pass):
     fake-quants are removed (ConvertToReference inserts the fixed parameters)."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        table = gm.meta.pop(WEIGHT_FQ, {})
-        fixed = set(gm.meta.pop(FIXED_FQ, []))
+        table = meta.WEIGHT_FAKE_QUANT.pop(gm, {})
+        fixed = set(meta.FIXED_FAKE_QUANT.pop(gm, []))
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or (node.target not in table and node.target not in fixed):
                 continue
@@ -150,7 +149,7 @@ class MaterializeWeightFakeQuant(Pass):
                 with torch.no_grad():  # what an eval forward computes now (the observer refresh included)
                     value = fq(eval_constant(gm, node.args[0]))
                 const = add_constant(gm, f"{table[node.target]}_weight", value, node)
-                const.meta[WEIGHT_QPARAMS] = fq.calculate_qparams()
+                meta.WEIGHT_QPARAMS.set(const, fq.calculate_qparams())
                 copy_meta(node, const, keys=("val",))
                 node.replace_all_uses_with(const)
             gm.graph.erase_node(node)

@@ -11,14 +11,14 @@ from typing import Callable
 import networkx as nx
 from torch import fx
 
+from qcompile import meta
 from qcompile import annotation as A
 from qcompile.ir import module_path
 from qcompile.specs import FixedSpec, QuantSpec, SharedSpec
 
 from .infra import Pass, PassResult
 
-OBSERVED = "qcompile_observed"  # gm.meta: observer module name -> list of value names it observes
-EDGE_OBS = "qcompile_edge_observer"
+OBSERVED = meta.OBSERVED.name  # the key's string (older callers read gm.meta[OBSERVED]); code uses meta.OBSERVED
 
 
 def value_classes(gm: fx.GraphModule) -> list[tuple[QuantSpec | FixedSpec, list[fx.Node]]]:
@@ -55,12 +55,12 @@ class InsertObservers(Pass):
         self.make_observer, self.prefix = make_observer, prefix
 
     def _new(self, gm, spec, where: str) -> str:
-        name = f"{self.prefix}_{len(gm.meta.setdefault(OBSERVED, {}))}"
+        name = f"{self.prefix}_{len(meta.OBSERVED.setdefault(gm, {}))}"
         mod = self.make_observer(spec)
         if hasattr(mod, "name"):
             mod.name = where
         gm.add_submodule(name, mod)
-        gm.meta[OBSERVED][name] = []
+        meta.OBSERVED.get(gm)[name] = []
         return name
 
     def _observe_value(self, gm, node: fx.Node, obs: str) -> fx.Node:
@@ -68,7 +68,7 @@ class InsertObservers(Pass):
             call = gm.graph.call_module(obs, (node,))
         node.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call)
         call.meta.update({k: node.meta[k] for k in ("val", "tensor_meta", "nn_module_stack", "stack_trace") if k in node.meta})
-        gm.meta[OBSERVED][obs].append(node.name)
+        meta.OBSERVED.get(gm)[obs].append(node.name)
         return call
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -92,7 +92,7 @@ class InsertObservers(Pass):
                 arg = node.args[i] if i < len(node.args) else None
                 if not isinstance(spec, QuantSpec) or not isinstance(arg, fx.Node) or arg.op == "get_attr":
                     continue
-                if arg.op == "call_module" and arg.target in gm.meta.get(OBSERVED, {}):
+                if arg.op == "call_module" and arg.target in meta.OBSERVED.get(gm, {}):
                     continue  # already an observed value
                 producer = A.get_annotation(arg)
                 if producer is not None and isinstance(producer.output_spec, FixedSpec):
@@ -103,7 +103,7 @@ class InsertObservers(Pass):
                     with gm.graph.inserting_after(arg):
                         call = gm.graph.call_module(obs, (arg,))
                     call.meta.update({k: arg.meta[k] for k in ("val", "tensor_meta") if k in arg.meta})
-                    call.meta[EDGE_OBS] = True
-                    gm.meta[OBSERVED][obs].append(arg.name)
+                    meta.EDGE_OBSERVER.set(call, True)
+                    meta.OBSERVED.get(gm)[obs].append(arg.name)
                     cache[key] = call
                 node.update_arg(i, cache[key])

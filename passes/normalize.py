@@ -20,6 +20,8 @@ import operator
 import torch
 from torch import fx
 
+from qcompile import meta
+
 from .canonical_linear import CanonicalLinear
 from .const_fold import fold_constants
 from .conv_padding import rewrite_string_padding
@@ -109,7 +111,7 @@ class Normalize(Pass):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
                 modified = True
-        if not gm.meta.get("qcompile_train", False):  # QAT trains the parameters: nothing is constant
+        if not meta.TRAIN.get(gm, False):  # QAT trains the parameters: nothing is constant
             modified |= fold_constants(gm)
         modified |= CanonicalLinear()(gm).modified
         modified |= rewrite_string_padding(gm)

@@ -28,15 +28,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import add_constant, copy_meta, get_attr_value, is_param
 
 from .infra import Pass, PassResult
 from .insert_fake_quant import eval_constant
-from .pattern import Rule, RuleSet
+from .rewrite import Match, Rule, RuleSet, rewrite_graph
 
 aten = torch.ops.aten
-QAT_BN = "qcompile_qat_bn"  # conv.meta: BnInfo (after CollapseConvBn), BnNodes (after ExpandConvBn)
-BN_COUNTERS = "qcompile_bn_counters"  # gm.meta: targets of num_batches_tracked buffers
+QAT_BN = meta.QAT_BN  # conv.meta: BnInfo (after CollapseConvBn), BnNodes (after ExpandConvBn)
+BN_COUNTERS = meta.BN_COUNTERS.name  # the key's string, for qcompile.qat (reads gm.meta[BN_COUNTERS])
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,6 @@ DROPOUT = {aten.dropout.default: aten.dropout.default, aten.dropout_.default: at
            aten.feature_dropout_.default: aten.feature_dropout.default,
            aten.alpha_dropout.default: aten.alpha_dropout.default,
            aten.feature_alpha_dropout.default: aten.feature_alpha_dropout.default}
-DROPOUTS = "qcompile_qat_dropouts"  # gm.meta: (consumer name, input position, overload, p) per removed edge
 
 
 def set_train_flags(gm: fx.GraphModule, dropout: bool, batch_norm: bool) -> bool:
@@ -100,7 +100,7 @@ class StripBnCounters(Pass):
     counter feeds nothing; the QAT model increments the buffers (listed in ``gm.meta``) itself."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        counters = gm.meta.setdefault(BN_COUNTERS, [])
+        counters = meta.BN_COUNTERS.setdefault(gm, [])
         for node in list(gm.graph.nodes):
             if node.target != aten.add_.Tensor or not is_param(node.args[0]):
                 continue
@@ -123,7 +123,7 @@ class DetachDropout(Pass):
     right in front of the consumer. The converted graph is then PTQ's, with no extra quantize step."""
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        record = gm.meta.setdefault(DROPOUTS, [])
+        record = meta.QAT_DROPOUTS.setdefault(gm, [])  # (consumer, input position, overload, p)
         for node in reversed(list(gm.graph.nodes)):  # consumers first: stacked dropouts stay in order
             if node.op != "call_function" or node.target not in DROPOUT:
                 continue
@@ -140,7 +140,7 @@ class DetachDropout(Pass):
 
 class ReattachDropout(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
-        record = gm.meta.pop(DROPOUTS, [])
+        record = meta.QAT_DROPOUTS.pop(gm, [])
         nodes = {n.name: n for n in gm.graph.nodes}
         for user_name, position, target, p in record:
             user = nodes[user_name]
@@ -181,11 +181,23 @@ def _bn_check(nodes) -> str | None:
     return None
 
 
-RULES = RuleSet([Rule(f"{op}_bn", (op, "batch_norm"), _bn_check) for op in ("conv2d", "conv1d", "linear")])
-
-
 def _target(node):
     return node.target if isinstance(node, fx.Node) else None
+
+
+def _collapse(m: Match) -> bool:
+    gm, (conv, bn) = m.ctx, m
+    a = bn.args
+    QAT_BN.set(conv, BnInfo(_target(a[1]), _target(a[2]), a[3].target, a[4].target, bool(a[5]),
+                            float(a[6]), float(a[7]), bn.meta.get("nn_module_stack")))
+    bn.replace_all_uses_with(conv)
+    gm.graph.erase_node(bn)
+    return True
+
+
+# gemm -> batch_norm(training IR)  ->  gemm, with the batch-norm kept in conv.meta (BnInfo)
+RULES = RuleSet([Rule(f"{op}_bn", (op, "batch_norm"), _bn_check, rewrite=_collapse)
+                 for op in ("conv2d", "conv1d", "linear")])
 
 
 class CollapseConvBn(Pass):
@@ -195,18 +207,7 @@ class CollapseConvBn(Pass):
         self.rules = rules
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        modified = False
-        for node in list(gm.graph.nodes):
-            rule, nodes, _ = self.rules.match(node)
-            if rule is None:
-                continue
-            conv, bn = nodes
-            a = bn.args
-            conv.meta[QAT_BN] = BnInfo(_target(a[1]), _target(a[2]), a[3].target, a[4].target, bool(a[5]),
-                                       float(a[6]), float(a[7]), bn.meta.get("nn_module_stack"))
-            bn.replace_all_uses_with(conv)
-            gm.graph.erase_node(bn)
-            modified = True
+        modified = rewrite_graph(gm, self.rules) > 0
         if modified:
             for node in list(gm.graph.nodes):
                 if node.op == "get_attr" and not node.users:
@@ -228,8 +229,8 @@ class ExpandConvBn(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for conv in list(gm.graph.nodes):
-            if isinstance(conv.meta.get(QAT_BN), BnInfo):
-                self._expand(gm, conv, conv.meta[QAT_BN])
+            if isinstance(QAT_BN.get(conv), BnInfo):
+                self._expand(gm, conv, QAT_BN.get(conv))
                 modified = True
         return PassResult(gm, modified)
 
@@ -267,7 +268,7 @@ class ExpandConvBn(Pass):
             node.meta["nn_module_stack"] = info.stack
         for u in users:
             u.replace_input_with(conv, node)
-        conv.meta[QAT_BN] = BnNodes(info, sf.name, scaled.name, _target(bias), node.name)
+        QAT_BN.set(conv, BnNodes(info, sf.name, scaled.name, _target(bias), node.name))
 
 
 # ---------------------------------------------------------------------------- fold (convert)
@@ -281,11 +282,11 @@ class FoldConvBn(Pass):
         nodes = {n.name: n for n in gm.graph.nodes}
         modified = False
         for conv in list(gm.graph.nodes):
-            rec = conv.meta.get(QAT_BN)
+            rec = QAT_BN.get(conv)
             if not isinstance(rec, BnNodes):
                 continue
             self._fold(gm, conv, rec, nodes)
-            conv.meta.pop(QAT_BN)
+            QAT_BN.pop(conv)
             modified = True
         if modified:
             gm.graph.eliminate_dead_code()

@@ -20,16 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import add_constant, get_attr_value
 
 from .calibration_stats import runner
 from .infra import Pass, PassResult
-from .insert_observers import OBSERVED
 from .weight_only import _set_attr
 
 aten = torch.ops.aten
-SMOOTHQUANT = "qcompile_smoothquant"  # gm.meta: report of the pass
-SCALES = "qcompile_smoothquant_scales"  # gm.meta: {LayerNorm node: s}: its value is x / s (sensitivity.py)
+SMOOTHQUANT = meta.SMOOTHQUANT.name  # gm.meta: report of the pass (compatibility name)
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MAX_TOKENS = 4096  # calibration rows kept per LayerNorm for choosing alpha
 
@@ -48,7 +47,7 @@ def _const(gm, node):
 
 def find_groups(gm: fx.GraphModule) -> tuple[list[Group], list[dict]]:
     """LayerNorms (affine, over the last dim) whose output feeds constant-weight linears."""
-    observers = set(gm.meta.get(OBSERVED, {}))
+    observers = set(meta.OBSERVED.get(gm, {}))
     groups, skipped = [], []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != aten.layer_norm.default:
@@ -150,14 +149,14 @@ class SmoothQuant(Pass):
                 self._apply(gm, g, s)
                 entry["residual_muls"] = len(g.others)
             report["groups"].append(entry)
-        gm.meta[SMOOTHQUANT] = report
+        meta.SMOOTHQUANT.set(gm, report)
         modified = any(e["alpha"] > 0 for e in report["groups"])
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
 
     def _apply(self, gm, g: Group, s: torch.Tensor) -> None:
-        gm.meta.setdefault(SCALES, {})[g.norm.name] = s.float()
+        meta.SMOOTHQUANT_SCALES.setdefault(gm, {})[g.norm.name] = s.float()
         for i in (2, 3):  # LayerNorm weight and bias: x' = x / s
             v = get_attr_value(gm, g.norm.args[i])
             _set_attr(gm, g.norm.args[i].target, (v.double() / s).to(v.dtype))

@@ -20,17 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from qcompile import meta
 from qcompile import annotation as A
 from qcompile.gptq import ConvGeometry, FoldedHessian, GPTQConfig, gptq_or_rtn
 from qcompile.ir import get_attr_value
+from qcompile.ops import op_kind
 from qcompile.specs import NF4Spec, QuantSpec
 
-from .convert import WEIGHT_QPARAMS
 from .calibration_stats import runner as _runner
-from .insert_observers import OBSERVED
-from .pattern import op_kind
 
-ROUNDING = "qcompile_weight_rounding"  # gm.meta: layer name -> stats of the rounding
+ROUNDING = meta.WEIGHT_ROUNDING.name  # the key's string, for qcompile.api (reads ref.meta[ROUNDING])
 
 
 @dataclass
@@ -54,7 +53,7 @@ def _geometry(node: fx.Node, w: torch.Tensor) -> ConvGeometry:
 
 def weighted_layers(gm: fx.GraphModule) -> list[Layer]:
     """Linear / conv2d nodes whose weight constant carries a weight spec, in graph order."""
-    layers, observers = [], set(gm.meta.get(OBSERVED, {}))
+    layers, observers = [], set(meta.OBSERVED.get(gm, {}))
     for node in gm.graph.nodes:
         ann = A.get_annotation(node)
         kind = op_kind(node)
@@ -136,7 +135,7 @@ class GPTQRounding:
 
     def __call__(self, gm: fx.GraphModule, samples) -> dict:
         runner = _runner(gm)
-        stats = gm.meta.setdefault(ROUNDING, {})
+        stats = meta.WEIGHT_ROUNDING.setdefault(gm, {})
         nodes = {n.name: n for n in gm.graph.nodes}
         for group in rounds(gm, weighted_layers(gm)):
             hessians = self._collect(runner, group, samples)
@@ -148,7 +147,7 @@ class GPTQRounding:
                     continue
                 for mod in (gm, runner):
                     _set_attr(mod, w_node.target, q.to(w.dtype))
-                w_node.meta[WEIGHT_QPARAMS] = params
+                meta.WEIGHT_QPARAMS.set(w_node, params)
         return stats
 
     def _collect(self, runner: fx.GraphModule, group: list[Layer], samples) -> dict:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import time
 
+from . import meta
 from .errors import ConfigError
 
 ORDER = ("smoothquant", "equalize", "gptq", "adaround", "bias_correction", "rtn")
 RECOMMENDED = "recommended"
 DATA_FREE = ("rtn",)
-REPORT_KEY = "qcompile_algorithms"  # gm.meta: name -> summary
+REPORT_KEY = meta.ALGORITHMS.name  # the key's string, for older callers
 
 
 def _config_name(a) -> str | None:
@@ -109,7 +110,7 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
         timings[f"{name}_s"] = time.perf_counter() - t0
         if name in ("gptq", "adaround"):
             timings["weight_rounding_s"] = timings[f"{name}_s"]
-    gm.meta[REPORT_KEY] = report
+    meta.ALGORITHMS.set(gm, report)
     return report
 
 
@@ -119,18 +120,17 @@ def _equalize(gm, samples) -> dict:
     names = stats_nodes(gm)
     stats = collect(gm, names, samples) if names else {}
     CrossLayerEqualization(stats)(gm)
-    from .passes.equalize import EQUALIZATION
-    rep = gm.meta[EQUALIZATION]
+    rep = meta.EQUALIZATION.get(gm)
     return {"pairs": len(rep["pairs"]), "skipped": len(rep["skipped"]),
             "bias_absorbed_channels": sum(p["bias_absorbed_channels"] for p in rep["pairs"])}
 
 
 def _smoothquant(prepared, samples) -> dict:
-    from .passes.smoothquant import SMOOTHQUANT, SmoothQuant
+    from .passes.smoothquant import SmoothQuant
     from .report import build_rows
     gm = prepared.gm
     SmoothQuant(samples)(gm)
-    rep = gm.meta[SMOOTHQUANT]
+    rep = meta.SMOOTHQUANT.get(gm)
     known = {r.name for r in prepared._ctx.rows}
     for row in build_rows(gm):  # the residual muls it added: float, named in the report with the reason
         if row.name not in known and row.op == "mul":

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field, replace
 
 from torch import fx
 
+from . import meta
 from .specs import Spec
 
-KEY = "qcompile_annotation"
-GROUP_KEY = "qcompile_group"
+KEY = meta.ANNOTATION.name  # declared in qcompile.meta with every other key; only this module uses it
+GROUP_KEY = meta.GROUP.name
 
 # Status of a node in the coverage report.
 INT8 = "int8"
@@ -49,14 +50,14 @@ class Annotation:
 
 
 def get_annotation(node: fx.Node) -> Annotation | None:
-    return node.meta.get(KEY)
+    return meta.ANNOTATION.get(node)
 
 
 def set_annotation(node: fx.Node, ann: Annotation | None) -> None:
     if ann is None:
-        node.meta.pop(KEY, None)
+        meta.ANNOTATION.pop(node, None)
     else:
-        node.meta[KEY] = ann
+        meta.ANNOTATION.set(node, ann)
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,11 @@ class FusionGroup:
 
 
 def get_group(node: fx.Node) -> FusionGroup | None:
-    return node.meta.get(GROUP_KEY)
+    return meta.GROUP.get(node)
 
 
 def set_group(node: fx.Node, group: FusionGroup | None) -> None:
     if group is None:
-        node.meta.pop(GROUP_KEY, None)
+        meta.GROUP.pop(node, None)
     else:
-        node.meta[GROUP_KEY] = group
+        meta.GROUP.set(node, group)

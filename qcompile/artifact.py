@@ -13,6 +13,7 @@ from torch import fx
 
 from .errors import ConfigError, InputError, NumericsError, QCompileError, QuantizationWarning
 from .qparams import sqnr
+from .ir import output_steps
 from .report import Report
 
 _META = "meta.json"  # the file format itself: qcompile/serialize.py
@@ -213,17 +214,3 @@ def _user_stacklevel() -> int:
 def _flat(out) -> list:
     leaves, _ = torch.utils._pytree.tree_flatten(out)
     return [t for t in leaves if isinstance(t, torch.Tensor)]
-
-
-def output_steps(ref: fx.GraphModule) -> list:
-    """The quantization step of each graph output that comes straight from a dequantize node."""
-    out = next(n for n in ref.graph.nodes if n.op == "output")
-    leaves, _ = torch.utils._pytree.tree_flatten(out.args[0])
-    qd = torch.ops.quantized_decomposed
-    steps = []
-    for leaf in leaves:
-        if isinstance(leaf, fx.Node) and leaf.target == qd.dequantize_per_tensor.default:
-            steps.append(float(leaf.args[1]))
-        else:
-            steps.append(None)
-    return steps

@@ -125,10 +125,10 @@ def cmd_demo(a) -> int:
     if a.model == "tiny_cnn":
         (model, example), calib, data, slices = demo_model.tiny_cnn(), demo_model.calibration(), \
             demo_model.evaluation(), "brightness"
-    else:  # the test zoo's shapes (random weights, except the digits CNN)
-        from . import zoo
-        model, example = zoo.get_model(a.model)
-        calib, slices = zoo.calibration_samples(a.model), None
+    else:  # the demo shapes (seeded random weights)
+        from . import demo_shapes
+        model, example = demo_shapes.get_model(a.model)
+        calib, slices = demo_shapes.calibration_samples(a.model), None
         data = calib[-4:]
     print(qcompile.explain(model, example, backend=a.backend).summary(), "(predicted before calibration)\n")
     art = qcompile.compile(model, example, backend=a.backend, calibration=calib, progress=True)
@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compile and evaluate a tiny CNN, print its report",
                        description="Compile qcompile.demo_model:tiny_cnn, print the report and the evaluation.")
     d.add_argument("--backend", default="x86", help=BACKENDS_HELP)
-    d.add_argument("--model", default="tiny_cnn", choices=["tiny_cnn", "resnet18", "mobilenet_v2", "bert_encoder",
-                                                          "digits_cnn"], help="which model (default tiny_cnn)")
+    d.add_argument("--model", default="tiny_cnn", choices=["tiny_cnn", "resnet18", "mobilenet_v2", "bert_encoder"],
+                   help="which model (default tiny_cnn)")
     d.add_argument("--html", help="also write the HTML report here")
     d.set_defaults(fn=cmd_demo)
     return ap

@@ -120,7 +120,7 @@ class UniformGrid:
         self.row_spec = replace(spec, granularity=rows, axis=0 if rows == "per_channel" else None, group_size=None)
 
     def fit(self, block: Tensor):
-        from .passes.convert import weight_qparams
+        from .observers import weight_qparams
         qp = weight_qparams(block, self.row_spec)
         n = block.shape[0]
         return qp.scale.float().expand(n).clone(), qp.zero_point.float().expand(n).clone()

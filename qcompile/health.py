@@ -91,7 +91,7 @@ def _flat(out) -> list:
 @torch.no_grad()
 def verify_batch(art, float_gm, args, kwargs) -> dict:
     """Output SQNR of the artifact vs float and vs the reference, and the share within one step."""
-    from .artifact import output_steps
+    from .ir import output_steps
     ref, low = _flat(art.run_reference(*args, **kwargs)), _flat(art(*args, **kwargs))
     steps = output_steps(art.reference)
     within = []

@@ -128,3 +128,12 @@ def concrete_shape(node: fx.Node) -> tuple | None:
         return None
     return tuple(int(s) if isinstance(s, int) else int(s.node.hint) if hasattr(s, "node") and s.node.hint is not None else 1
                  for s in val.shape)
+
+
+def output_steps(ref: fx.GraphModule) -> list:
+    """The quantization step of each graph output that comes straight from a dequantize node (else None)."""
+    out = next(n for n in ref.graph.nodes if n.op == "output")
+    leaves, _ = torch.utils._pytree.tree_flatten(out.args[0])
+    qd = torch.ops.quantized_decomposed
+    return [float(leaf.args[1]) if isinstance(leaf, fx.Node) and leaf.target == qd.dequantize_per_tensor.default
+            else None for leaf in leaves]

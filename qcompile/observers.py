@@ -555,3 +555,10 @@ def make_observer(spec: QuantSpec, name: str = "<unnamed>") -> Observer:
         return (PerGroupMSEObserver if spec.observer == "mse" else PerGroupMinMaxObserver)(spec, name)
     raise ConfigError(f"{name!r}: per_token specs are quantized dynamically at run time; "
                       f"there is nothing to calibrate (do not insert an observer)")
+
+
+def weight_qparams(w: Tensor, spec: QuantSpec) -> QParams:
+    """The parameters round-to-nearest convert gives a weight tensor under ``spec`` (its observer run once)."""
+    obs = make_observer(spec)
+    obs(w.detach())
+    return obs.calculate_qparams()

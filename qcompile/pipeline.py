@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from . import meta
 from .artifact import Artifact, flag_numerics
 from .backends import get_backend
 from .config import QConfig, make_config, validate
@@ -191,7 +192,7 @@ def setup(model, example_inputs, backend, opts: Options, prepare_passes=None,
     hooks = opts.passes
     pm = PassManager([*hooks.get("after_capture", ()), *passes, *hooks.get("after_annotate", ())])
     gm = pm(gm).graph_module
-    ctx = Context(be, cfg, opts.mode, opts.strict, opts.allow_float, gm.meta["qcompile_inputs"], float_gm,
+    ctx = Context(be, cfg, opts.mode, opts.strict, opts.allow_float, meta.INPUTS.get(gm), float_gm,
                   build_rows(gm), {"capture_s": t1 - t0, "prepare_passes_s": time.perf_counter() - t1}, pm.log,
                   hooks)
     if opts.strict and check_strict:
@@ -241,15 +242,14 @@ def finish(ref: fx.GraphModule, ctx: Context, verify: bool = True) -> Artifact:
 def build_report(ref: fx.GraphModule, lowered, ctx: Context, lower_s: float) -> Report:
     """THE report of a lowered artifact: rows with what the runtime runs, timings, sizes, stored bytes,
     weight rounding and algorithm notes (compile, convert, convert_qat and load all come here)."""
-    from .passes.weight_only import ROUNDING
     be = ctx.backend
     config = ctx.config.describe() if hasattr(ctx.config, "describe") else ctx.config
     report = Report(be.name, be.runtime_name(), ctx.mode, copy.deepcopy(ctx.rows), config)
     apply_lowering(report.rows, lowered.kernels, lowered.fallbacks, be.runtime_name())
     report.timings = dict(ctx.timings, lower_s=lower_s)
     report.sizes = reference_sizes(ref)
-    report.weight_rounding = dict(ref.meta.get(ROUNDING, {}))
-    report.algorithms = dict(ref.meta.get("qcompile_algorithms", {}))
+    report.weight_rounding = dict(meta.WEIGHT_ROUNDING.get(ref, {}))
+    report.algorithms = dict(meta.ALGORITHMS.get(ref, {}))
     if isinstance(lowered.gm, fx.GraphModule):
         report.storage = storage_rows(lowered.gm, lowered.storage or None)
         float_bytes = None

@@ -12,7 +12,7 @@ from torch import fx
 from . import annotation as A
 from .errors import StrictFallbackError
 from .ir import concrete_shape, get_attr_value, module_path
-from .passes.pattern import op_kind
+from .ops import op_kind
 
 _SKIP = {"getitem", "sym_size", "_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size"}
 FLOAT_STATUSES = (A.FLOAT_UNSUPPORTED, A.FLOAT_RUNTIME)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from . import meta
 from .ir import module_path, record_values
 from .qparams import sqnr
 
@@ -17,7 +18,7 @@ def node_sqnr(float_gm: fx.GraphModule, reference: fx.GraphModule, args, kwargs=
     dq_of = {q.name: next(iter(q.users)).name for q in quantized.values() if q.users}
     f_values = record_values(float_gm, flat, quantized)
     r_values = record_values(reference, flat, dq_of.values())
-    smoothed = reference.meta.get("qcompile_smoothquant_scales", {})  # passes/smoothquant.py: x / s
+    smoothed = meta.SMOOTHQUANT_SCALES.get(reference, {})  # passes/smoothquant.py: x / s
     rows = []
     for name, q in quantized.items():
         dq = dq_of.get(q.name)

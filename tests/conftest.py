@@ -1,7 +1,13 @@
+import os
+import sys
 import warnings
 
 import pytest
 import torch
+
+# The test fixtures (tests/_zoo.py, imported as ``import _zoo as zoo``): with --import-mode=importlib tests/
+# is not on sys.path by itself.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)

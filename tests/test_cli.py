@@ -169,6 +169,6 @@ def test_compile_from_an_npy_file_and_demo(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_hugging_face_folder_model(capsys):
-    from qcompile.zoo import minilm_path
+    from _zoo import minilm_path
     code, out, _ = run(capsys, "explain", str(minilm_path()), "--seq-len", "16")
     assert code == 0 and "linear" in out and "predicted" in out

@@ -88,7 +88,7 @@ def test_one_dynamic_chain_is_shared_by_the_linears_reading_the_same_value():
 
 
 def test_attention_matmuls_and_other_ops_stay_float_with_the_reason():
-    from qcompile.zoo import _bert_inputs, make_bert_encoder
+    from _zoo import _bert_inputs, make_bert_encoder
     m, inputs = make_bert_encoder(hidden=64, layers=1, heads=2, intermediate=128), _bert_inputs()
     art = dynamic(m, x=inputs, verify=False)
     rows = {r.op: r for r in art.report.rows}
@@ -155,7 +155,7 @@ def test_save_load_roundtrip(tmp_path):
 # -- the real model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():
-    from qcompile.zoo import minilm_case
+    from _zoo import minilm_case
     return minilm_case(max_length=128)
 
 
@@ -171,7 +171,7 @@ def _nearest(e):
 def test_minilm_dynamic_int8_keeps_cosine_099_and_the_retrieval_ranking(minilm, acts, min_cos):
     """Measured min cosine (24 sentences): per-tensor 0.9917 (seq 128) / 0.9907 (seq 64), per-token 0.9962,
     affine per-token 0.9984; torch.ao quantize_dynamic 0.915."""
-    from qcompile.zoo import PARAPHRASE_PAIRS
+    from _zoo import PARAPHRASE_PAIRS
     ref = minilm.reference
     art = qcompile.compile(minilm.model, minilm.example_inputs, backend="x86", mode="dynamic", activations=acts,
                            verify=False)

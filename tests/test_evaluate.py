@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.evaluate import Evaluation
 from qcompile.latency import TimingOptions
 

@@ -137,7 +137,7 @@ def test_with_rules_lowers_a_user_pattern_and_leaves_the_original_backend_alone(
     assert _rows(loaded.report)["gelu"].status == "float: fell back on the runtime"
     plain = qcompile.compile(model, (x,), x86, calibration=cal)  # with_rules returned a copy
     assert _rows(plain.report)["gelu"].status == "float: unsupported by backend"
-    declined = LoweringRule("gelu", lambda lw, nodes, q: "the test's kernel declines",
+    declined = LoweringRule("gelu", lambda m: "the test's kernel declines",
                             OpSupport("gelu", ("gelu",), PROPAGATE, act_args=(0,)))
     art = qcompile.compile(model, (x,), x86.with_rules([declined]), calibration=cal)
     row = _rows(art.report)["gelu"]

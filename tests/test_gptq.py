@@ -170,7 +170,7 @@ CALIBRATION = [s for s in (Path(__file__).parents[1] / "bench" / "calibration_se
 
 @pytest.mark.slow
 def test_minilm_gptq_int4_g128_reaches_097_and_beats_rtn():
-    from qcompile.zoo import SENTENCES, embed, load_minilm
+    from _zoo import SENTENCES, embed, load_minilm
     model, tok = load_minilm()
     enc = lambda s: tok(s, padding="max_length", truncation=True, max_length=64, return_tensors="pt")  # noqa: E731
     calib = [(e["input_ids"], e["attention_mask"]) for e in (enc(CALIBRATION[i:i + 4]) for i in range(0, 64, 4))]
@@ -189,7 +189,7 @@ def test_minilm_gptq_int4_g128_reaches_097_and_beats_rtn():
 
 @pytest.mark.slow
 def test_resnet18_static_gptq_reaches_38_db():
-    from qcompile.zoo import resnet18_shaped
+    from _zoo import resnet18_shaped
     torch.manual_seed(0)
     model = resnet18_shaped().eval()
     calib = [torch.randn(4, 3, 224, 224) for _ in range(4)]

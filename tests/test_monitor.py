@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.monitor import FLAG_SHARE
 
 

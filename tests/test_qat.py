@@ -11,8 +11,8 @@ from qcompile.artifact import output_steps
 from qcompile.errors import CalibrationError, ConfigError
 from qcompile.passes.insert_fake_quant import eval_constant
 from qcompile.qat import QATModel, float_model, reference_graph
-from qcompile import zoo
-from qcompile.zoo import accuracy, load_digits_data
+import _zoo as zoo
+from _zoo import accuracy, load_digits_data
 
 aten, qd = torch.ops.aten, torch.ops.quantized_decomposed
 

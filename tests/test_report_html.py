@@ -10,7 +10,7 @@ import torch
 
 import qcompile
 from qcompile import report_html as H
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.latency import TimingOptions
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

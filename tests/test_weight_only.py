@@ -205,7 +205,7 @@ def test_save_load_roundtrip(tmp_path, weights):
 # -- the real model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def minilm():
-    from qcompile.zoo import minilm_case
+    from _zoo import minilm_case
     return minilm_case(max_length=64)  # seq 64 keeps it quick
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import qcompile
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.backends.x86.verify import layer_agreement
 from qcompile.qparams import sqnr
 

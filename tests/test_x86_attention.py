@@ -2,7 +2,7 @@
 import torch
 
 import qcompile
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.qparams import sqnr
 
 def test_int8_matmul_is_the_reference_requantized_within_one_step():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from qcompile import zoo
+import _zoo as zoo
 
 
 @pytest.fixture(scope="module", params=list(zoo.MODEL_NAMES))

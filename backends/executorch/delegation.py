@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from qcompile import meta
 from qcompile import annotation as A
 
-TAG = "qcompile_node"
+TAG = meta.EXECUTORCH_REF
 IMPLICIT_QDQ = "IS_IMPLICIT_Q_DQ_TAG"  # executorch.backends.xnnpack.utils.quant_utils
 UNTRACKED = "<untracked>"
 _BOOKKEEPING = ("getitem", "executorch_call_delegate")
@@ -135,7 +136,7 @@ def _int8_form(node: fx.Node) -> bool:
 
 
 def ref_name(node: fx.Node) -> str:
-    tag = (node.meta.get("custom") or {}).get(TAG)
+    tag = meta.custom_get(node, TAG)
     if tag:
         return tag
     sources = node.meta.get("from_node") or []

@@ -15,7 +15,7 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.ir import get_attr_value
 from qcompile.passes.infra import Pass, PassResult
-from qcompile.passes.pattern import op_kind
+from qcompile.ops import op_kind
 
 REASON = ("depthwise conv whose consumers are all float: int8 input and weights, fp32 compute and output (no "
           "requantize-then-dequantize; XNNPACK's fp32 depthwise is faster than its int8 one on x86); "

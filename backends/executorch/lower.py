@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.errors import QCompileError
 from qcompile.ir import add_constant, get_attr_value
 from qcompile.passes.capture import CapturedInputs
-from qcompile.passes.pattern import op_kind
+from qcompile.ops import op_kind
 
 from ..base import Lowered
 from .delegation import TAG, Delegation, read_delegation
@@ -72,7 +73,7 @@ def tag_nodes(gm: fx.GraphModule) -> None:
     passes carry that dict onto every node derived from it (decompositions included)."""
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            node.meta["custom"] = {**(node.meta.get("custom") or {}), TAG: node.name}
+            meta.custom_set(node, TAG, node.name)
 
 
 def duplicate_dequant(gm: fx.GraphModule) -> bool:
@@ -317,7 +318,7 @@ class _WhyNotHandler(logging.Handler):
         node, reason = getattr(why, "node", None), getattr(why, "reason", None)
         if node is None or reason is None:
             return
-        ref = ((getattr(node, "meta", {}) or {}).get("custom") or {}).get(TAG, getattr(node, "name", "?"))
+        ref = meta.custom_get(node, TAG, getattr(node, "name", "?"))
         target = getattr(getattr(node, "target", None), "__name__", str(getattr(node, "target", "")))
         text = f"{target}: {reason}"
         bucket = self.reasons.setdefault(ref, [])

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.errors import QCompileError
 
 from .delegation import TAG
@@ -76,7 +77,7 @@ def _culprits(log: list[str], edge_gm: fx.GraphModule, reference: fx.GraphModule
     for node in edge_gm.graph.nodes:
         target = str(node.target)
         if any(f"aten.{op}" in target for op in ops):
-            names.append(((node.meta.get("custom") or {}).get(TAG)))
+            names.append(meta.custom_get(node, TAG))
     by_name = {n.name: n for n in reference.graph.nodes}
     found = [by_name[n] for n in dict.fromkeys(names) if n in by_name]
     for kind in kinds:

@@ -22,6 +22,8 @@ import operator
 import torch
 from torch import fx
 
+from qcompile.passes.rewrite import Match, Rule, RuleSet, rewritten
+
 qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
 _TRANSPOSES = (aten.permute.default, aten.transpose.int, aten.t.default)
 _SPLITS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default, aten.split.sizes)
@@ -33,31 +35,30 @@ def _meta_from(src: fx.Node, *nodes: fx.Node) -> None:
         n.meta.update({k: v for k, v in src.meta.items() if k in _KEEP})
 
 
-def requantize_cat_inputs(gm: fx.GraphModule) -> list[str]:
-    """Give every input of a quantized-output cat the output's quantization parameters."""
-    done = []
-    for cat in [n for n in gm.graph.nodes if n.target == aten.cat.default]:
-        users = list(cat.users)
-        if len(users) != 1 or users[0].target != qd.quantize_per_tensor.default:
+def _quantized_cat(node: fx.Node) -> bool:
+    users = list(node.users)
+    return node.target == aten.cat.default and len(users) == 1 and users[0].target == qd.quantize_per_tensor.default
+
+
+def _requantize_cat(m: Match):
+    """Quantize each cat input with the output's parameters unless it already is; None when none changed."""
+    gm, cat = m.ctx, m.anchor
+    qparams = tuple(m.user.args[1:])
+    inputs = list(cat.args[0])
+    for i, x in enumerate(inputs):
+        if isinstance(x, fx.Node) and x.target == qd.dequantize_per_tensor.default and tuple(x.args[1:]) == qparams:
             continue
-        qparams = tuple(users[0].args[1:])
-        inputs = list(cat.args[0])
-        for i, x in enumerate(inputs):
-            if isinstance(x, fx.Node) and x.target == qd.dequantize_per_tensor.default and tuple(x.args[1:]) == qparams:
-                continue
-            with gm.graph.inserting_before(cat):
-                q = gm.graph.call_function(qd.quantize_per_tensor.default, (x, *qparams))
-                dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, *qparams))
-            _meta_from(cat, q, dq)
-            if isinstance(x, fx.Node) and "val" in x.meta:
-                dq.meta["val"] = x.meta["val"]
-            inputs[i] = dq
-        if inputs != list(cat.args[0]):
-            cat.args = (inputs, *cat.args[1:])
-            done.append(cat.name)
-    if done:
-        gm.recompile()
-    return done
+        with gm.graph.inserting_before(cat):
+            q = gm.graph.call_function(qd.quantize_per_tensor.default, (x, *qparams))
+            dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, *qparams))
+        _meta_from(cat, q, dq)
+        if isinstance(x, fx.Node) and "val" in x.meta:
+            dq.meta["val"] = x.meta["val"]
+        inputs[i] = dq
+    if inputs == list(cat.args[0]):
+        return None
+    cat.args = (inputs, *cat.args[1:])
+    return True
 
 
 def _split_bounds(node: fx.Node) -> tuple[int, list[tuple[int, int]]] | None:
@@ -78,43 +79,69 @@ def _split_bounds(node: fx.Node) -> tuple[int, list[tuple[int, int]]] | None:
     return dim, bounds
 
 
-def splits_as_slices(gm: fx.GraphModule) -> list[str]:
-    """chunk / split -> getitem(i) becomes slice(x, dim, start_i, end_i)."""
-    done = []
-    for node in [n for n in gm.graph.nodes if n.target in _SPLITS]:
-        found = _split_bounds(node)
-        if found is None or not all(u.target is operator.getitem for u in node.users):
-            continue
-        dim, bounds = found
-        for item in list(node.users):
-            start, end = bounds[item.args[1]]
-            with gm.graph.inserting_before(item):
-                piece = gm.graph.call_function(aten.slice.Tensor, (node.args[0], dim, start, end))
-            piece.meta = copy.copy(item.meta)
-            _meta_from(node, piece)
-            item.replace_all_uses_with(piece)
-            gm.graph.erase_node(item)
-        gm.graph.erase_node(node)
-        done.append(node.name)
+def _static_split(node: fx.Node) -> bool:
+    return (node.target in _SPLITS and _split_bounds(node) is not None
+            and all(u.target is operator.getitem for u in node.users))
+
+
+def _as_slices(m: Match) -> bool:
+    gm, node = m.ctx, m.anchor
+    dim, bounds = _split_bounds(node)
+    for item in list(node.users):
+        start, end = bounds[item.args[1]]
+        with gm.graph.inserting_before(item):
+            piece = gm.graph.call_function(aten.slice.Tensor, (node.args[0], dim, start, end))
+        piece.meta = copy.copy(item.meta)
+        _meta_from(node, piece)
+        item.replace_all_uses_with(piece)
+        gm.graph.erase_node(item)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _reshape_of_transposed(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return node.target in (aten.reshape.default, aten.view.default) and isinstance(src, fx.Node) \
+        and src.target in _TRANSPOSES
+
+
+def _clone_first(m: Match) -> bool:
+    gm, node = m.ctx, m.anchor
+    src = node.args[0]
+    with gm.graph.inserting_before(node):
+        clone = gm.graph.call_function(aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
+    _meta_from(src, clone)
+    if "val" in src.meta:
+        clone.meta["val"] = src.meta["val"]
+    node.replace_input_with(src, clone)
+    return True
+
+
+# cat(x, dq(q(y, s'))) -> q(s)  ->  cat(dq(q(x, s)), dq(q(y, s))) -> q(s): one scale for XNNPACK's concatenate
+CAT_RULES = RuleSet([Rule("requantize_cat_inputs", (_quantized_cat,), rewrite=_requantize_cat)])
+# split(x) -> getitem(i)  ->  slice(x, dim, start_i, end_i)
+SPLIT_RULES = RuleSet([Rule("split_as_slices", (_static_split,), rewrite=_as_slices)])
+# reshape(transpose(x))  ->  reshape(clone(transpose(x), contiguous_format))
+RESHAPE_RULES = RuleSet([Rule("clone_before_reshape_of_transposed", (_reshape_of_transposed,), rewrite=_clone_first)])
+
+
+def _apply(gm: fx.GraphModule, rules: RuleSet) -> list[str]:
+    done = rewritten(gm, rules)
     if done:
         gm.recompile()
     return done
+
+
+def requantize_cat_inputs(gm: fx.GraphModule) -> list[str]:
+    """Give every input of a quantized-output cat the output's quantization parameters."""
+    return _apply(gm, CAT_RULES)
+
+
+def splits_as_slices(gm: fx.GraphModule) -> list[str]:
+    """chunk / split -> getitem(i) becomes slice(x, dim, start_i, end_i)."""
+    return _apply(gm, SPLIT_RULES)
 
 
 def clone_before_reshape_of_transposed(gm: fx.GraphModule) -> list[str]:
     """reshape(transpose(x)) -> reshape(clone(transpose(x), contiguous_format))."""
-    done = []
-    for node in [n for n in gm.graph.nodes if n.target in (aten.reshape.default, aten.view.default)]:
-        src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.target in _TRANSPOSES):
-            continue
-        with gm.graph.inserting_before(node):
-            clone = gm.graph.call_function(aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
-        _meta_from(src, clone)
-        if "val" in src.meta:
-            clone.meta["val"] = src.meta["val"]
-        node.replace_input_with(src, clone)
-        done.append(node.name)
-    if done:
-        gm.recompile()
-    return done
+    return _apply(gm, RESHAPE_RULES)

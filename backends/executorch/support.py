@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompile.backends.support import ANCHOR, PROPAGATE, SHARED, Capabilities, OpSupport
+from qcompile.support import ANCHOR, PROPAGATE, SHARED, Capabilities, OpSupport
 from qcompile.specs import FixedSpec
 
 

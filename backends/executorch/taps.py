@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qcompile.artifact import output_steps
+from qcompile.ir import output_steps
 from qcompile.passes.capture import CapturedInputs
 
 qd = torch.ops.quantized_decomposed

@@ -28,7 +28,7 @@ def weight_storage(gm: fx.GraphModule, containers: dict | None = None) -> dict:
     also counted in ``lowbit_in_int8_weight_elements``); ``int4_packed_weight_elements``: two per byte
     (``containers[node] == INT4_PACKED``, see ``lower.weight_containers``); the rest fp32.
     ``weight_bytes`` is what those take in the program, scales excluded."""
-    from qcompile.passes.pattern import op_kind
+    from qcompile.ops import op_kind
     containers = containers or {}
     int8 = int4 = lowbit = total = nbytes = 0
     for node in gm.graph.nodes:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 import onnx.version_converter
@@ -24,6 +24,8 @@ from torch import fx
 from qcompile.errors import ConfigError, UnsupportedError, where
 
 from . import custom_ops
+from .emitted import Emitted, QInfo, flat_inputs  # noqa: F401  (Emitted, QInfo: re-exported)
+from .naming import finish
 from .prepare import prepare
 
 MIN_OPSET, MAX_OPSET = 13, 23  # per-channel QDQ needs 13; torch.onnx writes 18+ and converts down on request
@@ -36,44 +38,12 @@ class EmitOptions:
     accuracy_level: int | None = None  # MatMulNBits accuracy_level (None: 0 for <= 4-bit blocks, 4 for 8-bit)
 
 
-@dataclass(frozen=True)
-class QInfo:
-    """An activation QuantizeLinear in the emitted model and the reference node it came from."""
-
-    fx_node: str      # reference quantize node
-    value: str        # ONNX name of its (integer) output
-    source: str       # reference node whose float output it quantizes
-    module: str
-    scale: float
-    zero_point: int
-    dtype: torch.dtype
-
-
-@dataclass
-class Emitted:
-    model: onnx.ModelProto
-    opset: int
-    dynamic_batch: bool
-    inputs: list                                     # ONNX input names, per flat input (None: not a tensor)
-    outputs: list                                    # ONNX output names (None for non-tensor leaves)
-    out_template: list                               # output leaves: None = tensor from ORT, else a constant
-    node_of: dict = field(default_factory=dict)      # ONNX node name -> reference fx node name
-    onnx_of: dict = field(default_factory=dict)      # reference fx node name -> [ONNX node names]
-    quantized: list = field(default_factory=list)    # QInfo of every activation quantize node
-    weights: dict = field(default_factory=dict)      # ONNX weight DQ node name -> reference dq node name
-    notes: list = field(default_factory=list)
-    storage: dict = field(default_factory=dict)      # initializer -> (reference layer, role, weights it holds)
-    kernel_notes: dict = field(default_factory=dict)  # reference node -> (ONNX op emitted for it, what it runs)
-
-
 def _batch(flat: list) -> int | None:
     return next((int(a.shape[0]) for a in flat if isinstance(a, torch.Tensor) and a.dim() > 0), None)
 
 
 def emit(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, user_table: dict | None = None
          ) -> Emitted:
-    from .lower import flat_inputs
-    from .naming import finish
     if opts.opset is not None and not MIN_OPSET <= opts.opset <= MAX_OPSET:
         raise ConfigError(f"onnx backend: opset={opts.opset} is outside the supported range "
                           f"[{MIN_OPSET}, {MAX_OPSET}] (per-channel QDQ needs >= {MIN_OPSET})")

@@ -51,7 +51,7 @@ class NBits:
 
 
 def nbits_layout(iw) -> NBits | None:
-    """An ``IntWeight`` (x86 backend's view of a weight dequantize) in MatMulNBits' layout, or None if its
+    """An ``IntWeight`` (``qcompile.int_weight``: the reference graph's integer weight) in MatMulNBits' layout, or None if its
     codes or zero points do not fit the container."""
     n, k = iw.q.shape
     g = iw.group_size

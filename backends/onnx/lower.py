@@ -16,7 +16,8 @@ from torch import fx
 
 from qcompile import annotation as A
 
-from .emit import EmitOptions, Emitted, emit
+from .emit import EmitOptions, emit
+from .emitted import Emitted, flat_inputs  # noqa: F401  (flat_inputs: re-exported for backend.py)
 from ..base import Lowered
 from .runtime import INT_KERNELS, QDQ, RuntimeGraph, analyze, make_session, producers
 
@@ -121,10 +122,6 @@ def storage_view(model: onnx.ModelProto, tags: dict) -> tuple[fx.GraphModule, di
             out_tags[name] = tags[init.name]
     graph.output(None)
     return fx.GraphModule(root, graph, class_name="OnnxInitializers"), out_tags
-
-
-def flat_inputs(args: tuple, kwargs: dict) -> list:
-    return list(torch.utils._pytree.arg_tree_leaves(*args, **(kwargs or {})))
 
 
 def feeds(emitted: Emitted, flat: list) -> dict:

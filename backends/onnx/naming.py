@@ -19,9 +19,10 @@ import onnx_ir as ir
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import module_path
 
-from .emit import Emitted, QInfo
+from .emitted import Emitted, QInfo
 from .prepare import REF, Prepared
 from .rewrites import global_average_pool
 
@@ -49,7 +50,7 @@ class _Names:
 
 def _ref_of(program) -> dict:
     """fx node name of the translated program -> reference node name."""
-    return {n.name: n.meta.get("custom", {}).get(REF) for n in program.exported_program.graph.nodes}
+    return {n.name: meta.custom_get(n, REF) for n in program.exported_program.graph.nodes}
 
 
 def finish(program, ref: fx.GraphModule, prep: Prepared, flat: list) -> Emitted:

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import add_constant, erase_dead_params, get_attr_value, module_path
 
 from . import custom_ops as C
 from .lowbit_pack import accuracy_level, nbits_layout
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
-REF = "qcompile_ref"
+REF = meta.ONNX_REF
 W_DQ = {qd.dequantize_per_tensor.default, qd.dequantize_per_channel.default}
 LOWBIT_DQ = {qd.dequantize_per_channel_group.default, qc.dequantize_nf4.default}
 
@@ -44,7 +45,7 @@ class Prepared:
 
 
 def ref_name(node: fx.Node) -> str:
-    return node.meta.get("custom", {}).get(REF, node.name)
+    return meta.custom_get(node, REF, node.name)
 
 
 class _Builder:
@@ -194,7 +195,7 @@ def dynamic_linear(b: _Builder, node: fx.Node) -> bool:
 
 # ----------------------------------------------------------------------------- weight-only
 def nbits_linear(b: _Builder, node: fx.Node) -> bool:
-    from qcompile.backends.x86.weight_only import int_weight
+    from qcompile.int_weight import int_weight
     x, w, bias = node.args[0], node.args[1], _arg(node, 2, "bias")
     if _is_static_dq(x) or not isinstance(w, fx.Node) or w.target not in (W_DQ | {qd.dequantize_per_channel_group.default}):
         return False
@@ -315,7 +316,7 @@ def prepare(ref: fx.GraphModule, accuracy: int | None = None) -> Prepared:
     """The rewritten copy of ``ref`` (``ref`` is left untouched)."""
     gm = fx.GraphModule(ref, copy.deepcopy(ref.graph))  # node meta is copied shallowly: replaced, never mutated
     for node in gm.graph.nodes:
-        node.meta["custom"] = {**node.meta.get("custom", {}), REF: node.name}
+        meta.custom_set(node, REF, node.name)
     b = _Builder(gm, accuracy)
     for targets, rewrite in RULES:
         for node in list(gm.graph.nodes):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, Capabilities, OpSupport
-from qcompile.passes.pattern import op_kind
+from qcompile.support import ANCHOR, FIXED, PROPAGATE, SHARED, Capabilities, OpSupport
+from qcompile.ops import op_kind
 from qcompile.specs import FixedSpec
 
 

@@ -22,7 +22,7 @@ from torch import fx
 from qcompile.ir import record_values
 from qcompile.qparams import sqnr
 
-from .emit import Emitted
+from .emitted import Emitted
 from .lower import feeds
 from .runtime import INT_KERNELS, analyze, make_session, producers
 

@@ -56,7 +56,7 @@ class X86Options:
 class X86Backend(TableBackend):
     name = "x86"
     Options = X86Options
-    rule_help = "fn(lowerer, nodes, quantize_node) -> rules.Emitted | reason string (backends/x86/rules.py)"
+    rule_help = "fn(match) -> rules.Emitted | reason string (match.ctx: the Lowerer; backends/x86/rules.py)"
     static_notes = support.NOTES
     mode_capabilities = {"static": support.CAPABILITIES, **support.MODE_CAPABILITIES}
 

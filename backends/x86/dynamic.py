@@ -17,11 +17,13 @@ import torch
 from torch import fx
 
 from qcompile.errors import ConfigError
+from qcompile.int_weight import int_weight
 from qcompile.ir import get_attr_value
+from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import QuantSpec
 
 from .kernel_choice import cpu_has_vnni
-from .weight_only import Rewriter, _rows, int_weight
+from .weight_only import Rewriter, _rows
 
 aten, qd, qops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.quantized
 
@@ -96,10 +98,13 @@ def _weight(rw: Rewriter, node: fx.Node):
     return w.q, s.contiguous()
 
 
-def linear_dynamic(rw: Rewriter, node: fx.Node):
-    if node.target != aten.linear.default or (chain := _chain(node.args[0])) is None:
-        return None
-    src, choose, qmin, qmax, dtype = chain
+def _dynamic_linear(node: fx.Node) -> bool:
+    return node.target == aten.linear.default and _chain(node.args[0]) is not None
+
+
+def linear_dynamic(m: Match):
+    rw, node = m.ctx, m.anchor
+    src, choose, qmin, qmax, dtype = _chain(node.args[0])
     bias = node.args[2] if len(node.args) > 2 else None
     weight = _weight(rw, node)
     if isinstance(weight, str):
@@ -143,11 +148,14 @@ def _packed(w, bias):
     return qops.linear_prepack(q, bias)
 
 
-def recurrent_dynamic(rw: Rewriter, node: fx.Node):
+def _recurrent(node: fx.Node) -> bool:
+    return node.target in (aten.lstm.input, aten.gru.input)
+
+
+def recurrent_dynamic(m: Match):
     """``aten.lstm`` / ``aten.gru`` with int8 weight matrices -> ``quantized_lstm`` / ``quantized_gru``
     (fbgemm gate GEMMs with per-tensor dynamic activations; 7-bit activations without VNNI)."""
-    if node.target not in (aten.lstm.input, aten.gru.input):
-        return None
+    rw, node = m.ctx, m.anchor
     params, has_biases = node.args[2], node.args[3]
     stride = 4 if has_biases else 2
     cells = []
@@ -165,7 +173,12 @@ def recurrent_dynamic(rw: Rewriter, node: fx.Node):
                    f"aten.quantized_{'lstm' if lstm else 'gru'} (fbgemm, dynamic int8 gates)")
 
 
-RULES = [linear_dynamic, recurrent_dynamic]
+RULES = RuleSet([
+    # linear(dequantize(quantize(x, choose_qparams(x))), dequantize(w int8)) -> one dynamic int8 kernel
+    Rule("linear_dynamic", (_dynamic_linear,), rewrite=linear_dynamic),
+    # lstm / gru(x, [dequantize(w int8)...]) -> quantized_lstm / quantized_gru (dynamic int8 gates)
+    Rule("recurrent_dynamic", (_recurrent,), rewrite=recurrent_dynamic),
+])
 
 
 # -- specs (the backend's SpecMaker hooks for mode="dynamic") ------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from torch import fx
 
 from qcompile.ir import copy_meta, get_attr_value
+from qcompile.passes import rewrite
+from qcompile.passes.rewrite import Match, Rule, RuleSet
 
 aten, qops, qd = torch.ops.aten, torch.ops.quantized, torch.ops.quantized_decomposed
 _Q = {qd.quantize_per_tensor.default}
@@ -57,11 +59,17 @@ def _dequantized_weight(ref, dq: fx.Node) -> torch.Tensor:
 
 
 class Lowerer:
-    """Build the lowered graph from the reference graph, one node (or group) at a time."""
+    """Build the lowered graph from the reference graph, one node (or group) at a time.
 
-    def __init__(self, ref: fx.GraphModule, patterns, rules: dict, channels_last: bool = True,
+    ``patterns`` are the backend's fusion patterns: they decide the groups, largest first, exactly as
+    fusion did before annotation; ``rules`` (a :class:`RuleSet`, e.g. ``rules.RULES``) say how the group
+    of the same name lowers. Both go through the rewrite engine's one loop (``rewrite.run``)."""
+
+    def __init__(self, ref: fx.GraphModule, patterns: RuleSet, rules: RuleSet, channels_last: bool = True,
                  exact_quantize: bool = False):
         self.ref, self.patterns, self.rules, self.channels_last = ref, patterns, rules, channels_last
+        self.groups = RuleSet(Rule(p.name, p.pattern, p.check, p.score,
+                                   rewrite=_group_rewrite(p.name, rules.get(p.name))) for p in patterns)
         self.exact_quantize = exact_quantize
         self.graph = fx.Graph()
         self.root = torch.nn.Module()
@@ -118,10 +126,10 @@ class Lowerer:
 
     # -- nodes ----------------------------------------------------------------------------------
     def run(self) -> LowerResult:
-        for node in self.ref.graph.nodes:
-            if node.name in self.done:
+        for step in rewrite.run(self.ref.graph.nodes, self.groups, self, skip=lambda n: n.name in self.done):
+            if step.match is not None and self._claim(step):
                 continue
-            getattr(self, f"_op_{node.op}")(node)
+            getattr(self, f"_op_{step.node.op}")(step.node)
         self.graph._codegen = copy.deepcopy(self.ref.graph._codegen)  # same call signature as the model
         gm = fx.GraphModule(self.root, self.graph)
         self.result.gm = gm
@@ -146,9 +154,6 @@ class Lowerer:
             return self._quantize(node)
         if node.target in _DQ or node.target in _DQ_W:
             return  # consumed by groups, or dequantized lazily by float users
-        rule, nodes, _ = self.patterns.match(node)
-        if rule is not None and self._lower_group(rule.name, nodes):
-            return
         self._float_op(node)
 
     def _quantize(self, q: fx.Node):
@@ -184,28 +189,32 @@ class Lowerer:
         self.env[node.name] = Value(new)
         self.result.fallbacks.setdefault(node.name, "no lowering rule matched this node")
 
-    def _lower_group(self, pattern: str, nodes: list) -> bool:
-        out = nodes[-1]
-        users = list(out.users)
-        rule = self.rules.get(pattern)
-        reason = None
-        if rule is None:
-            reason = f"no lowering rule for pattern {pattern}"
-        elif len(users) != 1 or users[0].target not in _Q:
-            reason = "group output is not quantized (no single quantize node after it)"
-        if reason is None:
-            reason = rule(self, nodes, users[0])
-        if isinstance(reason, str):
+    def _claim(self, step: rewrite.Step) -> bool:
+        """Record a group's lowering (True) or, when its rule declined, the reason for each node (False)."""
+        nodes = step.match.nodes
+        if step.reason is not None:
             for n in nodes:
-                self.result.fallbacks[n.name] = reason
+                self.result.fallbacks[n.name] = step.reason
             return False
+        q, emitted = step.match.user, step.result
         for n in nodes:
             self.done.add(n.name)
-            self.result.kernels[n.name] = reason.kernel
-        self.done.add(users[0].name)
-        self.env[users[0].name] = reason.value
-        self.result.taps[users[0].name] = reason.value.node.name
+            self.result.kernels[n.name] = emitted.kernel
+        self.done.add(q.name)
+        self.env[q.name] = emitted.value
+        self.result.taps[q.name] = emitted.value.node.name
         return True
+
+
+def _group_rewrite(name: str, rule: Rule | None):
+    """The rewrite of group ``name``: its lowering rule, once the group is known to end in one quantize."""
+    def lower_group(m: Match):
+        if rule is None or rule.rewrite is None:
+            return f"no lowering rule for pattern {name}"
+        if m.user is None or m.user.target not in _Q:
+            return "group output is not quantized (no single quantize node after it)"
+        return rule.rewrite(m)
+    return lower_group
 
 
 @dataclass

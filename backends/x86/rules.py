@@ -1,13 +1,18 @@
-"""x86 lowering rules: pattern name -> function(lowerer, group nodes, output quantize node).
+"""x86 static lowering rules: one :class:`~qcompile.passes.rewrite.Rule` per support-table row.
 
-A rule returns :class:`Emitted` (the kernel's quantized output) or a reason string when it declines.
+A rule's pattern is its row's op chain (``dequantize -> op(s) -> quantize`` groups of the reference
+graph); ``rewrite(match)`` runs with ``match.ctx`` the :class:`~.lower.Lowerer` and ``match.user`` the
+group's output quantize node, and returns :class:`Emitted` (the kernel's quantized output) or a reason
+string when it declines (the group stays float and the report shows the reason).
 """
 from __future__ import annotations
 
 import torch
 
 from qcompile.ir import get_attr_value
+from qcompile.passes.rewrite import Match, Rule, RuleSet
 
+from . import support
 from .kernel_choice import available_families, engine_family, example_input, quantized_engine
 from .lower import _DQ_W, Emitted, Value, _int_weight, _qparams
 
@@ -23,7 +28,8 @@ def _bias(lw, node):
     return None if b is None else get_attr_value(lw.ref, b).detach().float()
 
 
-def _weighted(lw, nodes, q, prepack, kernels, kernel_name):
+def _weighted(m: Match, prepack, kernels, kernel_name):
+    lw, nodes, q = m.ctx, m.nodes, m.user
     anchor = nodes[0]
     x = lw.quantized_input(anchor.args[0])
     if x is None:
@@ -79,23 +85,24 @@ def _linear_prepack(node, qw, bias):
     return qops.linear_prepack(qw, bias)
 
 
-def conv2d(lw, nodes, q):
-    return _weighted(lw, nodes, q, _conv_prepack, {False: qops.conv2d.new, True: qops.conv2d_relu.new},
+def conv2d(m: Match):
+    return _weighted(m, _conv_prepack, {False: qops.conv2d.new, True: qops.conv2d_relu.new},
                      "quantized::conv2d")
 
 
-def conv1d(lw, nodes, q):
-    return _weighted(lw, nodes, q, _conv1d_prepack, {False: qops.conv1d.default, True: qops.conv1d_relu.default},
+def conv1d(m: Match):
+    return _weighted(m, _conv1d_prepack, {False: qops.conv1d.default, True: qops.conv1d_relu.default},
                      "quantized::conv1d")
 
 
-def linear(lw, nodes, q):
-    return _weighted(lw, nodes, q, _linear_prepack, {False: qops.linear.default, True: qops.linear_relu.default},
+def linear(m: Match):
+    return _weighted(m, _linear_prepack, {False: qops.linear.default, True: qops.linear_relu.default},
                      "quantized::linear")
 
 
 def _binary(kernel, name):
-    def rule(lw, nodes, q):
+    def rule(m: Match):
+        lw, nodes, q = m.ctx, m.nodes, m.user
         a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
         if a is None or b is None:
             return "both inputs must be quantized tensors"
@@ -113,10 +120,10 @@ def _lut(node, in_scale, in_zp, out_scale, out_zp, out_dtype, qmin, qmax) -> tor
     return torch.ops.quantized_decomposed.quantize_per_tensor.default(y, out_scale, out_zp, qmin, qmax, out_dtype)
 
 
-def unary_lut(lw, nodes, q):
+def unary_lut(m: Match):
     """Unary elementwise op (hardswish, sigmoid, ...) as a table lookup on the uint8 codes: bit-exact with
     the reference graph, where quantized::hardswish rounds differently (measured on MobileNetV2)."""
-    node = nodes[0]
+    lw, node, q = m.ctx, m.anchor, m.user
     x = lw.quantized_input(node.args[0])
     if x is None:
         return "input is not a quantized tensor"
@@ -129,9 +136,9 @@ def unary_lut(lw, nodes, q):
     return Emitted(Value(out, True, scale, zp), f"int8 lookup table ({node.target.__name__})")
 
 
-def same_op(lw, nodes, q):
+def same_op(m: Match):
     """Ops whose quantized kernel keeps (SHARED) or fixes (FIXED) the parameters: run the aten op as is."""
-    node = nodes[0]
+    lw, node, q = m.ctx, m.anchor, m.user
     x = lw.quantized_input(node.args[0])
     if x is None:
         return "input is not a quantized tensor"
@@ -164,7 +171,8 @@ def int8_matmul(a, b, scale: float, zero_point: int):
     return torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
 
 
-def matmul(lw, nodes, q):
+def matmul(m: Match):
+    lw, nodes, q = m.ctx, m.nodes, m.user
     a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
     if a is None or b is None:
         return "both inputs must be quantized tensors"
@@ -173,16 +181,24 @@ def matmul(lw, nodes, q):
     return Emitted(Value(out, True, scale, zp), "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact)")
 
 
-RULES = {
-    "matmul": matmul,
-    "conv2d": conv2d, "conv2d_relu": conv2d, "conv2d_relu6": conv2d,
-    "conv1d": conv1d, "conv1d_relu": conv1d,
-    "linear": linear, "linear_relu": linear,
-    "add": _binary(qops.add.default, "quantized::add"),
-    "add_relu": _binary(qops.add_relu.default, "quantized::add_relu"),
-    "mul": _binary(qops.mul.default, "quantized::mul"),
-    "hardswish": unary_lut, "sigmoid": unary_lut, "hardsigmoid": unary_lut,
-    **{name: same_op for name in ("relu", "relu6", "max_pool2d", "adaptive_avg_pool2d", "avg_pool2d", "mean",
-                                  "flatten", "reshape", "permute", "unflatten", "unsqueeze", "squeeze",
-                                  "select")},
+_LOWER = {  # support-table row -> rewrite; each group is dequantize -> ops -> quantize in the reference graph
+    "matmul": matmul,                    # matmul(dq a, dq b) -> q  ->  int8_matmul(qa, qb)
+    "conv2d": conv2d,                    # conv2d(dq x, dq w) -> q  ->  quantized::conv2d(qx, packed)
+    "conv2d_relu": conv2d,               # conv2d -> relu -> q  ->  quantized::conv2d_relu
+    "conv2d_relu6": conv2d,              # conv2d -> hardtanh(0, 6) -> q  ->  quantized::conv2d -> hardtanh(q)
+    "conv1d": conv1d,                    # conv1d(dq x, dq w) -> q  ->  quantized::conv1d(qx, packed)
+    "conv1d_relu": conv1d,               # conv1d -> relu -> q  ->  quantized::conv1d_relu
+    "linear": linear,                    # linear(dq x, dq w) -> q  ->  quantized::linear(qx, packed)
+    "linear_relu": linear,               # linear -> relu -> q  ->  quantized::linear_relu
+    "add": _binary(qops.add.default, "quantized::add"),                 # add(dq a, dq b) -> q  ->  quantized::add
+    "add_relu": _binary(qops.add_relu.default, "quantized::add_relu"),  # add -> relu -> q  ->  quantized::add_relu
+    "mul": _binary(qops.mul.default, "quantized::mul"),                 # mul(dq a, dq b) -> q  ->  quantized::mul
+    "hardswish": unary_lut,              # hardswish(dq x) -> q  ->  table[int_repr(qx)]
+    "sigmoid": unary_lut,                # sigmoid(dq x) -> q  ->  table[int_repr(qx)]
+    "hardsigmoid": unary_lut,            # hardsigmoid(dq x) -> q  ->  table[int_repr(qx)]
+    **{name: same_op for name in (       # op(dq x) -> q (same or fixed parameters)  ->  op(qx)
+        "relu", "relu6", "max_pool2d", "adaptive_avg_pool2d", "avg_pool2d", "mean", "flatten", "reshape", "permute",
+        "unflatten", "unsqueeze", "squeeze", "select")},
 }
+
+RULES = RuleSet(Rule(row.name, row.ops, rewrite=_LOWER[row.name]) for row in support.TABLE if row.name in _LOWER)

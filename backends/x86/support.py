@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.backends.support import ANCHOR, FIXED, PROPAGATE, SHARED, Capabilities, OpSupport
+from qcompile.support import ANCHOR, FIXED, PROPAGATE, SHARED, Capabilities, OpSupport
 from qcompile.specs import FixedSpec
 
 

@@ -18,7 +18,6 @@ The report says which one ran: a dequantize-at-every-call kernel is slower than 
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -27,74 +26,18 @@ import torch.nn.functional as F
 from torch import fx
 
 from qcompile.errors import ConfigError
+from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
+from qcompile.passes import rewrite
+from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 _INT4_GROUPS = (256, 128, 64, 32)
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
 KERNEL_MAX_ROWS = 32  # the weight-only kernels are GEMVs: cost grows with rows; above, int8 dequantizes + fp32 GEMM
-
-
-@dataclass
-class IntWeight:
-    """An integer weight behind a dequantize node: ``w = (q - zero_point) * scale``."""
-
-    q: torch.Tensor
-    scale: torch.Tensor       # [N] (per channel), [N, K/g] (per group) or 0-d
-    zero_point: torch.Tensor  # same shape
-    quant_min: int
-    quant_max: int
-    group_size: int | None = None
-
-    @property
-    def bits(self) -> int:
-        return max(1, math.ceil(math.log2(self.quant_max - self.quant_min + 1)))
-
-    def per_row(self, n: int):
-        """(scale, zero point) as ``[N]`` when the weight has one scale per output row, else None."""
-        if self.group_size is not None:
-            return None
-        return self.scale.float().reshape(-1).expand(n), self.zero_point.float().reshape(-1).expand(n)
-
-    def grouped(self, k: int, g: int):
-        """(scale, zero point) as ``[N, K/g]`` for a group size ``g`` the parameters are uniform over."""
-        n = self.q.shape[0]
-        if self.group_size is None:
-            s, z = self.per_row(n)
-            return s[:, None].expand(n, k // g), z[:, None].expand(n, k // g)
-        if g != self.group_size:
-            return None
-        return self.scale.float().reshape(n, -1), self.zero_point.float().reshape(n, -1)
-
-    def dequantize(self) -> torch.Tensor:
-        q = self.q.float()
-        if self.group_size is None:
-            n = q.shape[0]
-            s, z = self.per_row(n)
-            shape = (n,) + (1,) * (q.dim() - 1)
-            return (q - z.reshape(shape)) * s.reshape(shape)
-        s, z = self.scale.float().reshape(q.shape[0], -1), self.zero_point.float().reshape(q.shape[0], -1)
-        g = self.group_size
-        return (q - z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)
-
-
-def int_weight(gm: fx.GraphModule, dq: fx.Node) -> IntWeight | None:
-    """The integer constant and parameters behind a weight dequantize node (None if it is not one)."""
-    if not isinstance(dq, fx.Node) or not dq.args or not isinstance(dq.args[0], fx.Node) or dq.args[0].op != "get_attr":
-        return None
-    q, a = get_attr_value(gm, dq.args[0]), dq.args
-    val = lambda x: get_attr_value(gm, x) if isinstance(x, fx.Node) else torch.tensor(x)  # noqa: E731
-    if dq.target == qd.dequantize_per_tensor.default:
-        return IntWeight(q, val(a[1]).float(), val(a[2]), a[3], a[4])
-    if dq.target == qd.dequantize_per_channel.default and int(a[3]) == 0:
-        return IntWeight(q, val(a[1]), val(a[2]), a[4], a[5])
-    if dq.target == qd.dequantize_per_channel_group.default:
-        z = val(a[2]) if a[2] is not None else torch.zeros(1)
-        return IntWeight(q, val(a[1]), z, a[3], a[4], int(a[6]))
-    return None
 
 
 # -- kernels (call_function targets of the lowered graph) -----------------------------------------
@@ -196,12 +139,14 @@ class Lowered:
 
 
 class Rewriter:
-    """Rewrite a copy of the reference graph node by node. A rule returns None (not its pattern),
-    :class:`Lowered` (the node now calls a kernel) or a reason string (the node keeps its reference ops)."""
+    """Rewrite a copy of the reference graph node by node with the rewrite engine's loop. A rule's pattern
+    is one node; its ``rewrite(match)`` (``match.ctx`` is this rewriter) returns :class:`Lowered` (the node
+    now calls a kernel), a reason string (the node keeps its reference ops, reported) or None (not its case)."""
 
-    def __init__(self, ref: fx.GraphModule, rules: list, kernel_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, ref: fx.GraphModule, rules, kernel_dtype: torch.dtype = torch.bfloat16):
         self.gm, self.kernel_dtype = copy.deepcopy(ref), kernel_dtype  # activation dtype of weight-only kernels
-        self.rules, self.result, self._n = rules, FloatLowerResult(self.gm), 0
+        self.rules = rules if isinstance(rules, RuleSet) else RuleSet(rules)
+        self.result, self._n = FloatLowerResult(self.gm), 0
 
     def const(self, value, before: fx.Node, layer: str, role: str, weights: int = 0) -> fx.Node:
         self._n += 1
@@ -229,17 +174,11 @@ class Rewriter:
         return Lowered(kernel)
 
     def run(self) -> FloatLowerResult:
-        for node in list(self.gm.graph.nodes):
-            if node.op != "call_function":
-                continue
-            for rule in self.rules:
-                out = rule(self, node)
-                if isinstance(out, Lowered):
-                    self.result.kernels[node.name] = out.kernel
-                elif isinstance(out, str):
-                    self.result.fallbacks[node.name] = out
-                if out is not None:
-                    break
+        for step in rewrite.run(self.gm.graph.nodes, self.rules, self, skip=lambda n: n.op != "call_function"):
+            if step.applied:
+                self.result.kernels[step.node.name] = step.result.kernel
+            elif step.reason is not None:
+                self.result.fallbacks[step.node.name] = step.reason
         self.gm.graph.eliminate_dead_code()
         used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
         for name in [b for b, _ in self.gm.named_buffers() if b not in used and "." not in b]:
@@ -289,9 +228,12 @@ def _is_dynamic_act(x) -> bool:
     return isinstance(x, fx.Node) and x.target in (qd.dequantize_per_token.default, qd.dequantize_per_tensor.tensor)
 
 
-def linear_weight_only(rw: Rewriter, node: fx.Node):
-    if node.target != aten.linear.default or _is_dynamic_act(node.args[0]):
-        return None
+def _weight_only_linear(node: fx.Node) -> bool:
+    return node.target == aten.linear.default and not _is_dynamic_act(node.args[0])
+
+
+def linear_weight_only(m: Match):
+    rw, node = m.ctx, m.anchor
     x, wdq = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     rw.tag(bias, node.name, "bias")
@@ -336,9 +278,8 @@ def linear_weight_only(rw: Rewriter, node: fx.Node):
                    f"int{w.bits}: no kernel ({why}); codes dequantized at every call + fp32 linear")
 
 
-def embedding_weight_only(rw: Rewriter, node: fx.Node):
-    if node.target != aten.embedding.default:
-        return None
+def embedding_weight_only(m: Match):
+    rw, node = m.ctx, m.anchor
     wdq, ids = node.args[0], node.args[1]
     if isinstance(wdq, fx.Node) and wdq.target == qc.dequantize_nf4.default:
         packed, absmax, g = wdq.args
@@ -365,7 +306,12 @@ def embedding_weight_only(rw: Rewriter, node: fx.Node):
                    f"int{w.bits} rows gathered{' (packed 4-bit)' if packed else ''}, then dequantized")
 
 
-RULES = [linear_weight_only, embedding_weight_only]
+RULES = RuleSet([
+    # linear(x, dequantize(int / nf4 codes)) -> kernel on the stored codes (int8 / int4 / nf4 / dequantize)
+    Rule("linear_weight_only", (_weight_only_linear,), rewrite=linear_weight_only),
+    # embedding(dequantize(int / nf4 table), ids) -> gather the codes, then dequantize the rows
+    Rule("embedding_weight_only", ("embedding",), rewrite=embedding_weight_only),
+])
 
 
 # -- specs (the backend's SpecMaker hook for mode="weight_only") ---------------------------------------

@@ -12,7 +12,7 @@ from torch import nn
 
 import qcompile
 from qcompile import annotation as A
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.backends import get_backend
 from qcompile.backends.support import SHARED, OpSupport
 from qcompile.errors import ConfigError, StrictFallbackError

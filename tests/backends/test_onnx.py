@@ -13,7 +13,7 @@ from torch import nn
 
 import qcompile
 from qcompile import annotation as A
-from qcompile import zoo
+import _zoo as zoo
 from qcompile.errors import ConfigError, StrictFallbackError, UnsupportedError
 from qcompile.ir import module_path
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile import ActivationSpec, WeightSpec, zoo
+import _zoo as zoo
+from qcompile import ActivationSpec, WeightSpec
 from qcompile.annotation import INT8
 from qcompile.errors import ConfigError
 from qcompile.qparams import sqnr
@@ -310,7 +311,7 @@ CALIBRATION = [s for s in (Path(__file__).parents[2] / "bench" / "calibration_se
 
 @pytest.fixture(scope="module")
 def minilm():
-    from qcompile.zoo import SENTENCES, embed, load_minilm
+    from _zoo import SENTENCES, embed, load_minilm
     model, tok = load_minilm()
     enc = lambda s, n: tok(s, padding="max_length", truncation=True, max_length=n, return_tensors="pt")  # noqa: E731
     return model, tok, enc, SENTENCES, embed

@@ -145,7 +145,7 @@ def test_op_compiles_for_onnx_and_matches_the_reference(case):
 def test_pre_export_graph_computes_the_reference(mode, weights, ops):
     """The pre-export pass's qcompile_onnx ops (what torch.onnx translates into DynamicQuantizeLinear /
     MatMulInteger / MatMulNBits / MatMulBnb4 / Gather) compute the reference graph's numbers in eager mode."""
-    from qcompile import zoo
+    import _zoo as zoo
     from qcompile.backends.onnx.prepare import prepare
     from qcompile.qparams import sqnr
     model = zoo.make_bert_encoder(seed=0, hidden=64, layers=1, heads=2, intermediate=128)
