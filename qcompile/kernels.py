@@ -15,6 +15,12 @@ import torch
 
 ISA_NAMES = {2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}
 
+# Threads of qcompile's own kernels. One, the calling thread: torch's OpenMP workers keep spinning for a
+# while after each parallel op, and threads of ours compete with them for the same cores. Measured on 2 cores:
+# the d=384 x 6 encoder (batch 8 x 128) 68 ms with 2 kernel threads, 52 ms with 1; 4 x Linear(4096) NF4
+# batch 1 8.7 ms with 2, 7.6 ms with 1. None: torch.get_num_threads().
+KERNEL_THREADS: int | None = 1
+
 
 @lru_cache(maxsize=1)
 def _lib():
@@ -30,6 +36,11 @@ def _lib():
     lib.qc_nf4_linear.restype = c_int
     lib.qc_nf4_isa.restype = c_int
     lib.qc_nf4_max_rows.restype = c_int
+    if hasattr(lib, "qc_u8_bmm"):
+        lib.qc_u8_bmm.argtypes = [p, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i64, ctypes.c_int32,
+                                  ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int]
+        lib.qc_u8_bmm.restype = c_int
+        lib.qc_bmm_isa.restype = c_int
     if hasattr(lib, "qc_dependent_adds"):
         lib.qc_dependent_adds.argtypes = [i64]
         lib.qc_dependent_adds.restype = i64
@@ -59,7 +70,7 @@ def nf4_linear(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, gro
     y = torch.empty(m, n, dtype=torch.float32)
     rc = lib.qc_nf4_linear(x2.data_ptr(), packed.data_ptr(), absmax.data_ptr(), 0 if b is None else b.data_ptr(),
                            y.data_ptr(), m, n, k, group_size, lib.qc_nf4_isa() if isa is None else isa,
-                           torch.get_num_threads())
+                           KERNEL_THREADS or torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"nf4 kernel refused shapes x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
                          f"group_size {group_size}, isa {isa}")
@@ -79,3 +90,41 @@ def measured_clock_hz(iterations: int = 20_000_000, repeats: int = 5) -> float |
         lib.qc_dependent_adds(iterations)
         best = min(best, time.perf_counter() - t0)
     return 8 * iterations / best
+
+
+
+
+
+def u8_bmm_available() -> bool:
+    """True when the batched uint8 matmul kernel (csrc/int8_bmm.c) is built and this CPU has AVX-512 VNNI."""
+    lib = _lib()
+    return lib is not None and hasattr(lib, "qc_u8_bmm") and bool(lib.qc_bmm_isa())
+
+
+def _batch_offsets(t: torch.Tensor):
+    """Element offset of every [..., M, K] slice of ``t`` (any strides), as a ctypes int64 array."""
+    offsets = [t.storage_offset()]
+    for size, stride in zip(t.shape[:-2], t.stride()[:-2]):
+        offsets = [o + i * stride for o in offsets for i in range(size)]
+    return (ctypes.c_int64 * len(offsets))(*offsets), len(offsets)
+
+
+def u8_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | None:
+    """quint8 ``a [..., M, K] @ b [..., K, N]`` requantized to quint8 (scale, zero_point) by the VNNI kernel,
+    reading both operands in place (any strides); None where the kernel cannot run (the caller falls back)."""
+    if not u8_bmm_available() or a.dtype != torch.quint8 or b.dtype != torch.quint8 or a.shape[:-2] != b.shape[:-2]:
+        return None
+    *batch, m, k = a.shape
+    n = b.shape[-1]
+    (a_off, batches), (b_off, _) = _batch_offsets(a), _batch_offsets(b)
+    out = torch.empty(*batch, m, n, dtype=torch.uint8)
+    mult = a.q_scale() * b.q_scale() / scale
+    base_a = a.data_ptr() - a.storage_offset()  # data_ptr points at the first element; offsets include it
+    base_b = b.data_ptr() - b.storage_offset()
+    status = _lib().qc_u8_bmm(base_a, a_off, a.stride(-2), a.stride(-1), base_b, b_off,
+                              b.stride(-2), b.stride(-1), out.data_ptr(), batches, m, k, n,
+                              a.q_zero_point(), b.q_zero_point(), mult, int(zero_point),
+                              KERNEL_THREADS or torch.get_num_threads())
+    if status != 0:
+        return None
+    return torch._make_per_tensor_quantized_tensor(out, scale, int(zero_point))

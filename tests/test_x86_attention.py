@@ -6,15 +6,29 @@ import _zoo as zoo
 from qcompile.qparams import sqnr
 
 def test_int8_matmul_is_the_reference_requantized_within_one_step():
-    from qcompile.backends.x86.rules import int8_matmul
+    """Both kernels (the VNNI batched one where the CPU has it, the torch._int_mm one everywhere), odd
+    sizes (padding of M, K, N), strided operands (K transposed, as attention reads it)."""
+    from qcompile.backends.x86.rules import int8_matmul, int8_matmul_int_mm
+    from qcompile.kernels import u8_bmm, u8_bmm_available
     g = torch.Generator().manual_seed(0)
-    for za, zb in ((128, 128), (0, 255), (37, 200)):
-        a = torch.quantize_per_tensor(torch.randn(2, 3, 16, 8, generator=g), 0.02, za, torch.quint8)
-        b = torch.quantize_per_tensor(torch.randn(2, 3, 8, 12, generator=g), 0.03, zb, torch.quint8)
+    kernels = [int8_matmul_int_mm, int8_matmul] + ([u8_bmm] if u8_bmm_available() else [])
+    for (sa, sb), (za, zb) in zip((((2, 3, 16, 8), (2, 3, 8, 12)), ((2, 3, 17, 9), (2, 3, 9, 70)),
+                                   ((5, 33, 130), (5, 130, 20))), ((128, 128), (0, 255), (37, 200))):
+        a = torch.quantize_per_tensor(torch.randn(*sa, generator=g), 0.02, za, torch.quint8)
+        b = torch.quantize_per_tensor(torch.randn(*sb[:-2], sb[-1], sb[-2], generator=g), 0.03, zb,
+                                      torch.quint8).transpose(-2, -1)
         ref = torch.quantize_per_tensor(a.dequantize() @ b.dequantize(), 0.01, 100, torch.quint8)
-        out = int8_matmul(a, b, 0.01, 100)
-        diff = (out.int_repr().int() - ref.int_repr().int()).abs()
-        assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, (za, zb)
+        for kernel in kernels:
+            out = kernel(a, b, 0.01, 100)
+            diff = (out.int_repr().int() - ref.int_repr().int()).abs()
+            assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, (kernel.__name__, sa, za, zb)
+
+
+def test_the_batched_kernel_runs_where_the_cpu_has_avx512_vnni():
+    from qcompile.kernels import nf4_kernel_info, u8_bmm_available
+    flags = open("/proc/cpuinfo").read()
+    has = "avx512_vnni" in flags and "avx512bw" in flags
+    assert u8_bmm_available() == (has and nf4_kernel_info()["available"])
 
 
 def test_attention_matmuls_run_int8_and_match_the_reference():

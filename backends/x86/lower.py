@@ -164,7 +164,8 @@ class Lowerer:
             self.env[q.name] = prev
             return
         x = self.as_float(src)
-        if self.channels_last and _ndim(src) == 4:  # convert the float: cheaper than the quint8 afterwards
+        if self.channels_last and _ndim(src) == 4 and _feeds_spatial_op(q):  # convert the float: cheaper
+            # than the quint8 afterwards; only for convs / pools (attention scores stay row-major)
             x = self.call(torch.Tensor.contiguous, (x,))
             x.kwargs = {"memory_format": torch.channels_last}
         qmin, qmax = int(q.args[3]), int(q.args[4])
@@ -226,3 +227,25 @@ class Emitted:
 def _ndim(node: fx.Node) -> int:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else -1
+
+
+_SPATIAL = ("conv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d")
+
+
+def _feeds_spatial_op(q: fx.Node) -> bool:
+    """Whether a quantized 4-D value reaches a conv or pool (the kernels that want channels-last) through
+    its dequantize nodes, possibly after int8 element-wise ops (add, relu) that keep the layout."""
+    from qcompile.ops import op_kind
+    seen, stack = set(), [q]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            kind = op_kind(u)
+            if kind in _SPATIAL:
+                return True
+            if u.target in _DQ or u.target in _Q or kind in ("add", "relu", "relu6", "hardtanh", "mul", "hardswish"):
+                stack.append(u)
+    return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.ir import get_attr_value
+from qcompile.kernels import u8_bmm, u8_bmm_available
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 
 from . import support
@@ -149,8 +150,16 @@ def same_op(m: Match):
 
 
 def int8_matmul(a, b, scale: float, zero_point: int):
-    """quint8 ``a [..., M, K] @ b [..., K, N]`` -> quint8: int8 x int8 -> int32 per batch slice
-    (``torch._int_mm``, exact), zero points removed with row / column sums, one float requantize.
+    """quint8 ``a [..., M, K] @ b [..., K, N]`` -> quint8. On AVX-512 VNNI CPUs qcompile's own batched kernel
+    (``csrc/int8_bmm.c``: every slice in one call, operands read in place, requantized in the same pass);
+    elsewhere :func:`int8_matmul_int_mm`."""
+    out = u8_bmm(a, b, scale, zero_point)
+    return out if out is not None else int8_matmul_int_mm(a, b, scale, zero_point)
+
+
+def int8_matmul_int_mm(a, b, scale: float, zero_point: int):
+    """The portable path: int8 x int8 -> int32 per batch slice (``torch._int_mm``, exact), zero points
+    removed with row / column sums, one float requantize.
     ``u ^ 0x80`` viewed as int8 is ``u - 128``: the codes shift to signed and the zero points with them."""
     za, zb = a.q_zero_point() - 128, b.q_zero_point() - 128
     ai = (a.contiguous().int_repr() ^ 128).view(torch.int8)  # int_repr of a strided view is a slow
@@ -178,7 +187,9 @@ def matmul(m: Match):
         return "both inputs must be quantized tensors"
     scale, zp, _ = _qparams(q)
     out = lw.call(int8_matmul, (a.node, b.node, scale, zp), nodes[0])
-    return Emitted(Value(out, True, scale, zp), "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact)")
+    kernel = ("qcompile int8_matmul (own AVX-512 VNNI batched kernel, int32 exact)" if u8_bmm_available() else
+              "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact: no AVX-512 VNNI or no C extension)")
+    return Emitted(Value(out, True, scale, zp), kernel)
 
 
 _LOWER = {  # support-table row -> rewrite; each group is dequantize -> ops -> quantize in the reference graph
