@@ -62,7 +62,10 @@ def encoder_table(repeats: int) -> str:
     systems = {"float": model,
                "qcompile dynamic int8": qcompile.compile(model, (x,), backend="x86", mode="dynamic", verify=False),
                "qcompile static int8": qcompile.compile(model, (x,), backend="x86", calibration=calib,
-                                                        verify=False, progress=False)}
+                                                        verify=False, progress=False),
+               "qcompile static int8, engine='x86'": qcompile.compile(
+                   model, (x,), backend="x86", calibration=calib, verify=False, progress=False,
+                   backend_options={"engine": "x86"})}
     with torch.no_grad():
         lat = interleaved({k: (lambda m=m: m(x)) for k, m in systems.items()}, repeats=repeats)
         ref = [model(h) for h in held]
@@ -74,7 +77,7 @@ def encoder_table(repeats: int) -> str:
     mm = [r for r in systems["qcompile static int8"].report.rows if r.op == "matmul"]
     rows = [[k, f"{lat[k]*1e3:.1f}", f"{lat['float']/lat[k]:.2f}x",
              "-" if k == "float" else f"{lat['qcompile dynamic int8']/lat[k]:.2f}x",
-             "-" if k == "float" else f"{cosines[k]:.4f}"] for k in systems]
+             "-" if k == "float" else f"{cosines[k]:.5f}"] for k in systems]
     note = (f"\nstatic: {sum(r.status == 'int8' for r in mm)} of {len(mm)} attention matmuls int8 "
             f"({mm[0].kernel if mm else '-'})")
     return table(rows, ["TransformerEncoder d=384 x6, batch 8x128", "latency ms", "speed-up vs float",
@@ -95,9 +98,8 @@ def main():
     held = [torch.randn(4, 3, 224, 224, generator=g) for _ in range(4)]
     x = held[0]
     ao, ao_compile = torch_ao(model, x, calib)
-    arts = {"qcompile x86 (round-to-nearest)": qc(model, x, calib),
-            "qcompile x86, engine='auto' (kernel family measured per layer)":
-                qc(model, x, calib, backend_options={"engine": "auto"}),
+    arts = {"qcompile x86 (default: engine='auto', kernel family measured per layer)": qc(model, x, calib),
+            "qcompile x86, engine='x86' (torch's fixed rule)": qc(model, x, calib, backend_options={"engine": "x86"}),
             "qcompile x86, algorithm='gptq'": qc(model, x, calib, algorithm="gptq")}
     fns = {"float": lambda: model(x), "torch.ao": lambda: ao(x)}
     fns.update({k: (lambda a=a: a(x)) for k, (a, _) in arts.items()})
@@ -106,7 +108,8 @@ def main():
         ref = [model(h) for h in held]
         s_ao = min(sqnr(r, ao(h)) for r, h in zip(ref, held))
         s_qc = {k: min(sqnr(r, a(h)) for r, h in zip(ref, held)) for k, (a, _) in arts.items()}
-    macs = sum(r.macs for r in arts["qcompile x86 (round-to-nearest)"][0].report.rows if r.status == "int8")
+    macs = sum(r.macs for r in arts["qcompile x86, engine='x86' (torch's fixed rule)"][0].report.rows
+               if r.status == "int8")
     peak, how = int8_peak_macs_per_s(torch.get_num_threads())
 
     def share(k):  # achieved int8 MAC rate against the nominal peak (the float row: same MACs in fp32)

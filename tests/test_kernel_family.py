@@ -15,7 +15,8 @@ def _model():
 def test_default_engine_names_torchs_family_rule_for_this_cpu():
     g = torch.Generator().manual_seed(0)
     cal = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(3)]
-    art = qcompile.compile(_model(), (cal[0],), backend="x86", calibration=cal, quantize_outputs=True)
+    art = qcompile.compile(_model(), (cal[0],), backend="x86", calibration=cal, quantize_outputs=True,
+                           backend_options={"engine": "x86"})
     rows = {r.name: r.kernel for r in art.report.rows if r.status == "int8" and r.op in ("conv2d", "linear")}
     convs = [k for n, k in rows.items() if n.startswith("conv")]
     linears = [k for n, k in rows.items() if n.startswith("linear")]

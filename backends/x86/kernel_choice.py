@@ -77,7 +77,7 @@ class Choice:
 
     def note(self) -> str:
         times = " / ".join(f"{k} {v:.3f}" for k, v in sorted(self.ms.items()))
-        return f"{self.family}, measured {times} ms{' (cached)' if self.cached else ''}"
+        return f"{self.family}, measured {times} ms"  # the same words whether measured now or cached
 
 
 @dataclass
@@ -137,10 +137,10 @@ class EngineChooser:
 
 def example_input(anchor, weight: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | None:
     """A quint8 tensor of the layer's real input shape (from the exported output shape), for timing."""
-    val = anchor.meta.get("val")
-    if val is None or not hasattr(val, "shape"):
+    from qcompile.ir import concrete_shape
+    out = concrete_shape(anchor)  # the example's sizes; int() of a symbolic batch would specialize the graph
+    if out is None:
         return None
-    out = tuple(int(d) for d in val.shape)
     if weight.dim() == 4:  # conv: an input size that gives this output size
         stride, padding, dilation = (_arg(anchor, i, d) for i, d in ((3, [1, 1]), (4, [0, 0]), (5, [1, 1])))
         groups = int(_arg(anchor, 6, 1))
