@@ -73,6 +73,19 @@ class TableBackend(Backend):
             table = ModeTable(user + [r for r in table.rows if r.name not in names], table.notes, table.specs)
         return table
 
+    def with_rules(self, rules):
+        """As :meth:`Backend.with_rules`, and a rule must name a pattern the static support table has or bring
+        its own support row: a rule nothing groups under would never run (it used to be ignored silently)."""
+        new = super().with_rules(rules)
+        known = {row.name for row in self.support_table()} | {r.support.name for r in new.user_rules
+                                                              if r.support is not None}
+        orphans = sorted({r.name for r in new.user_rules} - known)
+        if orphans:
+            raise ConfigError(f"{self.name} backend: lowering rule(s) {orphans} name no pattern of the support table "
+                              f"and bring no support row (LoweringRule(name, lower, support=OpSupport(name, ops, ...)));"
+                              f" patterns: {sorted(row.name for row in self.support_table())}")
+        return new
+
     def fusion_rules(self, mode: str = "static") -> RuleSet:
         return RuleSet(Rule(row.name, row.ops) for row in self.mode_table(mode).rows)
 

@@ -249,3 +249,11 @@ def test_keep_float_is_honoured_by_every_backends_lowering(backend):
     assert rows["conv2d"].kernel in ("", "ReorderOutput (float)", "XNNPACK fp32 convolution")  # runs float
     assert rows["conv2d_1"].status == "int8" and rows["conv2d_1"].kernel
     assert art.report.verify["within_one_step"] >= 0.99 and art.report.verify["sqnr_vs_float_db"] > 40
+
+
+def test_a_rule_no_pattern_groups_under_is_refused_not_ignored():
+    from qcompile.backends import LoweringRule, get_backend
+    from qcompile.backends.x86.rules import unary_lut
+    with pytest.raises(qcompile.ConfigError, match="name no pattern"):
+        get_backend("x86").with_rules([LoweringRule("gelu_typo", unary_lut)])
+    assert get_backend("x86").with_rules([LoweringRule("linear", unary_lut)]).user_rules  # an existing pattern
