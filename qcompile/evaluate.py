@@ -6,8 +6,6 @@ the samples whose prediction changed, latency percentiles per batch size on the 
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -59,11 +57,8 @@ class Evaluation:
         return dict(asdict(self), change=self.change)
 
     def to_json(self, path: str | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
-        if path:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        from .textfmt import to_json
+        return to_json(self.to_dict(), path)
 
     def to_html(self, path: str | None = None, report=None) -> str:
         from .report_html import render
@@ -76,8 +71,6 @@ class Evaluation:
     __repr__ = __str__
 
 
-def _jsonable(v):
-    return str(v) if isinstance(v, float) and not math.isfinite(v) else str(v)
 
 
 # -- data --------------------------------------------------------------------------------------------

@@ -105,11 +105,8 @@ class Report:
                 "warnings": self.warnings, "algorithms": self.algorithms}
 
     def to_json(self, path: str | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=_jsonable)
-        if path:
-            with open(path, "w") as f:
-                f.write(text)
-        return text
+        from .textfmt import to_json
+        return to_json(self.to_dict(), path)
 
     def to_html(self, path: str | None = None, evaluation=None) -> str:
         """A self-contained HTML page (inline SVG charts, no network); ``evaluation`` adds its sections."""
@@ -148,10 +145,6 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _jsonable(v):
-    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
-        return str(v)
-    return str(v)
 
 
 def _macs(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:

@@ -1,7 +1,10 @@
 """Plain-text tables for the report and the evaluation (nothing is cut: the last column runs to its end)."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 
 
 def fmt(v) -> str:
@@ -63,3 +66,20 @@ def evaluation_text(ev) -> str:
                    f"{human_bytes(ev.memory.get('candidate_peak_bytes'))}, reference "
                    f"{human_bytes(ev.memory.get('reference_peak_bytes'))}")
     return "\n".join(out)
+
+
+def to_json(data: dict, path: str | None = None) -> str:
+    """``data`` as indented JSON (values JSON lacks written as their ``str``); written to ``path`` if given,
+    atomically (a temporary file renamed over it: a failed write leaves no half-written file)."""
+    text = json.dumps(data, indent=2, default=str)
+    if path:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    return text
