@@ -104,6 +104,7 @@ def linear(m: Match):
 
 
 def _binary(kernel, name):
+    """A two-quantized-input rule; ``name`` is the report's kernel label (or a function giving it)."""
     def rule(m: Match):
         lw, nodes, q = m.ctx, m.nodes, m.user
         a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
@@ -111,7 +112,7 @@ def _binary(kernel, name):
             return "both inputs must be quantized tensors"
         scale, zp, _ = _qparams(q)
         out = lw.call(kernel, (a.node, b.node, scale, zp), nodes[0])
-        return Emitted(Value(out, True, scale, zp), name)
+        return Emitted(Value(out, True, scale, zp), name() if callable(name) else name)
     return rule
 
 
@@ -182,16 +183,12 @@ def int8_matmul_int_mm(a, b, scale: float, zero_point: int):
     return torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
 
 
-def matmul(m: Match):
-    lw, nodes, q = m.ctx, m.nodes, m.user
-    a, b = (lw.quantized_input(x) for x in nodes[0].args[:2])
-    if a is None or b is None:
-        return "both inputs must be quantized tensors"
-    scale, zp, _ = _qparams(q)
-    out = lw.call(int8_matmul, (a.node, b.node, scale, zp), nodes[0])
-    kernel = ("qcompile int8_matmul (own AVX-512 VNNI batched kernel, int32 exact)" if u8_bmm_available() else
-              "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact: no AVX-512 VNNI or no C extension)")
-    return Emitted(Value(out, True, scale, zp), kernel)
+def _matmul_kernel() -> str:
+    return ("qcompile int8_matmul (own AVX-512 VNNI batched kernel, int32 exact)" if u8_bmm_available() else
+            "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact: no AVX-512 VNNI or no C extension)")
+
+
+matmul = _binary(int8_matmul, _matmul_kernel)
 
 
 _LOWER = {  # support-table row -> rewrite; each group is dequantize -> ops -> quantize in the reference graph
