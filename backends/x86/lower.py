@@ -75,6 +75,7 @@ class Lowerer:
         self.root = torch.nn.Module()
         self.env: dict[str, Value] = {}
         self.float_cache: dict[str, fx.Node] = {}
+        self.float_of: dict[str, fx.Node] = {}  # quantize node -> the float it quantized (full-range, native)
         self.done: set[str] = set()
         self.result = LowerResult(gm=None)
         self._n = 0
@@ -124,6 +125,12 @@ class Lowerer:
         v = self.env.get(q.name)
         return v if v is not None and v.quantized else None
 
+    def float_input(self, arg: fx.Node) -> fx.Node:
+        """A float value that a kernel quantizing its input with the same parameters turns into exactly the
+        quantized value behind ``arg`` (a dequantize node): the float it was quantized from, when a native
+        full-range quantize made it (no dequantize pass), else its dequantized copy."""
+        return self.float_of.get(arg.args[0].name) or self.as_float(arg)
+
     # -- nodes ----------------------------------------------------------------------------------
     def run(self) -> LowerResult:
         for step in rewrite.run(self.ref.graph.nodes, self.groups, self, skip=lambda n: n.name in self.done):
@@ -131,6 +138,7 @@ class Lowerer:
                 continue
             getattr(self, f"_op_{step.node.op}")(step.node)
         self.graph._codegen = copy.deepcopy(self.ref.graph._codegen)  # same call signature as the model
+        self.graph.eliminate_dead_code()  # e.g. a quantize whose float source a float-output kernel took instead
         gm = fx.GraphModule(self.root, self.graph)
         self.result.gm = gm
         return self.result
@@ -179,6 +187,7 @@ class Lowerer:
             # one native pass; it rounds x / scale, so a value on a rounding tie can land one step
             # away from the reference (7 of 602k values of an image batch)
             out = self.call(torch.quantize_per_tensor, (x, scale, zp, _TORCH_DTYPE[dtype]), src)
+            self.float_of[q.name] = x
         self.env[q.name] = Value(out, True, scale, zp)
         self.result.taps[q.name] = out.name
 
@@ -201,6 +210,9 @@ class Lowerer:
         for n in nodes:
             self.done.add(n.name)
             self.result.kernels[n.name] = emitted.kernel
+        if not emitted.value.quantized:  # a float-output kernel: its consumers are float ops
+            self.env[nodes[-1].name] = emitted.value
+            return True
         self.done.add(q.name)
         self.env[q.name] = emitted.value
         self.result.taps[q.name] = emitted.value.node.name
@@ -212,7 +224,7 @@ def _group_rewrite(name: str, rule: Rule | None):
     def lower_group(m: Match):
         if rule is None or rule.rewrite is None:
             return f"no lowering rule for pattern {name}"
-        if m.user is None or m.user.target not in _Q:
+        if (m.user is None or m.user.target not in _Q) and not getattr(rule.rewrite, "float_output", False):
             return "group output is not quantized (no single quantize node after it)"
         return rule.rewrite(m)
     return lower_group

@@ -15,7 +15,7 @@ from qcompile.passes.rewrite import Match, Rule, RuleSet
 
 from . import support
 from .kernel_choice import available_families, engine_family, example_input, quantized_engine
-from .lower import _DQ_W, Emitted, Value, _int_weight, _qparams
+from .lower import _DQ_W, _Q, Emitted, Value, _int_weight, _qparams
 
 aten, qops = torch.ops.aten, torch.ops.quantized
 
@@ -99,8 +99,42 @@ def conv1d(m: Match):
 
 
 def linear(m: Match):
+    if m.user is None or m.user.target not in _Q:
+        return _linear_float_output(m)
     return _weighted(m, _linear_prepack, {False: qops.linear.default, True: qops.linear_relu.default},
                      "quantized::linear")
+
+
+linear.float_output = True  # groups left without an output quantize (passes/float_output.py) lower here too
+
+FLOAT_OUTPUT_KERNEL = "quantized::linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def _linear_float_output(m: Match):
+    """int8 GEMM with an fp32 result (fbgemm): the group's consumers are float, its output is not quantized.
+    The kernel quantizes its float input itself with the input's parameters: given the float a native
+    quantize made the int8 input from (or its dequantized copy), it computes on exactly that int8 input."""
+    lw, nodes = m.ctx, m.nodes
+    anchor = nodes[0]
+    x = lw.quantized_input(anchor.args[0])
+    if x is None:
+        return "input is not a quantized tensor"
+    if anchor.args[1].target not in _DQ_W:
+        return "weight is not quantized"
+    if anchor.args[0].args[5] != torch.uint8:
+        return "the fp32-output int8 kernel takes uint8 activations"
+    engine = torch.backends.quantized.engine
+    if engine in ("x86", "fbgemm"):
+        family = engine_family(engine, "linear", 1, True)
+    else:
+        engine, family = "x86", f"fbgemm: oneDNN ({engine!r}) has no int8 linear with an fp32 output"
+    with quantized_engine(engine):
+        packed = _linear_prepack(anchor, _int_weight(lw.ref, anchor.args[1]), _bias(lw, anchor))
+    out = lw.call(getattr(qops, FLOAT_OUTPUT_KERNEL.split("::")[1]).default,
+                  (lw.float_input(anchor.args[0]), x.scale, x.zero_point, lw.constant(packed, "packed")), anchor)
+    if len(nodes) > 1:  # linear -> relu: the relu on the fp32 result
+        out = lw.call(torch.relu, (out,), nodes[-1])
+    return Emitted(Value(out), f"{FLOAT_OUTPUT_KERNEL} ({family}; int8 GEMM, fp32 output, no requantize)")
 
 
 def _binary(kernel, name):

@@ -1,0 +1,97 @@
+"""Int8 linears whose every consumer is float keep a float output (no requantize of their result).
+
+A transformer block's attention output projection and its second FFN linear feed the residual ``add``,
+which runs in float (its other input, the residual stream, is float): quantizing the linear's output there
+only adds a rounding step and a convert back. torch.ao's PT2E ``X86InductorQuantizer`` leaves these
+outputs float too. A backend with an int8 GEMM that writes fp32 (x86: fbgemm's
+``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) runs such a group as int8 compute with a
+float output, one kernel instead of GEMM + requantize + dequantize.
+
+Measured on ``nn.TransformerEncoder`` (d=384, 6 layers, batch 8 x 128, x86 static): SQNR against float
+40.4 -> 41.8 dB, min cosine 0.99994 -> 0.99996 (dynamic int8: 41.8 dB, 0.99997).
+
+The pass runs after annotation. A linear group (``linear`` or ``linear -> relu``) whose output reaches only
+float ops — directly or through int8 shape-only ops (view, permute, ...) that then become float as well —
+loses its output spec and keeps its int8 status (``float_consumers=False`` skips this). A group that feeds the
+model output (``quantize_outputs=False``: annotated "float: model output") is int8 compute with a float
+output too on such a backend: its status becomes int8.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from qcompile import annotation as A
+from qcompile.ops import op_kind
+from qcompile.passes.infra import Pass, PassResult
+
+REASON = ("int8 input and weights, int8 GEMM with an fp32 output: every consumer is float, so the result is not "
+          "requantized (one kernel, no rounding of the output)")
+OUTPUT_REASON = "feeds the model output: int8 input and weights, int8 GEMM with an fp32 output (quantize_outputs=False)"
+SHAPE_KINDS = frozenset({"reshape", "permute", "flatten", "unflatten", "unsqueeze", "squeeze", "select"})
+ANCHORS = frozenset({"linear"})
+
+
+def _float_consumers(node: fx.Node, chain: list) -> bool:
+    """Whether every use of ``node``'s value is a float op (int8 shape-only ops in between are appended to
+    ``chain``: they would turn float too). A model output counts as an int8 use (quantize_outputs decides)."""
+    for user in node.users:
+        ann = A.get_annotation(user)
+        if user.op != "call_function" or ann is None:
+            return False
+        if ann.status != A.INT8:
+            if any(user.args[i] is node for i in ann.input_specs if i < len(user.args)):
+                return False  # a float-status op with an int8 input spec (e.g. a model-output group)
+            continue
+        group = A.get_group(user)
+        if op_kind(user) in SHAPE_KINDS and (group is None or len(group.nodes) == 1):
+            chain.append(user)
+            if not _float_consumers(user, chain):
+                return False
+            continue
+        return False
+    return True
+
+
+class FloatOutputLinears(Pass):
+    """See the module docstring."""
+
+    requires = frozenset({"annotated"})
+
+    def __init__(self, float_consumers: bool = True):
+        self.float_consumers = float_consumers
+
+    def _group(self, node: fx.Node, by_name: dict) -> list | None:
+        ann, group = A.get_annotation(node), A.get_group(node)
+        if ann is None or op_kind(node) not in ANCHORS or ann.group != node.name:
+            return None
+        nodes = [by_name[n] for n in group.nodes] if group is not None else [node]
+        if len(nodes) > 2 or (len(nodes) == 2 and op_kind(nodes[1]) != "relu"):
+            return None
+        return nodes
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        by_name = {n.name: n for n in gm.graph.nodes}
+        modified = False
+        for node in list(gm.graph.nodes):
+            nodes = self._group(node, by_name)
+            if nodes is None:
+                continue
+            ann_out = A.get_annotation(nodes[-1])
+            status = A.get_annotation(node).status
+            if status == A.FLOAT_OUTPUT:
+                for n in nodes:
+                    A.set_annotation(n, A.get_annotation(n).with_(status=A.INT8, reason=OUTPUT_REASON))
+                modified = True
+                continue
+            chain: list = []
+            if not self.float_consumers or status != A.INT8 or ann_out.output_spec is None or \
+                    not _float_consumers(nodes[-1], chain):
+                continue
+            for n in nodes:
+                A.set_annotation(n, A.get_annotation(n).with_(output_spec=None, reason=REASON))
+            for n in chain:
+                A.set_annotation(n, A.get_annotation(n).with_(
+                    output_spec=None, input_specs={}, status=A.FLOAT_FEEDS_FLOAT,
+                    reason="shape-only op on the float output of an int8 linear (every consumer is float)"))
+            modified = True
+        return PassResult(gm, modified)
