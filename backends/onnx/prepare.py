@@ -312,12 +312,32 @@ RULES = [  # (targets, rewrite), applied in this order, each over the whole grap
 ]
 
 
+def _contiguous_before_reshape(gm: fx.GraphModule) -> None:
+    """A reshape of a non-contiguous tensor (attention's ``transpose(1, 2).reshape(b, t, d)``) gets an explicit
+    contiguous copy first. torch.onnx's decomposition turns such a reshape into a ``view`` when the batch
+    dimension is symbolic (dynamic batch) and then fails ("Cannot view a tensor with shape ... and strides");
+    the copy is an Identity in ONNX, which has no strides."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.reshape.default:
+            continue
+        x = node.args[0]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if isinstance(val, torch.Tensor) and not val.is_contiguous():
+            with gm.graph.inserting_before(node):
+                c = gm.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+            c.meta.update(x.meta)
+            c.meta["val"] = val.contiguous() if not isinstance(val, torch._subclasses.FakeTensor) else val.clone(
+                memory_format=torch.contiguous_format)
+            node.replace_input_with(x, c)
+
+
 def prepare(ref: fx.GraphModule, accuracy: int | None = None) -> Prepared:
     """The rewritten copy of ``ref`` (``ref`` is left untouched)."""
     gm = fx.GraphModule(ref, copy.deepcopy(ref.graph))  # node meta is copied shallowly: replaced, never mutated
     for node in gm.graph.nodes:
         meta.custom_set(node, REF, node.name)
     b = _Builder(gm, accuracy)
+    _contiguous_before_reshape(gm)
     for targets, rewrite in RULES:
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and node.target in targets and node.users:

@@ -351,3 +351,32 @@ def test_minilm_bertmodel_on_onnxruntime(tmp_path):
     onnx.checker.check_model(onnx.load(path), full_check=True)
     float_bytes = 4 * sum(p.numel() for p in model.parameters())
     assert os.path.getsize(path) <= 0.3 * float_bytes
+
+
+
+def test_t5_encoder_dynamic_mode_with_dynamic_batch():
+    """torch.onnx turned the reshape after T5's attention (a transposed SDPA output) into a view under a
+    symbolic batch and failed ("Cannot view a tensor with shape ... and strides"); the ONNX backend now
+    gives such a reshape a contiguous copy (an ONNX Identity) and the model runs at other batch sizes."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    enc = transformers.T5EncoderModel(cfg).eval()
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, ids):
+            return self.enc(input_ids=ids).last_hidden_state
+
+    model = Hidden().eval()
+    g = torch.Generator().manual_seed(0)
+    ids, ids3 = torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (3, 8), generator=g)
+    art = qcompile.compile(model, (ids,), backend="onnx", mode="dynamic")
+    assert art.lowered.emitted.dynamic_batch
+    with torch.no_grad():
+        ref = model(ids3)
+        sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - art(ids3)).pow(2).sum())
+    assert sqnr > 20, float(sqnr)
