@@ -67,7 +67,8 @@ def program_entries(ep) -> tuple[list, dict]:
 
 def _tensor_entry(name: str, t: torch.Tensor):
     data, info = tensor_bytes(t)
-    return name, data, dict(info, kind="tensor", requires_grad=bool(getattr(t, "requires_grad", False)))
+    return name, data, dict(info, kind="tensor", requires_grad=bool(getattr(t, "requires_grad", False)),
+                            parameter=isinstance(t, torch.nn.Parameter))
 
 
 def _describe(value, entries: list, counter: list):
@@ -147,9 +148,10 @@ def check_tensors(path: str, ep) -> None:
 
 
 def _read_tensor(path, entries, name):
-    t = read_tensor(path, entries, name)
-    return torch.nn.Parameter(t, requires_grad=t.is_floating_point() and entries[name][1].get("requires_grad", False)) \
-        if entries[name][1].get("requires_grad") else t
+    t, info = read_tensor(path, entries, name), entries[name][1]
+    if not (info.get("requires_grad") or info.get("parameter") is True):
+        return t  # a frozen parameter (requires_grad=False, e.g. Whisper's positions) is still a Parameter
+    return torch.nn.Parameter(t, requires_grad=t.is_floating_point() and info.get("requires_grad", False) is True)
 
 
 def _rebuild(path: str, entries: dict, d):

@@ -427,3 +427,28 @@ def test_a_program_with_infinite_constants_saves_and_loads(tmp_path):
     art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
     back = qcompile.load(art.save(str(tmp_path / "m.qc")))
     torch.testing.assert_close(back(cal[1]), art(cal[1]))
+
+
+def test_a_frozen_parameter_saves_and_loads(tmp_path):
+    """A parameter with requires_grad=False (Whisper's sinusoidal positions) is still a parameter of the
+    program: it used to load back as a plain tensor, which torch.export's verifier refuses."""
+    import torch
+    from torch import nn
+    import qcompile
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4, 8)
+            self.pos.requires_grad_(False)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x + self.pos.weight)
+
+    torch.manual_seed(0)
+    model = Positions().eval()
+    cal = [torch.randn(2, 4, 8) for _ in range(3)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    back = qcompile.load(art.save(str(tmp_path / "m.qc")))
+    torch.testing.assert_close(back(cal[1]), art(cal[1]))
