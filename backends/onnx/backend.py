@@ -47,6 +47,10 @@ class OnnxOptions:
     parity_sqnr_db: per-layer SQNR (vs the reference graph) below which a layer counts as a drop.
     custom_translation_table: {op overload: onnxscript function} for ops of the user's own that torch.onnx
       cannot translate (passed to ``torch.onnx.export``; docs/backends/onnx.md).
+    float_output_linears: static mode: a linear whose consumers are all float (a transformer's output projection
+      and second FFN linear feeding the residual add) keeps a float output: DQ -> MatMul without Q, which ORT
+      runs as MatMulIntegerToFloat (int8 GEMM, fp32 result) instead of QLinearMatMul + DequantizeLinear
+      (passes/float_output.py). A model-output linear (quantize_outputs=False) is that kernel either way.
     accuracy_level: mode="weight_only", MatMulNBits' accuracy_level. None: 0 (fp32 activations, matches the
       reference graph) for 2/4-bit weights, 4 (activations quantized to int8 per block inside the kernel) for
       8-bit ones, whose fp32 path ORT-CPU runs ~10x slower than an fp32 MatMul (docs/backends/onnx.md)."""
@@ -62,6 +66,7 @@ class OnnxOptions:
     parity_sqnr_db: float = 25.0
     accuracy_level: int | None = None
     custom_translation_table: dict | None = None
+    float_output_linears: bool = True
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
@@ -95,6 +100,12 @@ class OnnxBackend(TableBackend):
 
     def support_table(self):
         return self._table
+
+    def extra_passes(self, config, mode: str) -> tuple[list, list]:
+        if mode in ("dynamic", "weight_only"):
+            return [], []
+        from qcompile.passes.float_output import FloatOutputLinears
+        return [], [FloatOutputLinears(self.options.float_output_linears)]
 
     def float_mode_table(self, mode: str) -> ModeTable:
         """dynamic / weight_only: the claimed linears (embeddings) compute and return float (see modes.py)."""
