@@ -103,6 +103,7 @@ def test_mlp_numerics(mlp_art):
     assert v["sqnr_vs_float_db"] > 37
     assert v["sqnr_vs_reference_db"] > 45 and v["within_one_step"] == 1.0
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(7))
+    x[0, 0] *= 50  # one loud token: XNNPACK quantizes each row on its own, and so does the reference graph
     with torch.no_grad():
         assert sqnr(m(x), art(x)) > 37
         assert sqnr(art.run_reference(x), art(x)) > 45

@@ -39,8 +39,6 @@ DYNAMIC_NOTES = {
     "conv2d": f"this mode covers linear layers; use static mode for int8 convolutions (here it {_FP32})",
     "conv1d": f"this mode covers linear layers; use static mode for int8 convolutions (here it {_FP32})",
     "matmul": f"activation x activation matmul (attention): XNNPACK's bmm is FP32-only; {_FP32}",
-    "scaled_dot_product_attention": "attention (activation x activation): ExecuTorch decomposes it into bmm / "
-                                    "softmax, which XNNPACK runs in fp32 only (no dynamic int8 bmm)",
     "softmax": f"float in this mode: XNNPACK's softmax is FP32-only; {_FP32}",
     "gelu": f"float in this mode: XNNPACK's gelu is FP32-only; {_FP32}",
     "layer_norm": "XNNPACK has no layer_norm: it runs on ExecuTorch's portable float kernels",
