@@ -154,3 +154,23 @@ def test_encoder_linears_dynamic_attention_and_norms_float(encoder_art):
     ids, mask = _tokens(seed=9)
     with torch.no_grad():
         assert sqnr(model(ids, mask), art(ids, mask)) > 33
+
+
+def test_other_batch_sizes_and_non_contiguous_inputs_match_the_reference(mlp_art):
+    m, art = mlp_art
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(5, 5, 64, generator=g),                      # batch 5: slices of the compiled batch
+              torch.randn(2, 64, 5, generator=g).transpose(1, 2)):     # non-contiguous (copied when called)
+        with torch.no_grad():
+            assert sqnr(art.run_reference(x), art(x)) > 45  # measured ~132 dB
+            assert sqnr(m(x), art(x)) > 37
+
+
+def test_explain_predicts_the_dynamic_linears():
+    report = qcompile.explain(mlp(), (X,), backend="executorch", mode="dynamic")
+    assert {r.name: r.status for r in report.rows if r.op == "linear"} == {"linear": A.INT8, "linear_1": A.INT8}
+    assert all(r.status != A.INT8 for r in _rows_of(report, "gelu") + _rows_of(report, "layer_norm"))
+
+
+def _rows_of(report, op):
+    return [r for r in report.rows if r.op == op]
