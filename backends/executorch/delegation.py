@@ -60,7 +60,7 @@ class Delegation:
     def kernel(self, ref: str) -> str:
         where = self.placement(ref)
         if where == "xnnpack_int8" and all(e.dynamic for e in self.nodes[ref]):
-            return f"XNNPACK int8 dynamic {self.ops(ref)} (qd8 x qc8w: input quantized per row at run time)"
+            return f"XNNPACK int8 dynamic {self.ops(ref)} (qd8: input quantized per row at run time)"
         if where == "xnnpack_int8":
             return f"XNNPACK int8 {self.ops(ref)}"
         if where == "xnnpack_fp32":

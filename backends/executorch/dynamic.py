@@ -15,8 +15,8 @@ Facts from ExecuTorch 1.5.1's XNNPACK delegate (``backends/xnnpack/partition/con
   one scale / zero point per row of the last dimension), so ``verify`` compares like with like.
   (ExecuTorch's own ``XNNPACKQuantizer(is_dynamic=True)`` writes the per-tensor chain and gets rows anyway.)
 
-This mode covers linear layers (XNNPACK's qd8 x qc8w fully-connected); convolutions, attention matmuls,
-embeddings and norms stay float (XNNPACK fp32 where it has the op, portable kernels otherwise).
+This mode covers linear layers (XNNPACK's qd8 x qc8w fully-connected; qd8 x qc4w for 4-bit weights);
+convolutions, attention matmuls, embeddings and norms stay float (XNNPACK fp32 where it has the op, portable kernels otherwise).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 
 qd = torch.ops.quantized_decomposed
 
-NOTE = "int8 weights per channel; int8 activations quantized per row at run time (XNNPACK qd8 x qc8w)"
+NOTE = "int8 (or packed int4) weights per channel; int8 activations quantized per row at run time (XNNPACK qd8)"
 
 DYNAMIC_TABLE = [OpSupport("linear_dynamic", ("linear",), ANCHOR, (0,), 1, 2, note=NOTE)]
 
@@ -47,7 +47,7 @@ DYNAMIC_NOTES = {
 
 CAPABILITIES = Capabilities(
     act_dtypes=("int8",), act_symmetric=(False,), act_bits=(8,), act_granularities=("per_token",),
-    weight_bits=(8,), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
+    weight_bits=(8, 4), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
     modes=("static", "dynamic"), unsupported_notes=DYNAMIC_NOTES,
 )
 
@@ -69,15 +69,17 @@ def act_spec(a: ActivationSpec) -> QuantSpec:
 
 
 def weight_spec(w: WeightSpec, row, node) -> QuantSpec:
-    """Symmetric int8 [-127, 127] (XNNPACK's qc8w, zero point 0). Per-tensor weights are stored per channel
-    with one repeated scale when lowering (``per_channel_weights``): XNNPACK's dynamic GEMM takes only those."""
-    if w.dtype != "int" or w.bits != 8 or not w.symmetric or w.granularity not in ("per_channel", "per_tensor"):
+    """Symmetric int8 [-127, 127] (XNNPACK's qc8w, zero point 0), or 4-bit [-8, 7]: packed two per byte
+    (qd8 x qc4w) when the input features are even, else codes kept in int8 (``lower.weight_containers``).
+    Per-tensor weights are stored per channel with one repeated scale when lowering
+    (``per_channel_weights``): XNNPACK's dynamic GEMM takes only those."""
+    if w.dtype != "int" or w.bits not in (8, 4) or not w.symmetric or w.granularity not in ("per_channel", "per_tensor"):
         raise ConfigError(
-            "executorch backend, mode='dynamic': XNNPACK's dynamic fully-connected takes symmetric int8 weights "
-            f"per channel (or per tensor); got weights bits={w.bits}, symmetric={w.symmetric}, "
+            "executorch backend, mode='dynamic': XNNPACK's dynamic fully-connected takes symmetric 8- or 4-bit "
+            f"weights per channel (or per tensor); got weights bits={w.bits}, symmetric={w.symmetric}, "
             f"granularity={w.granularity!r}, dtype={w.dtype!r}. Use mode='static' for low-bit weights.")
     gran = w.granularity
-    return QuantSpec(dtype=torch.int8, bits=8, symmetric=True, narrow=True, granularity=gran,
+    return QuantSpec(dtype=torch.int8, bits=w.bits, symmetric=True, narrow=w.bits == 8, granularity=gran,
                      axis=0 if gran == "per_channel" else None, observer=w.observer)
 
 
