@@ -141,6 +141,32 @@ def test_weights_xnnpack_has_no_dynamic_kernel_for_are_a_config_error():
         dynamic(mlp(), (X,), weights=WeightSpec(bits=6))
 
 
+def test_group_wise_4bit_weights_run_xnnpack_qb4w_with_bf16_scales():
+    m = mlp()
+    art = dynamic(m, (X,), weights=WeightSpec(bits=4, granularity="per_group", group_size=32))
+    assert [r.kernel for r in _rows(art, "linear")] == [
+        DYNAMIC_KERNEL + " (4-bit weights packed two per byte, groups of 32: XNNPACK qb4w)"] * 2
+    assert art.report.sizes["int4_packed_weight_elements"] == 64 * 128 + 128 * 32
+    scales = [n for n in art.reference.graph.nodes if n.target == qd.dequantize_per_channel_group.default]
+    assert len(scales) == 2
+    for dq in scales:  # the reference uses the bf16 scales the program stores
+        s = getattr(art.reference, dq.args[1].target)
+        assert torch.equal(s, s.to(torch.bfloat16).float())
+    v = art.report.verify
+    assert v["sqnr_vs_reference_db"] > 45 and v["within_one_step"] == 1.0  # measured 52 dB
+    assert v["sqnr_vs_float_db"] > 14
+
+
+@pytest.mark.parametrize("weights,match", [
+    (WeightSpec(bits=8, granularity="per_group", group_size=32), "4-bit only"),
+    (WeightSpec(bits=4, granularity="per_group", group_size=16), "multiple of 32"),
+    (WeightSpec(bits=4, granularity="per_group", group_size=96), "does not divide the 64 input features of linear"),
+])
+def test_group_sizes_xnnpack_cannot_run_are_config_errors(weights, match):
+    with pytest.raises(ConfigError, match=match):
+        dynamic(mlp(), (X,), weights=weights)
+
+
 def test_4bit_weights_are_packed_for_xnnpack_qc4w():
     m = mlp()
     art = dynamic(m, (X,), weights=WeightSpec(bits=4))

@@ -104,7 +104,7 @@ class ExecuTorchBackend(TableBackend):
 
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
         if mode == "dynamic":  # float everywhere but the linears: no gate folding, no depthwise int8
-            return [], []
+            return [], [dynamic.Bf16GroupScales()]
         before = [FoldHardsigmoid()] if self.options.fold_hardsigmoid else []
         after = []
         if self.options.float_depthwise:

@@ -33,7 +33,7 @@ from qcompile.ops import op_kind
 
 from ..base import Lowered
 from .delegation import TAG, Delegation, read_delegation
-from .dynamic import is_dynamic_input, per_channel_weights
+from .dynamic import group_containers, is_dynamic_input, per_channel_weights
 from .proof import mixed_dim_orders, model_frames, prove
 from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
 from .runtime import PteProgram
@@ -283,7 +283,7 @@ def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx
     tag_nodes(gm)
     per_channel_weights(gm, _per_tensor_to_per_channel)
     float_weights = float_output_weights(gm)
-    containers = weight_containers(gm)
+    containers = {**weight_containers(gm), **group_containers(gm)}
     decompose_hardsigmoid(gm)
     splits_as_slices(gm)
     clone_before_reshape_of_transposed(gm)
