@@ -1,4 +1,4 @@
-"""The ExecuTorch backend's dynamic mode: int8 weights, activations quantized by XNNPACK at run time.
+"""The ExecuTorch backend's dynamic mode: int8 / int4 weights, activations quantized by XNNPACK at run time.
 
 Facts from ExecuTorch 1.5.1's XNNPACK delegate (``backends/xnnpack/partition/config/gemm_configs.py``,
 ``utils/quant_utils.py``, ``operators/node_visitor.py``):
@@ -6,7 +6,8 @@ Facts from ExecuTorch 1.5.1's XNNPACK delegate (``backends/xnnpack/partition/con
 * ``LinearConfig`` (and ``ConvolutionConfig`` for standard 2-D convolutions) accept DYNAMIC_QUANT
   precision: the activation input is ``dequantize(quantize(x, getitem(choose_qparams(x))))`` with one of
   ``choose_qparams.tensor`` / ``choose_qparams_per_token_asymmetric`` / ``choose_qparams_affine``, the
-  weight an int8 constant -> ``dequantize_per_channel``. A per-tensor weight is declined ("XNNPACK does
+  weight an int8 constant -> ``dequantize_per_channel`` (or ``dequantize_per_channel_group``, 4-bit groups
+  of a multiple of 32, scales serialized as bfloat16). A per-tensor weight is declined ("XNNPACK does
   not support per tensor quantized weights for dynamic quantization of activations"). The output is float.
 * Whatever the chain says, XNNPACK quantizes the activation per row ("per token"): the serializer writes
   ``PerTokenDynamicQuant`` for a per-tensor chain too, as asymmetric int8 (qd8) rows of the flattened
@@ -15,8 +16,9 @@ Facts from ExecuTorch 1.5.1's XNNPACK delegate (``backends/xnnpack/partition/con
   one scale / zero point per row of the last dimension), so ``verify`` compares like with like.
   (ExecuTorch's own ``XNNPACKQuantizer(is_dynamic=True)`` writes the per-tensor chain and gets rows anyway.)
 
-This mode covers linear layers (XNNPACK's qd8 x qc8w fully-connected; qd8 x qc4w for 4-bit weights);
-convolutions, attention matmuls, embeddings and norms stay float (XNNPACK fp32 where it has the op, portable kernels otherwise).
+This mode covers linear layers (XNNPACK's qd8 x qc8w fully-connected; qd8 x qc4w / qb4w for 4-bit weights
+per channel / per group); convolutions, attention matmuls, embeddings and norms stay float (XNNPACK fp32
+where it has the op, portable kernels otherwise).
 """
 from __future__ import annotations
 
