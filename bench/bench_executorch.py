@@ -14,6 +14,17 @@ hits all variants alike); the table shows medians and the median of per-round pa
 
     python3 bench/bench_executorch.py             # res 224, 16 calibration images, 100 rounds, 1 thread
     python3 bench/bench_executorch.py --quick     # res 96, fewer images / rounds (smoke test)
+
+Dynamic section (``--dynamic``): text encoders, int8 linears with activations quantized at run time:
+  et-fp32      as above
+  et-dyn       ExecuTorch's own dynamic flow: XNNPACKQuantizer(get_symmetric_quantization_config(
+               is_per_channel=True, is_dynamic=True)) + prepare_pt2e / convert_pt2e + XnnpackPartitioner
+  qc-dyn       qcompile.compile(backend="executorch", mode="dynamic")
+on the demo BERT-shaped encoder (demo_shapes.make_bert_encoder: 4 layers, hidden 256, batch 2 x 32 tokens)
+and a Hugging Face BertModel built from its config (bench/conformance_models.py "bert", random weights).
+SQNR against the float model on held-out token batches.
+
+    python3 bench/bench_executorch.py --dynamic [--rounds 50]
 """
 from __future__ import annotations
 
@@ -67,34 +78,51 @@ def _lower(ep):
     return buffer, shares
 
 
+def _tuple(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
 def build_et_fp32(model, x) -> Variant:
     t0 = time.perf_counter()
-    buffer, shares = _lower(torch.export.export(model, (x,)))
+    buffer, shares = _lower(torch.export.export(model, _tuple(x)))
     return Variant("et-fp32", _load(buffer).execute, buffer, shares, time.perf_counter() - t0)
 
 
-def build_et_int8(model, x, calib) -> Variant:
+def build_et_int8(model, x, calib, dynamic: bool = False) -> Variant:
+    """ExecuTorch's own flow. Hugging Face mask code (``arange(n) + 0``) breaks the stock quantizer's
+    scalar-to-tensor transform (IndexError); as in bench/conformance_peers.py, retry without it."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer, get_symmetric_quantization_config)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    class NoScalarAttrs(XNNPACKQuantizer):
+        def transform_for_annotation(self, gm):
+            return gm
     t0 = time.perf_counter()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
-    with torch.no_grad():
-        for c in calib:
-            prepared(c)
-    converted = convert_pt2e(prepared)
-    buffer, shares = _lower(torch.export.export(converted, (x,)))
-    return Variant("et-int8", _load(buffer).execute, buffer, shares, time.perf_counter() - t0)
+    cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    for cls in (XNNPACKQuantizer, NoScalarAttrs):
+        try:
+            prepared = prepare_pt2e(torch.export.export(model, _tuple(x)).module(), cls().set_global(cfg))
+            with torch.no_grad():
+                for c in calib:
+                    prepared(*_tuple(c))
+            converted = convert_pt2e(prepared)
+            buffer, shares = _lower(torch.export.export(converted, _tuple(x)))
+            break
+        except IndexError:
+            if cls is NoScalarAttrs:
+                raise
+    name = "et-dyn" if dynamic else "et-int8"
+    return Variant(name, _load(buffer).execute, buffer, shares, time.perf_counter() - t0)
 
 
-def build_qcompile(model, x, calib, threads: int, quantize_outputs: bool | None) -> Variant:
+def build_qcompile(model, x, calib, threads: int, quantize_outputs: bool | None, mode: str = "static") -> Variant:
     import qcompile
     from qcompile.backends.executorch.delegation import shares
     t0 = time.perf_counter()
-    art = qcompile.compile(model, (x,), backend="executorch", calibration=calib, progress=False,
+    art = qcompile.compile(model, _tuple(x), backend="executorch", calibration=calib, progress=False, mode=mode,
                            quantize_outputs=quantize_outputs, backend_options={"num_threads": threads})
-    name = "qc-int8-fout" if quantize_outputs is False else "qc-int8"
+    name = "qc-dyn" if mode == "dynamic" else "qc-int8-fout" if quantize_outputs is False else "qc-int8"
     _ALIVE.append(art)
     return Variant(name, art.lowered.program.method.execute, art.lowered.program.buffer,
                    shares(art.lowered.delegation), time.perf_counter() - t0)
@@ -103,22 +131,23 @@ def build_qcompile(model, x, calib, threads: int, quantize_outputs: bool | None)
 def sqnr_db(model, variant: Variant, images) -> float:
     from qcompile.qparams import sqnr
     with torch.no_grad():
-        ref = torch.cat([model(im) for im in images])
-    out = torch.cat([variant.run([im])[0] for im in images])
+        ref = torch.cat([model(*_tuple(im)) for im in images])
+    out = torch.cat([variant.run(list(_tuple(im)))[0] for im in images])
     return sqnr(ref, out)
 
 
 def time_interleaved(variants: list, x, rounds: int, warmup: int, seed: int) -> None:
+    x = list(_tuple(x))
     for v in variants:
         for _ in range(warmup):
-            v.run([x])
+            v.run(x)
     rng = random.Random(seed)
     for _ in range(rounds):
         order = list(variants)
         rng.shuffle(order)
         for v in order:
             t0 = time.perf_counter()
-            v.run([x])
+            v.run(x)
             v.times.append(time.perf_counter() - t0)
 
 
@@ -127,7 +156,7 @@ def paired_ratio(a: Variant, b: Variant) -> float:
 
 
 def table(variants: list, sqnrs: dict, ref: Variant) -> str:
-    head = ("| variant | median ms | p10-p90 ms | ratio vs et-int8 (paired) | SQNR vs float dB | "
+    head = (f"| variant | median ms | p10-p90 ms | ratio vs {ref.name} (paired) | SQNR vs float dB | "
             "delegated compute nodes | delegated conv/linear (int8) | .pte MB | build s |")
     rows = [head, "|" + "---|" * 9]
     for v in variants:
@@ -153,6 +182,45 @@ def verdict(variants: dict, sqnrs: dict) -> str:
     return "\n".join(lines)
 
 
+# -- dynamic section ---------------------------------------------------------------------------------------
+def dynamic_models(n_eval: int) -> list:
+    """(label, model, example inputs, held-out inputs) of the text encoders the dynamic section runs."""
+    from qcompile import demo_shapes as zoo
+    from conformance_models import MODELS
+    enc, enc_x = zoo.get_model("bert_encoder")
+    bert = MODELS["bert"]
+    return [("demo bert_encoder (4 x 256, 2 x 32 tokens)", enc, enc_x,
+             [zoo._bert_inputs(seed=100 + i) for i in range(n_eval)]),
+            ("HF BertModel from config (conformance 'bert', 2 x 16 tokens)", bert.build(), bert.inputs(0),
+             [bert.inputs(100 + i) for i in range(n_eval)])]
+
+
+def dynamic_verdict(by_name: dict, sqnrs: dict) -> str:
+    ours, theirs, fp = by_name["qc-dyn"], by_name["et-dyn"], by_name["et-fp32"]
+    return (f"- latency qc-dyn / et-dyn (median of paired ratios): {paired_ratio(ours, theirs):.3f}; "
+            f"qc-dyn / et-fp32: {paired_ratio(ours, fp):.3f}\n"
+            f"- SQNR qc-dyn - et-dyn: {sqnrs['qc-dyn'] - sqnrs['et-dyn']:+.2f} dB; linears delegated int8: "
+            f"{ours.shares['gemm_int8']:.0%} vs {theirs.shares['gemm_int8']:.0%}")
+
+
+def run_dynamic(a) -> None:
+    import executorch.version
+    from qcompile.backends.executorch.runtime import set_threads, thread_count
+    for label, model, x, held_out in dynamic_models(a.eval):
+        set_threads(a.threads)
+        built = [build_et_fp32(model, x), build_et_int8(model, x, [x], dynamic=True),
+                 build_qcompile(model, x, None, a.threads, None, mode="dynamic")]
+        set_threads(a.threads)
+        sqnrs = {v.name: sqnr_db(model, v, held_out) for v in built}
+        time_interleaved(built, x, a.rounds, a.warmup, a.seed)
+        print(f"## Dynamic: {label}; ExecuTorch {executorch.version.__version__} + XNNPACK, {thread_count()} "
+              f"thread(s), {a.rounds} interleaved rounds, {a.eval} held-out batches\n")
+        print(table(built, sqnrs, built[1]))
+        print()
+        print(dynamic_verdict({v.name: v for v in built}, sqnrs))
+        print()
+
+
 def main(argv=None) -> int:
     print(machine_line(), flush=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,11 +234,17 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="res 96, 4 calibration / 2 eval images, 15 rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", metavar="DIR", help="also write each variant's .pte program to DIR")
+    p.add_argument("--dynamic", action="store_true", help="the dynamic-mode section (text encoders) instead")
     a = p.parse_args(argv)
     if a.quick:
         a.res, a.calib, a.eval, a.rounds, a.warmup = 96, 4, 2, 15, 2
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    if a.dynamic:
+        torch.manual_seed(a.seed)
+        torch.set_num_threads(1)
+        run_dynamic(a)
+        return 0
     from qcompile import demo_shapes as zoo
     from qcompile.backends.executorch.runtime import set_threads, thread_count
 

@@ -8,11 +8,12 @@ import torch
 
 from qcompile.config import QConfig
 from qcompile.errors import ConfigError
+from qcompile.passes.annotate import SpecMaker
 from qcompile.passes.fold_hardsigmoid import FoldHardsigmoid
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 
-from ..table import TableBackend
-from . import support
+from ..table import ModeTable, TableBackend
+from . import dynamic, support
 
 INSTALL_HINT = "pip install executorch==1.5.1 torchao==0.18.*"
 _REQUIRED = ("executorch", "torchao")
@@ -51,7 +52,7 @@ class ExecuTorchBackend(TableBackend):
     Options = ExecuTorchOptions
     file_extensions = (".pte",)
     static_notes = support.NOTES
-    mode_capabilities = {"static": support.CAPABILITIES}
+    mode_capabilities = {"static": support.CAPABILITIES, "dynamic": dynamic.CAPABILITIES}
 
     def check_options(self) -> None:
         if self.options.num_threads is not None and self.options.num_threads < 1:
@@ -76,7 +77,16 @@ class ExecuTorchBackend(TableBackend):
     def support_table(self):
         return support.TABLE
 
+    def float_mode_table(self, mode: str) -> ModeTable | None:
+        """dynamic: linears with int8 weights whose inputs XNNPACK quantizes per row at run time (dynamic.py)."""
+        if mode != "dynamic":
+            return None
+        return ModeTable(dynamic.DYNAMIC_TABLE, dict(dynamic.DYNAMIC_NOTES),
+                         SpecMaker(dynamic.act_spec, dynamic.weight_spec))
+
     def default_config(self, mode: str) -> QConfig:
+        if mode == "dynamic":
+            return dynamic.default_config()
         # quantize_outputs: a float-output classifier would run in fp32 outside XNNPACK's int8 kernels
         # (MobileNetV2 batch 1: 1.07x ExecuTorch's own flow, 1.00x with the output quantized)
         return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
@@ -93,6 +103,8 @@ class ExecuTorchBackend(TableBackend):
                          granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
 
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
+        if mode == "dynamic":  # float everywhere but the linears: no gate folding, no depthwise int8
+            return [], [dynamic.Bf16GroupScales()]
         before = [FoldHardsigmoid()] if self.options.fold_hardsigmoid else []
         after = []
         if self.options.float_depthwise:

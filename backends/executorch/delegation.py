@@ -30,6 +30,7 @@ class EdgeNode:
     op: str          # short op name: "convolution", "dequantize_per_tensor" ...
     delegated: bool
     int8: bool       # delegated in XNNPACK's quantized pattern
+    dynamic: bool = False  # ... its dynamic form: int8 weights, input quantized per row at run time
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Delegation:
 
     def kernel(self, ref: str) -> str:
         where = self.placement(ref)
+        if where == "xnnpack_int8" and all(e.dynamic for e in self.nodes[ref]):
+            return f"XNNPACK int8 dynamic {self.ops(ref)} (qd8: input quantized per row at run time)"
         if where == "xnnpack_int8":
             return f"XNNPACK int8 {self.ops(ref)}"
         if where == "xnnpack_fp32":
@@ -99,7 +102,7 @@ def op_name(node: fx.Node) -> str:
 
 def _is_qdq_target(target) -> bool:
     name = getattr(target, "__name__", None) or str(target)
-    return "quantize_per_" in name or "quantize_affine" in name
+    return "quantize_per_" in name or "quantize_affine" in name or "choose_qparams" in name
 
 
 def _is_dq(node) -> bool:
@@ -121,6 +124,16 @@ def _feeds_quant(node: fx.Node) -> bool:
     if len(users) == 1 and op_name(users[0]) in _FUSED_ACTS and not _is_q(users[0]):
         users = list(users[0].users)
     return len(users) == 1 and _is_q(users[0]) and _implicit(users[0])
+
+
+def _dynamic_form(node: fx.Node) -> bool:
+    """A GEMM XNNPACK runs dynamically quantized: its first input is a folded dequantize of a quantize whose
+    parameters a ``choose_qparams*`` node computes when the program runs (the output stays float)."""
+    if op_name(node) not in _GEMM_OPS or not node.args or not (_is_dq(node.args[0]) and _implicit(node.args[0])):
+        return False
+    q = node.args[0].args[0]
+    scale = q.args[1] if _is_q(q) and len(q.args) > 1 else None
+    return isinstance(scale, fx.Node) and any("choose_qparams" in op_name(a) for a in scale.all_input_nodes)
 
 
 def _int8_form(node: fx.Node) -> bool:
@@ -151,7 +164,9 @@ def ref_name(node: fx.Node) -> str:
 
 def _add(dlg: Delegation, node: fx.Node, delegated: bool) -> None:
     qdq = _is_qdq_target(node.target)
-    entry = EdgeNode(node.name, op_name(node), delegated, delegated and not qdq and _int8_form(node))
+    dynamic = delegated and not qdq and _dynamic_form(node)
+    entry = EdgeNode(node.name, op_name(node), delegated, dynamic or (delegated and not qdq and _int8_form(node)),
+                     dynamic)
     (dlg.qdq if qdq else dlg.nodes).setdefault(ref_name(node), []).append(entry)
 
 

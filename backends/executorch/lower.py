@@ -33,6 +33,7 @@ from qcompile.ops import op_kind
 
 from ..base import Lowered
 from .delegation import TAG, Delegation, read_delegation
+from .dynamic import group_containers, is_dynamic_input, per_channel_weights
 from .proof import mixed_dim_orders, model_frames, prove
 from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
 from .runtime import PteProgram
@@ -113,8 +114,8 @@ def float_output_weights(gm: fx.GraphModule) -> list[str]:
         w = node.args[1] if node.op == "call_function" and len(node.args) > 1 else None
         if not (isinstance(w, fx.Node) and w.target in _DQ_WEIGHT and w.args[0].op == "get_attr"):
             continue
-        if _quantized_output(node):
-            continue
+        if _quantized_output(node) or is_dynamic_input(node.args[0]):
+            continue  # int8 output, or a dynamic GEMM (int8 weights, float output: XNNPACK qd8 x qc8w)
         value = _run_node(gm, w)
         const = add_constant(gm, f"{node.name}_weight_fp32", value, node)
         node.replace_input_with(w, const)
@@ -280,8 +281,9 @@ def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx
     containers of low-bit weights (``weight_containers``)."""
     gm = copy.deepcopy(reference)
     tag_nodes(gm)
+    per_channel_weights(gm, _per_tensor_to_per_channel)
     float_weights = float_output_weights(gm)
-    containers = weight_containers(gm)
+    containers = {**weight_containers(gm), **group_containers(gm)}
     decompose_hardsigmoid(gm)
     splits_as_slices(gm)
     clone_before_reshape_of_transposed(gm)

@@ -169,7 +169,7 @@ NOTES = {
 CAPABILITIES = Capabilities(
     act_dtypes=("int8",), act_symmetric=(False, True), act_bits=(8,), act_granularities=("per_tensor",),
     weight_bits=(8, 7, 6, 5, 4), weight_symmetric=(True,), weight_granularities=("per_channel", "per_tensor"),
-    modes=("static",), unsupported_notes=NOTES,
+    modes=("static", "dynamic"), unsupported_notes=NOTES,
 )
 
 # Op kinds whose int8 form is a GEMM: the "100% delegated" acceptance metric counts these.

@@ -26,7 +26,8 @@ def weight_storage(gm: fx.GraphModule, containers: dict | None = None) -> dict:
 
     ``int8_weight_elements``: one byte each (8-bit weights, and 4..7-bit codes XNNPACK keeps in int8,
     also counted in ``lowbit_in_int8_weight_elements``); ``int4_packed_weight_elements``: two per byte
-    (``containers[node] == INT4_PACKED``, see ``lower.weight_containers``); the rest fp32.
+    (``containers[node]`` says "packed two per byte": ``lower.weight_containers``, ``dynamic.group_containers``);
+    the rest fp32.
     ``weight_bytes`` is what those take in the program, scales excluded."""
     from qcompile.ops import op_kind
     containers = containers or {}
@@ -42,7 +43,7 @@ def weight_storage(gm: fx.GraphModule, containers: dict | None = None) -> dict:
         t = get_attr_value(gm, w)
         total += t.numel()
         form = containers.get(node.name)
-        if t.dtype in (torch.int8, torch.uint8) and form == INT4_PACKED:
+        if t.dtype in (torch.int8, torch.uint8) and form and "packed two per byte" in form:
             int4 += t.numel()
             nbytes += (t.numel() + 1) // 2
         elif t.dtype in (torch.int8, torch.uint8):
