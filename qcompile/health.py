@@ -231,6 +231,9 @@ def after_calibration(art, prepared, held_out: list, source: str, seen: dict, n_
         rep.layer_sqnr, rep.heldout["layer_sqnr_error"] = [], str(e).splitlines()[0]
     hists, outliers, clipped = activation_stats(art, batches, ctx.float_gm)
     rep.activations = hists
-    rep.health = {"findings": findings(moving_ranges(seen), clipped, outliers, n_calibration, bool(samples)),
+    calibrated = ctx.mode == "static"  # dynamic / weight-only (and QAT's trained ranges) are not calibrated here
+    found = findings(moving_ranges(seen), clipped, outliers, n_calibration, bool(samples)) if calibrated else \
+        [f for f in findings({}, clipped, outliers, 2, bool(samples)) if f["kind"] != "too small"]
+    rep.health = {"findings": found,
                   "range_growth": {k: round(v, 4) for k, v in moving_ranges(seen).items()},
                   "heldout_clipped_share": clipped, "outlier_channels": outliers}
