@@ -20,6 +20,7 @@ ISA_NAMES = {2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}
 # the d=384 x 6 encoder (batch 8 x 128) 68 ms with 2 kernel threads, 52 ms with 1; 4 x Linear(4096) NF4
 # batch 1 8.7 ms with 2, 7.6 ms with 1. None: torch.get_num_threads().
 KERNEL_THREADS: int | None = 1
+WO_PARALLEL_BYTES = 1 << 20  # placeholder, measured below
 
 
 @lru_cache(maxsize=1)
@@ -41,6 +42,13 @@ def _lib():
                                   ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int]
         lib.qc_u8_bmm.restype = c_int
         lib.qc_bmm_isa.restype = c_int
+    if hasattr(lib, "qc_wo_int8_linear"):
+        lib.qc_wo_int8_linear.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int8_linear.restype = c_int
+        lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int4_linear.restype = c_int
+        lib.qc_wo_isa.restype = c_int
+        lib.qc_wo_max_rows.restype = c_int
     if hasattr(lib, "qc_dependent_adds"):
         lib.qc_dependent_adds.argtypes = [i64]
         lib.qc_dependent_adds.restype = i64
@@ -73,6 +81,87 @@ def nf4_linear(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, gro
                            KERNEL_THREADS or torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"nf4 kernel refused shapes x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
+                         f"group_size {group_size}, isa {isa}")
+    return y
+
+
+# -- weight-only int8 / int4 GEMV (csrc/wo_gemv.c) ----------------------------------------------------
+def wo_kernel_info() -> dict:
+    """``{"available": bool, "isa": "AVX-512" | "AVX2+FMA" | "scalar" | None, "max_rows": int}`` of the
+    weight-only int8 / int4 kernels."""
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_wo_int8_linear"):
+        return {"available": False, "isa": None, "max_rows": 0}
+    return {"available": True, "isa": ISA_NAMES[lib.qc_wo_isa()], "max_rows": lib.qc_wo_max_rows()}
+
+
+def wo_threads(weight_bytes: int) -> int:
+    """Threads for one weight-only GEMV call: KERNEL_THREADS, or all of torch's for a weight of at least
+    WO_PARALLEL_BYTES (see there), when KERNEL_THREADS is 1."""
+    if KERNEL_THREADS is None:
+        return torch.get_num_threads()
+    return torch.get_num_threads() if KERNEL_THREADS == 1 and weight_bytes >= WO_PARALLEL_BYTES else KERNEL_THREADS
+
+
+def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 15] (K % 32 == 0) -> [N, K/2] in the kernel's layout: per block of 32
+    elements, byte i = element i (low nibble) | element 16 + i (high nibble)."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_blocks`: [N, K/2] -> uint8 codes [N, K]."""
+    n, h = packed.shape
+    b = packed.reshape(n, h // 16, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(n, 2 * h)
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _wo_ready(x2: torch.Tensor):
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_wo_int8_linear") or x2.shape[0] > lib.qc_wo_max_rows():
+        return None, None
+    return lib, x2.detach().float().contiguous()
+
+
+def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, threads: int | None = None):
+    """``x2 [M, K] @ ((q8 - z) * scale)^T (+ bias)`` with ``fix = scale * z`` (None: symmetric); None when
+    the kernel cannot run it (library missing, more rows than it takes): the caller falls back."""
+    lib, x2 = _wo_ready(x2)
+    if lib is None:
+        return None
+    (m, k), n = x2.shape, q8.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    args = [t if t is None else t.detach().float().contiguous() for t in (scale, fix, bias)]
+    rc = lib.qc_wo_int8_linear(x2.data_ptr(), q8.contiguous().data_ptr(), *map(_ptr, args), y.data_ptr(), m, n, k,
+                               lib.qc_wo_isa() if isa is None else isa, threads or wo_threads(q8.numel()))
+    if rc != 0:
+        raise ValueError(f"int8 weight-only kernel refused x {tuple(x2.shape)}, weight {tuple(q8.shape)}, isa {isa}")
+    return y
+
+
+def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
+                   isa: int | None = None, threads: int | None = None):
+    """``x2 [M, K] @ W^T (+ bias)``, ``W = (code - z) * scale`` per group, codes packed by
+    :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``; None when it cannot run."""
+    lib, x2 = _wo_ready(x2)
+    if lib is None:
+        return None
+    (m, k), n = x2.shape, packed.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    scale = scale.detach().float().contiguous()
+    zero = None if zero is None else zero.to(torch.uint8).contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+                               float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size,
+                               lib.qc_wo_isa() if isa is None else isa, threads or wo_threads(packed.numel()))
+    if rc != 0:
+        raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
                          f"group_size {group_size}, isa {isa}")
     return y
 

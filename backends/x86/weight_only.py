@@ -5,15 +5,19 @@ Each rule looks at one reference node (``linear``, ``embedding``) whose weight i
 integer / NF4 constant and replaces it with a kernel call on the stored low-bit weight:
 
 =================  =====================================================================================
-int8 per-channel   ``aten._weight_int8pack_mm`` (int8 weight kernel; affine weights: one row-sum fix-up)
-int2..4 per-group  ``aten._weight_int4pack_mm_for_cpu`` (packed 4-bit, groups 32..256; N % 16 == 0)
+int8 per-channel   qcompile's GEMV (csrc/wo_gemv.c, fp32 activations, <= 16 rows); where not built
+                   ``aten._weight_int8pack_mm`` (affine weights: one row-sum fix-up)
+int2..4 per-group  qcompile's GEMV (codes packed two per byte, groups % 32 == 0, <= 16 rows; dequantize +
+                   fp32 GEMM above); where not built ``aten._weight_int4pack_mm_for_cpu`` (groups 32..256,
+                   N % 16 == 0)
 NF4                qcompile's own kernel (csrc/nf4_kernel.c): codes decoded via the 16-entry table in
                    registers, group scale applied once per group; where not built: dequantize every call
 anything else      int codes kept, dequantized at every call (memory saved, slower than float)
 embedding          rows gathered from the int (4-bit: packed) table, then dequantized
 =================  =====================================================================================
 
-The report says which one ran: a dequantize-at-every-call kernel is slower than float.
+The report says which one ran: a dequantize-at-every-call kernel is slower than float, and when the GEMV
+library is missing the torch kernels that replace it reach about half of the memory bandwidth (a warning).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
+from qcompile.kernels import pack_int4_blocks, unpack_int4_blocks, wo_int4_linear, wo_int8_linear, wo_kernel_info
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
@@ -51,9 +56,13 @@ def _finish(y, x, bias):
 
 
 def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype):
-    """``x @ ((q - z) * s)^T``: int8-weight kernel for few rows (``act_dtype`` bf16 runs the vectorised
-    kernel, fp32 a ~6x slower one), dequantize + fp32 GEMM for many."""
+    """``x @ ((q - z) * s)^T``: qcompile's GEMV for <= 16 rows (fp32, when built), torch's int8-weight
+    kernel up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one), dequantize +
+    fp32 GEMM for many."""
     x2 = _rows(x)
+    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias)
+    if y is not None:
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if x2.shape[0] <= KERNEL_MAX_ROWS:
         y = aten._weight_int8pack_mm(x2.to(act_dtype), w_int8, scale.to(act_dtype)).float()
         if row_fix is not None:  # affine weights: subtract sum(x) * s * z
@@ -70,6 +79,31 @@ def linear_int4(x, packed, group_size: int, scales_and_zeros, bias):
     """Activations in the scales' dtype (bf16: the fast kernel, 4x float at 4096x4096 batch 1; fp32: 6x slower)."""
     y = aten._weight_int4pack_mm_for_cpu(_rows(x).to(scales_and_zeros.dtype), packed, group_size, scales_and_zeros)
     return _finish(y.float(), x, bias)
+
+
+def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias):
+    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows, for more
+    the weight dequantized once per call + fp32 GEMM (the GEMV re-reads cached weights per tile of 4 rows)."""
+    x2 = _rows(x)
+    y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias)
+    if y is None:
+        z = torch.full_like(scale, zconst) if zero is None else zero.float()
+        w = (unpack_int4_blocks(packed).float() - z.repeat_interleave(group_size, 1)) * \
+            scale.repeat_interleave(group_size, 1)
+        return F.linear(x, w, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def wo_kernel_note(kind: str) -> tuple[str | None, str | None]:
+    """(the report's kernel string for qcompile's int8 / int4 GEMV, None) when it is built; else (None, a
+    warning naming the torch kernel that runs instead)."""
+    info = wo_kernel_info()
+    if info["available"]:
+        return (f"qcompile {kind} GEMV ({info['isa']}, fp32 activations, codes decoded in registers) for <= "
+                f"{info['max_rows']} rows"), None
+    return None, (f"the {kind} weight-only GEMV (csrc/wo_gemv.c) was not built at install time (no C compiler "
+                  f"or not an x86 CPU): torch's kernel runs instead, at about half of the memory bandwidth at "
+                  f"batch 1; install qcompile with a C compiler")
 
 
 def linear_nf4(x, packed, absmax, group_size: int, bias):
@@ -215,6 +249,34 @@ def _int4_pack(w: IntWeight):
     return packed, g, torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
 
 
+def _warn_if_missing(node, kind: str) -> str:
+    """Warns when qcompile's GEMV is missing and torch's kernel runs instead; the report's suffix then."""
+    warning = wo_kernel_note(kind)[1]
+    if warning is None:
+        return ""
+    warnings.warn(f"{node.name}: {warning}", stacklevel=3)
+    return " [fallback: qcompile's GEMV not built]"
+
+
+def _int4_gemv_pack(w: IntWeight):
+    """(packed [N, K/2], group size, scale fp32 [N, K/g], zero uint8 [N, K/g] or None, zero constant) for
+    qcompile's int4 GEMV (codes q - quant_min in [0, 15]; zero z - quant_min), or the reason it cannot."""
+    n, k = w.q.shape
+    if w.bits > 4:
+        return f"{w.bits}-bit values"
+    g = w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
+    if g is None or g % 32 or k % g:
+        return f"the int4 GEMV needs groups of a multiple of 32 dividing in_features={k} (got {g})"
+    s, z = w.grouped(k, g)
+    z = z - w.quant_min
+    if not bool((z == z.round()).all()) or z.min() < 0 or z.max() > 255:
+        return "zero points off the integer grid"
+    codes = pack_int4_blocks((w.q.int() - w.quant_min).to(torch.uint8))
+    const = bool((z == z.flatten()[0]).all())
+    zero = None if const else z.to(torch.uint8).contiguous()
+    return codes, g, s.float().contiguous(), zero, float(z.flatten()[0]) if const else 0.0
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
 
@@ -254,21 +316,31 @@ def linear_weight_only(m: Match):
     if w is None or w.q.dim() != 2:
         return None
     n, k = w.q.shape
+    gemv4 = _int4_gemv_pack(w)
+    if not isinstance(gemv4, str) and wo_kernel_info()["available"]:
+        packed, g, scale, zero, zconst = gemv4
+        args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(scale, node, node.name, "scales"),
+                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias)
+        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4')[0]} (int{w.bits} g{g}), "
+                                                     f"dequantize + fp32 GEMM above")
     int4 = _int4_pack(w)
     if not isinstance(int4, str):
+        missing = _warn_if_missing(node, "int4")
         packed, g, sz = int4
         sz = rw.const(sz.to(rw.kernel_dtype), node, node.name, "scales")
         args = (x, rw.const(packed, node, node.name, "codes", n * k), g, sz, bias)
         return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g}, "
-                                                f"{_dtype_name(rw.kernel_dtype)} activations)")
-    if w.group_size is None and k % 16 == 0:  # the int8 kernel reads K in blocks of 16 (wrong results otherwise)
+                                                f"{_dtype_name(rw.kernel_dtype)} activations){missing}")
+    if w.group_size is None and k % 16 == 0:  # both int8 kernels read K in blocks of 16
+        gemv = wo_kernel_note("int8")[0]
+        missing = _warn_if_missing(node, "int8") if w.bits > 4 else ""
         q8, s, fix = _int8_rows(w, n)
         args = (x, rw.const(q8, node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),
                 None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype)
         note = "" if w.bits > 4 else f" ({w.bits}-bit values stored as int8: {int4})"
         return rw.emit(node, linear_int8_weight, args,
-                       f"aten._weight_int8pack_mm ({_dtype_name(rw.kernel_dtype)} activations, <= {KERNEL_MAX_ROWS} "
-                       f"rows; dequantize + fp32 GEMM above){note}")
+                       f"{gemv + ', then ' if gemv else ''}aten._weight_int8pack_mm ({_dtype_name(rw.kernel_dtype)} "
+                       f"activations, <= {KERNEL_MAX_ROWS} rows; dequantize + fp32 GEMM above){missing}{note}")
     scale, zp = (w.scale.float().reshape(n, -1), w.zero_point.reshape(n, -1)) if w.group_size else w.per_row(n)
     z = _zero_points(zp, w.q.dtype)
     args = (x, rw.const(w.q, node, node.name, "codes", n * k), rw.const(scale.contiguous(), node, node.name, "scales"),

@@ -1,0 +1,285 @@
+/* Weight-only int8 / int4 linear for x86 CPUs at batch 1..16: y[M,N] = x[M,K] . W^T (+ bias), fp32 x, fp32
+ * accumulate, the weight decoded in registers (never an fp32 weight in memory).
+ *
+ * int8, one scale per output channel: codes int8 [N, K] (K % 16 == 0), scale fp32 [N], optional affine fix-up
+ *   fix[n] = scale[n] * zero[n]:  y[m,n] = scale[n] * sum_k q[n,k] x[m,k] - fix[n] * sum_k x[m,k] + bias[n].
+ * int4, one scale (and zero point) per group of g along K (g % 32 == 0, K % g == 0): codes c = q - quant_min in
+ *   [0, 15], packed per 32-element block as 16 bytes, byte i = element i (low nibble) | element 16 + i (high
+ *   nibble) -- 16 bytes give two 16-lane index vectors with one shift and no shuffles. For each group a 16-entry
+ *   table (c - z) * s is built once (z = zero[n, j] - quant_min as uint8 [N, K/g], or one constant when
+ *   symmetric) and the codes index it (vpermps; AVX2: two vpermps + a blend), so a decoded weight is exactly
+ *   the reference's fp32 value (q - z) * s.
+ *
+ * Loop order: blocks of R output channels (R rows of W streamed side by side, each x vector loaded once per
+ * block); rows of x in register tiles of MT <= 4 over the block, so the block's weights come from DRAM once
+ * per call and from L1/L2 for the other tiles. Threads split N in blocks (pthreads started per call, like
+ * nf4_kernel.c). Built at install time into qcompile._nf4 (setup.py), called through ctypes (kernels.py).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <immintrin.h>
+#include <pthread.h>
+
+#define WO_MAX_ROWS 16
+#define WO_MAX_THREADS 64
+#define RMAX 4
+
+typedef struct wo_job {
+    int kind, isa;           /* kind 0 int8, 1 int4; isa 2 AVX-512, 1 AVX2+FMA, 0 scalar */
+    const float *x, *scale, *fix, *bias, *xsum;
+    const void *w;
+    const uint8_t *zero;     /* int4: [N, K/g] or NULL (then zconst) */
+    float zconst;
+    float *y;
+    int64_t M, N, K, g, n0, n1;
+} wo_job;
+
+/* out: [R][WO_MAX_ROWS] partial results for rows n..n+R-1 and the MT rows of x starting at x */
+typedef void (*blk_fn)(const wo_job *, int64_t n, const float *x, float *out);
+
+int qc_wo_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+int qc_wo_max_rows(void) { return WO_MAX_ROWS; }
+
+static inline float zero_of(const wo_job *j, int64_t n, int64_t grp) {
+    return j->zero ? (float)j->zero[n * (j->K / j->g) + grp] : j->zconst;
+}
+
+/* ---- scalar: one channel, all rows of x ----------------------------------------------------------- */
+static void i8_scalar(const wo_job *j, int64_t n, const float *x, float *out) {
+    const int8_t *w = (const int8_t *)j->w + n * j->K;
+    for (int64_t m = 0; m < j->M; m++) {
+        float s = 0.f;
+        for (int64_t k = 0; k < j->K; k++) s += (float)w[k] * x[m * j->K + k];
+        out[m] = s;
+    }
+}
+
+static void i4_scalar(const wo_job *j, int64_t n, const float *x, float *out) {
+    const uint8_t *p = (const uint8_t *)j->w + n * (j->K / 2);
+    for (int64_t m = 0; m < j->M; m++) out[m] = 0.f;
+    for (int64_t grp = 0; grp < j->K / j->g; grp++) {
+        float t[16], s = j->scale[n * (j->K / j->g) + grp], z = zero_of(j, n, grp);
+        for (int c = 0; c < 16; c++) t[c] = ((float)c - z) * s;
+        for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k += 32)
+            for (int i = 0; i < 16; i++) {
+                uint8_t b = p[k / 2 + i];
+                for (int64_t m = 0; m < j->M; m++)
+                    out[m] += t[b & 15] * x[m * j->K + k + i] + t[b >> 4] * x[m * j->K + k + 16 + i];
+            }
+    }
+}
+
+/* ---- AVX-512 ---------------------------------------------------------------------------------------- */
+#define I8_512(R, MT)                                                                                      \
+__attribute__((target("avx512f,avx512bw")))                                                                \
+static void i8_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
+    const int64_t K = j->K;                                                                                \
+    const int8_t *w = (const int8_t *)j->w + n * K;                                                        \
+    __m512 s[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm512_setzero_ps();               \
+    for (int64_t k = 0; k < K; k += 16) {                                                                  \
+        __m512 wv[R];                                                                                      \
+        for (int r = 0; r < R; r++)                                                                        \
+            wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * K + k)))); \
+        for (int m = 0; m < MT; m++) {                                                                     \
+            const __m512 xv = _mm512_loadu_ps(x + m * K + k);                                              \
+            for (int r = 0; r < R; r++) s[r][m] = _mm512_fmadd_ps(wv[r], xv, s[r][m]);                     \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
+}
+
+#define I4_512(R, MT)                                                                                      \
+__attribute__((target("avx512f,avx512bw")))                                                                \
+static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
+    const int64_t K = j->K, G = K / j->g;                                                                  \
+    const uint8_t *p = (const uint8_t *)j->w + n * (K / 2);                                                \
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);              \
+    __m512 s[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm512_setzero_ps();               \
+    for (int64_t grp = 0; grp < G; grp++) {                                                                \
+        __m512 t[R];                                                                                       \
+        for (int r = 0; r < R; r++)                                                                        \
+            t[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero_of(j, n + r, grp))),              \
+                                 _mm512_set1_ps(j->scale[(n + r) * G + grp]));                             \
+        for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k += 32) {                                      \
+            __m512 lo[R], hi[R];                                                                           \
+            for (int r = 0; r < R; r++) {                                                                  \
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + r * (K / 2) + k / 2))); \
+                lo[r] = _mm512_permutexvar_ps(b, t[r]);  /* vpermps reads the index's low 4 bits */        \
+                hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t[r]);                              \
+            }                                                                                              \
+            for (int m = 0; m < MT; m++) {                                                                 \
+                const __m512 x0 = _mm512_loadu_ps(x + m * K + k), x1 = _mm512_loadu_ps(x + m * K + k + 16); \
+                for (int r = 0; r < R; r++)                                                                \
+                    s[r][m] = _mm512_fmadd_ps(hi[r], x1, _mm512_fmadd_ps(lo[r], x0, s[r][m]));             \
+            }                                                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
+}
+
+/* ---- AVX2 + FMA ------------------------------------------------------------------------------------- */
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+#define I8_256(R, MT)                                                                                      \
+__attribute__((target("avx2,fma")))                                                                        \
+static void i8_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
+    const int64_t K = j->K;                                                                                \
+    const int8_t *w = (const int8_t *)j->w + n * K;                                                        \
+    __m256 s[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm256_setzero_ps();               \
+    for (int64_t k = 0; k < K; k += 8) {                                                                   \
+        __m256 wv[R];                                                                                      \
+        for (int r = 0; r < R; r++)                                                                        \
+            wv[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * K + k)))); \
+        for (int m = 0; m < MT; m++) {                                                                     \
+            const __m256 xv = _mm256_loadu_ps(x + m * K + k);                                              \
+            for (int r = 0; r < R; r++) s[r][m] = _mm256_fmadd_ps(wv[r], xv, s[r][m]);                     \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = hsum256(s[r][m]);  \
+}
+
+/* 16-entry lookup on AVX2: low 3 bits pick within a half (vpermps), bit 3 (moved to the sign) the half */
+#define LUT256(idx, tl, th) _mm256_blendv_ps(_mm256_permutevar8x32_ps(tl, idx), _mm256_permutevar8x32_ps(th, idx), \
+                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+
+#define I4_256(R, MT)                                                                                      \
+__attribute__((target("avx2,fma")))                                                                        \
+static void i4_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
+    const int64_t K = j->K, G = K / j->g;                                                                  \
+    const uint8_t *p = (const uint8_t *)j->w + n * (K / 2);                                                \
+    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), eight = _mm256_set1_ps(8.f);               \
+    __m256 s[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm256_setzero_ps();               \
+    for (int64_t grp = 0; grp < G; grp++) {                                                                \
+        __m256 tl[R], th[R];                                                                               \
+        for (int r = 0; r < R; r++) {                                                                      \
+            const __m256 z = _mm256_set1_ps(zero_of(j, n + r, grp)), a = _mm256_set1_ps(j->scale[(n + r) * G + grp]); \
+            tl[r] = _mm256_mul_ps(_mm256_sub_ps(iota, z), a);                                              \
+            th[r] = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(iota, eight), z), a);                        \
+        }                                                                                                  \
+        for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k += 32) {                                      \
+            for (int h = 0; h < 2; h++) {  /* bytes 8h..8h+7: elements 8h.. (low) and 16+8h.. (high) */    \
+                __m256 lo[R], hi[R];                                                                       \
+                for (int r = 0; r < R; r++) {                                                              \
+                    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + r * (K / 2) + k / 2 + 8 * h))); \
+                    const __m256i bh = _mm256_srli_epi32(b, 4);                                            \
+                    lo[r] = LUT256(b, tl[r], th[r]);                                                       \
+                    hi[r] = LUT256(bh, tl[r], th[r]);                                                      \
+                }                                                                                          \
+                for (int m = 0; m < MT; m++) {                                                             \
+                    const __m256 x0 = _mm256_loadu_ps(x + m * K + k + 8 * h);                              \
+                    const __m256 x1 = _mm256_loadu_ps(x + m * K + k + 16 + 8 * h);                         \
+                    for (int r = 0; r < R; r++)                                                            \
+                        s[r][m] = _mm256_fmadd_ps(hi[r], x1, _mm256_fmadd_ps(lo[r], x0, s[r][m]));         \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = hsum256(s[r][m]);  \
+}
+
+I8_512(4, 1) I8_512(4, 2) I8_512(4, 4) I8_512(1, 1) I8_512(1, 2) I8_512(1, 4)
+I4_512(4, 1) I4_512(4, 2) I4_512(4, 4) I4_512(1, 1) I4_512(1, 2) I4_512(1, 4)
+I8_256(4, 1) I8_256(4, 2) I8_256(1, 1) I8_256(1, 2)
+I4_256(2, 1) I4_256(2, 2) I4_256(1, 1) I4_256(1, 2)
+
+/* [kind][isa]: block rows R and the kernels for (R, MT = 1, 2, 4) and (1, MT); NULL: tile not built */
+typedef struct { int R; blk_fn big[3], one[3]; } isa_table;
+static const isa_table TABLES[2][3] = {
+    {{1, {i8_scalar, NULL, NULL}, {i8_scalar, NULL, NULL}},
+     {4, {i8_256_4_1, i8_256_4_2, NULL}, {i8_256_1_1, i8_256_1_2, NULL}},
+     {4, {i8_512_4_1, i8_512_4_2, i8_512_4_4}, {i8_512_1_1, i8_512_1_2, i8_512_1_4}}},
+    {{1, {i4_scalar, NULL, NULL}, {i4_scalar, NULL, NULL}},
+     {2, {i4_256_2_1, i4_256_2_2, NULL}, {i4_256_1_1, i4_256_1_2, NULL}},
+     {4, {i4_512_4_1, i4_512_4_2, i4_512_4_4}, {i4_512_1_1, i4_512_1_2, i4_512_1_4}}},
+};
+
+/* One block of R channels: every tile of x rows, then the epilogue (int8 scale / affine fix-up, bias). */
+static void run_block(const wo_job *j, const blk_fn *fns, int R, int64_t n) {
+    float acc[RMAX * WO_MAX_ROWS];
+    if (j->isa == 0) {
+        fns[0](j, n, j->x, acc);
+    } else {
+        for (int64_t m = 0; m < j->M;) {
+            int t = (j->M - m >= 4 && fns[2]) ? 2 : (j->M - m >= 2 && fns[1]) ? 1 : 0;
+            fns[t](j, n, j->x + m * j->K, acc + m);
+            m += 1 << t;
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const int64_t c = n + r;
+        for (int64_t m = 0; m < j->M; m++) {
+            float v = acc[r * WO_MAX_ROWS + m];
+            if (j->kind == 0) v = v * j->scale[c] - (j->fix ? j->fix[c] * j->xsum[m] : 0.f);
+            j->y[m * j->N + c] = v + (j->bias ? j->bias[c] : 0.f);
+        }
+    }
+}
+
+static void *run_job(void *arg) {
+    const wo_job *j = (const wo_job *)arg;
+    const isa_table *tb = &TABLES[j->kind][j->isa];
+    int64_t n = j->n0;
+    for (; n + tb->R <= j->n1; n += tb->R) run_block(j, tb->big, tb->R, n);
+    for (; n < j->n1; n++) run_block(j, tb->one, 1, n);
+    return NULL;
+}
+
+static int run(wo_job base, int nthreads) {
+    float xsum[WO_MAX_ROWS];
+    if (base.fix) {
+        for (int64_t m = 0; m < base.M; m++) {
+            double s = 0;
+            for (int64_t k = 0; k < base.K; k++) s += base.x[m * base.K + k];
+            xsum[m] = (float)s;
+        }
+        base.xsum = xsum;
+    }
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > WO_MAX_THREADS) nthreads = WO_MAX_THREADS;
+    if (base.N < 64 * nthreads) nthreads = 1;
+    wo_job jobs[WO_MAX_THREADS];
+    pthread_t tid[WO_MAX_THREADS];
+    int started[WO_MAX_THREADS] = {0};
+    for (int t = 0; t < nthreads; t++) {  /* slices in multiples of RMAX channels (every R divides it) */
+        jobs[t] = base;
+        jobs[t].n0 = t == 0 ? 0 : base.N * t / nthreads / RMAX * RMAX;
+        jobs[t].n1 = t == nthreads - 1 ? base.N : base.N * (t + 1) / nthreads / RMAX * RMAX;
+        if (t > 0) started[t] = pthread_create(&tid[t], NULL, run_job, &jobs[t]) == 0;
+    }
+    run_job(&jobs[0]);
+    for (int t = 1; t < nthreads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else run_job(&jobs[t]);
+    }
+    return 0;
+}
+
+/* All return 0 on success, -1 on arguments the kernel does not take (the caller falls back). */
+int qc_wo_int8_linear(const float *x, const int8_t *w, const float *scale, const float *fix, const float *bias,
+                      float *y, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
+    if (M < 1 || M > WO_MAX_ROWS || N < 1 || K < 16 || K % 16 || isa < 0 || isa > qc_wo_isa()) return -1;
+    wo_job j = {0, isa, x, scale, fix, bias, NULL, w, NULL, 0.f, y, M, N, K, 0, 0, N};
+    return run(j, nthreads);
+}
+
+int qc_wo_int4_linear(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero, float zconst,
+                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g, int isa,
+                      int nthreads) {
+    if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 32 || g % 32 || K % g || isa < 0 || isa > qc_wo_isa()) return -1;
+    wo_job j = {1, isa, x, scale, NULL, bias, NULL, packed, zero, zconst, y, M, N, K, g, 0, N};
+    return run(j, nthreads);
+}
