@@ -46,6 +46,10 @@ int qc_wo_isa(void) {
 
 int qc_wo_max_rows(void) { return WO_MAX_ROWS; }
 
+/* int4 rows: blocks of 128 elements in 64 bytes (16 little-endian dwords), nibble i (bits 4i..4i+3) of
+ * dword d = element 16 i + d of the block; the last block of a row is zero-padded when K % 128 != 0 */
+static inline int64_t i4_row_bytes(int64_t K) { return (K + 127) / 128 * 64; }
+
 static inline float zero_of(const wo_job *j, int64_t n, int64_t grp) {
     return j->zero ? (float)j->zero[n * (j->K / j->g) + grp] : j->zconst;
 }
@@ -61,17 +65,20 @@ static void i8_scalar(const wo_job *j, int64_t n, const float *x, float *out) {
 }
 
 static void i4_scalar(const wo_job *j, int64_t n, const float *x, float *out) {
-    const uint8_t *p = (const uint8_t *)j->w + n * (j->K / 2);
+    const int64_t K = j->K, G = K / j->g;
+    const uint8_t *p = (const uint8_t *)j->w + n * i4_row_bytes(K);
     for (int64_t m = 0; m < j->M; m++) out[m] = 0.f;
-    for (int64_t grp = 0; grp < j->K / j->g; grp++) {
-        float t[16], s = j->scale[n * (j->K / j->g) + grp], z = zero_of(j, n, grp);
-        for (int c = 0; c < 16; c++) t[c] = ((float)c - z) * s;
-        for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k += 32)
-            for (int i = 0; i < 16; i++) {
-                uint8_t b = p[k / 2 + i];
-                for (int64_t m = 0; m < j->M; m++)
-                    out[m] += t[b & 15] * x[m * j->K + k + i] + t[b >> 4] * x[m * j->K + k + 16 + i];
-            }
+    for (int64_t e = 0; e < K; e += 16) {  /* one nibble slot: elements e .. e + 15 */
+        const int64_t grp = e / j->g;
+        const float s = j->scale[n * G + grp], z = zero_of(j, n, grp);
+        const uint8_t *blk = p + (e / 128) * 64;
+        const int sh = (int)(4 * ((e % 128) / 16));
+        for (int d = 0; d < 16; d++) {
+            uint32_t word;
+            memcpy(&word, blk + 4 * d, 4);
+            const float w = ((float)((word >> sh) & 15) - z) * s;
+            for (int64_t m = 0; m < j->M; m++) out[m] += w * x[m * K + e + d];
+        }
     }
 }
 
@@ -95,32 +102,51 @@ static void i8_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
 }
 
+/* int4: a new group's tables are built when `left` (nibble slots left in the group) reaches 0 */
+#define I4_NEXT_GROUP(BUILD)                                                                               \
+    if (left == 0) {                                                                                       \
+        for (int r = 0; r < RR; r++) {                                                                      \
+            const float zz = zero_of(j, n + r, grp), ss = j->scale[(n + r) * G + grp];                     \
+            BUILD;                                                                                         \
+        }                                                                                                  \
+        grp++;                                                                                             \
+        left = per;                                                                                        \
+    }                                                                                                      \
+    left--;
+
+#define I4_512_SLOT(i)                                                                                     \
+    {                                                                                                      \
+        I4_NEXT_GROUP(t[r] = _mm512_mul_ps(j->zero ? _mm512_sub_ps(iota, _mm512_set1_ps(zz)) : iotaz,       \
+                                           _mm512_set1_ps(ss)))                                            \
+        __m512 w[RR];                                                                                       \
+        for (int r = 0; r < RR; r++) /* vpermps reads the index's low 4 bits: no mask */                   \
+            w[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * (i)), t[r]);                          \
+        for (int m = 0; m < MM; m++) {                                                                     \
+            const __m512 xv = _mm512_loadu_ps(x + m * K + e + 16 * (i));                                   \
+            for (int r = 0; r < RR; r++) s[r][m] = _mm512_fmadd_ps(w[r], xv, s[r][m]);                      \
+        }                                                                                                  \
+    }
+
 #define I4_512(R, MT)                                                                                      \
 __attribute__((target("avx512f,avx512bw")))                                                                \
 static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
-    const int64_t K = j->K, G = K / j->g;                                                                  \
-    const uint8_t *p = (const uint8_t *)j->w + n * (K / 2);                                                \
+    enum { RR = R, MM = MT };  /* for the slot macros */                                                    \
+    const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), per = j->g / 16;                           \
+    const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);              \
-    __m512 s[R][MT];                                                                                       \
+    const __m512 iotaz = _mm512_sub_ps(iota, _mm512_set1_ps(j->zconst));  /* symmetric: one mul a group */ \
+    __m512 s[R][MT], t[R];                                                                                 \
+    int64_t left = 0, grp = 0, e = 0;                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm512_setzero_ps();               \
-    for (int64_t grp = 0; grp < G; grp++) {                                                                \
-        __m512 t[R];                                                                                       \
-        for (int r = 0; r < R; r++)                                                                        \
-            t[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero_of(j, n + r, grp))),              \
-                                 _mm512_set1_ps(j->scale[(n + r) * G + grp]));                             \
-        for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k += 32) {                                      \
-            __m512 lo[R], hi[R];                                                                           \
-            for (int r = 0; r < R; r++) {                                                                  \
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + r * (K / 2) + k / 2))); \
-                lo[r] = _mm512_permutexvar_ps(b, t[r]);  /* vpermps reads the index's low 4 bits */        \
-                hi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t[r]);                              \
-            }                                                                                              \
-            for (int m = 0; m < MT; m++) {                                                                 \
-                const __m512 x0 = _mm512_loadu_ps(x + m * K + k), x1 = _mm512_loadu_ps(x + m * K + k + 16); \
-                for (int r = 0; r < R; r++)                                                                \
-                    s[r][m] = _mm512_fmadd_ps(hi[r], x1, _mm512_fmadd_ps(lo[r], x0, s[r][m]));             \
-            }                                                                                              \
-        }                                                                                                  \
+    for (; e + 128 <= K; e += 128) {                                                                       \
+        __m512i v[R];                                                                                      \
+        for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + e / 2));         \
+        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) I4_512_SLOT(i)                                 \
+    }                                                                                                      \
+    if (e < K) {  /* last, partial block: (K - e) / 16 slots */                                            \
+        __m512i v[R];                                                                                      \
+        for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + e / 2));         \
+        for (int i = 0; i < (K - e) / 16; i++) I4_512_SLOT(i)                                              \
     }                                                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
 }
@@ -151,41 +177,46 @@ static void i8_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = hsum256(s[r][m]);  \
 }
 
-/* 16-entry lookup on AVX2: low 3 bits pick within a half (vpermps), bit 3 (moved to the sign) the half */
-#define LUT256(idx, tl, th) _mm256_blendv_ps(_mm256_permutevar8x32_ps(tl, idx), _mm256_permutevar8x32_ps(th, idx), \
-                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+/* 16-entry lookup on AVX2 for nibble slot i of v: its low 3 bits pick within a half (vpermps reads bits
+ * 0-2 only), its bit 3, shifted to the sign, picks the half (blendv) */
+#define LUT256(v, i, tl, th)                                                                               \
+    _mm256_blendv_ps(_mm256_permutevar8x32_ps(tl, _mm256_srli_epi32(v, 4 * (i))),                          \
+                     _mm256_permutevar8x32_ps(th, _mm256_srli_epi32(v, 4 * (i))),                          \
+                     _mm256_castsi256_ps(_mm256_slli_epi32(v, 28 - 4 * (i))))
+
+#define I4_256_SLOT(i)                                                                                     \
+    {                                                                                                      \
+        I4_NEXT_GROUP(tl[r] = _mm256_mul_ps(_mm256_sub_ps(iota, _mm256_set1_ps(zz)), _mm256_set1_ps(ss));  \
+                      th[r] = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(iota, eight), _mm256_set1_ps(zz)),  \
+                                            _mm256_set1_ps(ss)))                                           \
+        for (int h = 0; h < 2; h++) {  /* dwords 8h .. 8h + 7: elements e + 16 i + 8h .. */                \
+            __m256 w[RR];                                                                                   \
+            for (int r = 0; r < RR; r++) w[r] = LUT256(v[r][h], i, tl[r], th[r]);                           \
+            for (int m = 0; m < MM; m++) {                                                                 \
+                const __m256 xv = _mm256_loadu_ps(x + m * K + e + 16 * (i) + 8 * h);                       \
+                for (int r = 0; r < RR; r++) s[r][m] = _mm256_fmadd_ps(w[r], xv, s[r][m]);                  \
+            }                                                                                              \
+        }                                                                                                  \
+    }
 
 #define I4_256(R, MT)                                                                                      \
 __attribute__((target("avx2,fma")))                                                                        \
 static void i4_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
-    const int64_t K = j->K, G = K / j->g;                                                                  \
-    const uint8_t *p = (const uint8_t *)j->w + n * (K / 2);                                                \
+    enum { RR = R, MM = MT };  /* for the slot macros */                                                    \
+    const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), per = j->g / 16;                           \
+    const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
     const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), eight = _mm256_set1_ps(8.f);               \
-    __m256 s[R][MT];                                                                                       \
+    __m256 s[R][MT], tl[R], th[R];                                                                         \
+    int64_t left = 0, grp = 0, e = 0;                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm256_setzero_ps();               \
-    for (int64_t grp = 0; grp < G; grp++) {                                                                \
-        __m256 tl[R], th[R];                                                                               \
-        for (int r = 0; r < R; r++) {                                                                      \
-            const __m256 z = _mm256_set1_ps(zero_of(j, n + r, grp)), a = _mm256_set1_ps(j->scale[(n + r) * G + grp]); \
-            tl[r] = _mm256_mul_ps(_mm256_sub_ps(iota, z), a);                                              \
-            th[r] = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(iota, eight), z), a);                        \
-        }                                                                                                  \
-        for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k += 32) {                                      \
-            for (int h = 0; h < 2; h++) {  /* bytes 8h..8h+7: elements 8h.. (low) and 16+8h.. (high) */    \
-                __m256 lo[R], hi[R];                                                                       \
-                for (int r = 0; r < R; r++) {                                                              \
-                    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + r * (K / 2) + k / 2 + 8 * h))); \
-                    const __m256i bh = _mm256_srli_epi32(b, 4);                                            \
-                    lo[r] = LUT256(b, tl[r], th[r]);                                                       \
-                    hi[r] = LUT256(bh, tl[r], th[r]);                                                      \
-                }                                                                                          \
-                for (int m = 0; m < MT; m++) {                                                             \
-                    const __m256 x0 = _mm256_loadu_ps(x + m * K + k + 8 * h);                              \
-                    const __m256 x1 = _mm256_loadu_ps(x + m * K + k + 16 + 8 * h);                         \
-                    for (int r = 0; r < R; r++)                                                            \
-                        s[r][m] = _mm256_fmadd_ps(hi[r], x1, _mm256_fmadd_ps(lo[r], x0, s[r][m]));         \
-                }                                                                                          \
-            }                                                                                              \
+    for (; e < K; e += 128) {                                                                              \
+        __m256i v[R][2];                                                                                   \
+        for (int r = 0; r < R; r++) for (int h = 0; h < 2; h++)                                            \
+            v[r][h] = _mm256_loadu_si256((const __m256i *)(p + r * RB + e / 2 + 32 * h));                  \
+        if (e + 128 <= K) {                                                                                \
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) I4_256_SLOT(i)                             \
+        } else {                                                                                           \
+            for (int i = 0; i < (K - e) / 16; i++) I4_256_SLOT(i)                                          \
         }                                                                                                  \
     }                                                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = hsum256(s[r][m]);  \
@@ -279,7 +310,7 @@ int qc_wo_int8_linear(const float *x, const int8_t *w, const float *scale, const
 int qc_wo_int4_linear(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero, float zconst,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g, int isa,
                       int nthreads) {
-    if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 32 || g % 32 || K % g || isa < 0 || isa > qc_wo_isa()) return -1;
+    if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 16 || g % 16 || K % g || isa < 0 || isa > qc_wo_isa()) return -1;
     wo_job j = {1, isa, x, scale, NULL, bias, NULL, packed, zero, zconst, y, M, N, K, g, 0, N};
     return run(j, nthreads);
 }

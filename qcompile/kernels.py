@@ -104,18 +104,26 @@ def wo_threads(weight_bytes: int) -> int:
 
 
 def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] in [0, 15] (K % 32 == 0) -> [N, K/2] in the kernel's layout: per block of 32
-    elements, byte i = element i (low nibble) | element 16 + i (high nibble)."""
+    """uint8 codes [N, K] in [0, 15] (K % 16 == 0) -> uint8 [N, 64 * ceil(K / 128)] in the GEMV's layout:
+    blocks of 128 elements as 16 little-endian int32 words, bits 4i..4i+3 of word d = element 16 i + d (one
+    shift gives 16 consecutive codes in 16 lanes); the last block zero-padded."""
     n, k = codes.shape
-    c = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    blocks = -(-k // 128)
+    c = torch.zeros(n, blocks * 128, dtype=torch.int32)
+    c[:, :k] = codes.to(torch.int32)
+    c = c.reshape(n, blocks, 8, 16)
+    words = torch.zeros(n, blocks, 16, dtype=torch.int32)
+    for i in range(8):
+        words |= c[:, :, i] << (4 * i)
+    return words.reshape(n, blocks * 16).view(torch.uint8).contiguous()
 
 
-def unpack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_blocks`: [N, K/2] -> uint8 codes [N, K]."""
-    n, h = packed.shape
-    b = packed.reshape(n, h // 16, 1, 16)
-    return torch.cat([b & 15, b >> 4], dim=2).reshape(n, 2 * h)
+def unpack_int4_blocks(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_blocks`: -> uint8 codes [N, K]."""
+    n = packed.shape[0]
+    words = packed.contiguous().view(torch.int32).reshape(n, -1, 1, 16)
+    codes = (words >> (4 * torch.arange(8).reshape(1, 1, 8, 1))) & 15
+    return codes.reshape(n, -1)[:, :k].to(torch.uint8)
 
 
 def _ptr(t):
@@ -153,6 +161,8 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     if lib is None:
         return None
     (m, k), n = x2.shape, packed.shape[0]
+    if packed.shape[1] != -(-k // 128) * 64:
+        raise ValueError(f"int4 GEMV: packed {tuple(packed.shape)} is not pack_int4_blocks of K={k}")
     y = torch.empty(m, n, dtype=torch.float32)
     scale = scale.detach().float().contiguous()
     zero = None if zero is None else zero.to(torch.uint8).contiguous()

@@ -50,13 +50,13 @@ def test_int8_every_isa_path_equals_the_dequantized_weight(m, n, k, affine):
 
 @needs_kernel
 @pytest.mark.parametrize("m,n,k,group", [(1, 37, 32, 32), (3, 100, 256, 64), (16, 33, 256, 128),
-                                         (1, 20, 512, 256), (2, 9, 96, 96)])
+                                         (1, 20, 512, 256), (2, 9, 96, 96), (4, 5, 400, 80), (1, 6, 48, 16)])
 @pytest.mark.parametrize("affine", [False, True])
 def test_int4_every_isa_path_equals_the_dequantized_weight(m, n, k, group, affine):
     g = torch.Generator().manual_seed(m * 1000 + n)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     packed = kernels.pack_int4_blocks(codes)
-    assert torch.equal(kernels.unpack_int4_blocks(packed), codes) and packed.shape == (n, k // 2)
+    assert torch.equal(kernels.unpack_int4_blocks(packed, k), codes) and packed.shape == (n, -(-k // 128) * 64)
     s = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
     zero = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=g) if affine else None
     z = zero.double() if affine else torch.full((n, k // group), 8.0, dtype=torch.float64)
@@ -86,7 +86,7 @@ def test_the_kernels_decline_what_they_cannot_run():
     with pytest.raises(ValueError, match="refused"):
         kernels.wo_int8_linear(torch.randn(1, 40), torch.zeros(8, 40, dtype=torch.int8), s)  # K % 16
     with pytest.raises(ValueError, match="refused"):
-        kernels.wo_int4_linear(torch.randn(1, 64), torch.zeros(8, 32, dtype=torch.uint8), 16, torch.ones(8, 4))
+        kernels.wo_int4_linear(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), 24, torch.ones(8, 4))
     with pytest.raises(ValueError, match="refused"):
         kernels.wo_int8_linear(torch.randn(1, 64), q, s, isa=7)
 

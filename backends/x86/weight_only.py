@@ -88,7 +88,7 @@ def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bia
     y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias)
     if y is None:
         z = torch.full_like(scale, zconst) if zero is None else zero.float()
-        w = (unpack_int4_blocks(packed).float() - z.repeat_interleave(group_size, 1)) * \
+        w = (unpack_int4_blocks(packed, x.shape[-1]).float() - z.repeat_interleave(group_size, 1)) * \
             scale.repeat_interleave(group_size, 1)
         return F.linear(x, w, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -265,8 +265,8 @@ def _int4_gemv_pack(w: IntWeight):
     if w.bits > 4:
         return f"{w.bits}-bit values"
     g = w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
-    if g is None or g % 32 or k % g:
-        return f"the int4 GEMV needs groups of a multiple of 32 dividing in_features={k} (got {g})"
+    if g is None or g % 16 or k % g:
+        return f"the int4 GEMV needs groups of a multiple of 16 dividing in_features={k} (got {g})"
     s, z = w.grouped(k, g)
     z = z - w.quant_min
     if not bool((z == z.round()).all()) or z.min() < 0 or z.max() > 255:
