@@ -114,10 +114,13 @@ static void i8_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     }                                                                                                      \
     left--;
 
-#define I4_512_SLOT(i)                                                                                     \
+#define I4_512_BUILD I4_NEXT_GROUP(t[r] = _mm512_mul_ps(j->zero ? _mm512_sub_ps(iota, _mm512_set1_ps(zz)) : iotaz,       \
+                                           _mm512_set1_ps(ss)))
+
+/* slot i of a block: 16 codes of each of the R rows decoded, times MT rows of x (CHECK: group may change) */
+#define I4_512_SLOT(i, CHECK)                                                                              \
     {                                                                                                      \
-        I4_NEXT_GROUP(t[r] = _mm512_mul_ps(j->zero ? _mm512_sub_ps(iota, _mm512_set1_ps(zz)) : iotaz,       \
-                                           _mm512_set1_ps(ss)))                                            \
+        if (CHECK) { I4_512_BUILD }                                                                        \
         __m512 w[RR];                                                                                       \
         for (int r = 0; r < RR; r++) /* vpermps reads the index's low 4 bits: no mask */                   \
             w[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v[r], 4 * (i)), t[r]);                          \
@@ -141,12 +144,18 @@ static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     for (; e + 128 <= K; e += 128) {                                                                       \
         __m512i v[R];                                                                                      \
         for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + e / 2));         \
-        _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) I4_512_SLOT(i)                                 \
+        if (per % 8 == 0) {  /* groups of whole blocks: tables change at a block's start only */           \
+            I4_512_BUILD                                                                                   \
+            left -= 7;                                                                                     \
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) I4_512_SLOT(i, 0)                          \
+        } else {                                                                                           \
+            _Pragma("GCC unroll 8") for (int i = 0; i < 8; i++) I4_512_SLOT(i, 1)                          \
+        }                                                                                                  \
     }                                                                                                      \
     if (e < K) {  /* last, partial block: (K - e) / 16 slots */                                            \
         __m512i v[R];                                                                                      \
         for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + e / 2));         \
-        for (int i = 0; i < (K - e) / 16; i++) I4_512_SLOT(i)                                              \
+        for (int i = 0; i < (K - e) / 16; i++) I4_512_SLOT(i, 1)                                           \
     }                                                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
 }

@@ -134,7 +134,10 @@ def test_int4_falls_back_with_the_reason_when_the_kernel_cannot_run():
         assert "stored as int8" in ks["linear"] and "out_features % 16" in ks["linear"]
     assert "in_features=40 is not a multiple of 16" in ks["linear_1"]
     art_g = compile_wo(nn.Sequential(nn.Linear(96, 32)).eval(), WeightSpec(bits=4, group_size=48), x=torch.randn(2, 96))
-    assert "codes dequantized at every call" in kernels(art_g)["linear"]
+    if wo_kernel_info()["available"]:  # qcompile's int4 GEMV takes any group size % 16
+        assert kernels(art_g)["linear"].startswith("qcompile int4 GEMV") and "g48" in kernels(art_g)["linear"]
+    else:
+        assert "codes dequantized at every call" in kernels(art_g)["linear"]
     with torch.no_grad():
         assert sqnr(art.run_reference(X), art(X)) > BF16_DB
 

@@ -55,12 +55,12 @@ def _finish(y, x, bias):
     return y if bias is None else y + bias
 
 
-def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype):
-    """``x @ ((q - z) * s)^T``: qcompile's GEMV for <= 16 rows (fp32, when built), torch's int8-weight
-    kernel up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one), dequantize +
-    fp32 GEMM for many."""
+def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype, gemv: bool = False):
+    """``x @ ((q - z) * s)^T``: qcompile's GEMV for <= 16 rows (``gemv``: it was built when lowering), torch's
+    int8-weight kernel up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one),
+    dequantize + fp32 GEMM for many."""
     x2 = _rows(x)
-    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias)
+    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias) if gemv else None
     if y is not None:
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if x2.shape[0] <= KERNEL_MAX_ROWS:
@@ -336,7 +336,8 @@ def linear_weight_only(m: Match):
         missing = _warn_if_missing(node, "int8") if w.bits > 4 else ""
         q8, s, fix = _int8_rows(w, n)
         args = (x, rw.const(q8, node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),
-                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype)
+                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype,
+                gemv is not None)
         note = "" if w.bits > 4 else f" ({w.bits}-bit values stored as int8: {int4})"
         return rw.emit(node, linear_int8_weight, args,
                        f"{gemv + ', then ' if gemv else ''}aten._weight_int8pack_mm ({_dtype_name(rw.kernel_dtype)} "
