@@ -30,6 +30,7 @@ typedef struct wo_job {
     const void *w;
     const uint8_t *zero;     /* int4: [N, K/g] or NULL (then zconst) */
     float zconst;
+    const float *base;       /* int4: the 16 code values before (v - z) * s: 0..15, or e.g. the NF4 table */
     float *y;
     int64_t M, N, K, g, n0, n1;
 } wo_job;
@@ -136,7 +137,7 @@ static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     enum { RR = R, MM = MT };  /* for the slot macros */                                                    \
     const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), per = j->g / 16;                           \
     const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);              \
+    const __m512 iota = _mm512_loadu_ps(j->base);                                                         \
     const __m512 iotaz = _mm512_sub_ps(iota, _mm512_set1_ps(j->zconst));  /* symmetric: one mul a group */ \
     __m512 s[R][MT], t[R];                                                                                 \
     int64_t left = 0, grp = 0, e = 0;                                                                      \
@@ -196,7 +197,7 @@ static void i8_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
 #define I4_256_SLOT(i)                                                                                     \
     {                                                                                                      \
         I4_NEXT_GROUP(tl[r] = _mm256_mul_ps(_mm256_sub_ps(iota, _mm256_set1_ps(zz)), _mm256_set1_ps(ss));  \
-                      th[r] = _mm256_mul_ps(_mm256_sub_ps(_mm256_add_ps(iota, eight), _mm256_set1_ps(zz)),  \
+                      th[r] = _mm256_mul_ps(_mm256_sub_ps(iota8, _mm256_set1_ps(zz)),                      \
                                             _mm256_set1_ps(ss)))                                           \
         for (int h = 0; h < 2; h++) {  /* dwords 8h .. 8h + 7: elements e + 16 i + 8h .. */                \
             __m256 w[RR];                                                                                   \
@@ -214,7 +215,7 @@ static void i4_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     enum { RR = R, MM = MT };  /* for the slot macros */                                                    \
     const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), per = j->g / 16;                           \
     const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
-    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), eight = _mm256_set1_ps(8.f);               \
+    const __m256 iota = _mm256_loadu_ps(j->base), iota8 = _mm256_loadu_ps(j->base + 8);                    \
     __m256 s[R][MT], tl[R], th[R];                                                                         \
     int64_t left = 0, grp = 0, e = 0;                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) s[r][m] = _mm256_setzero_ps();               \
@@ -312,14 +313,19 @@ static int run(wo_job base, int nthreads) {
 int qc_wo_int8_linear(const float *x, const int8_t *w, const float *scale, const float *fix, const float *bias,
                       float *y, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
     if (M < 1 || M > WO_MAX_ROWS || N < 1 || K < 16 || K % 16 || isa < 0 || isa > qc_wo_isa()) return -1;
-    wo_job j = {0, isa, x, scale, fix, bias, NULL, w, NULL, 0.f, y, M, N, K, 0, 0, N};
+    wo_job j = {.kind = 0, .isa = isa, .x = x, .scale = scale, .fix = fix, .bias = bias, .w = w, .y = y,
+                .M = M, .N = N, .K = K, .n1 = N};
     return run(j, nthreads);
 }
 
+static const float IOTA16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* int4: w = (base[code] - z) * s, base = 0..15 when NULL (uniform int4) or a 16-entry table (NF4, z = 0) */
 int qc_wo_int4_linear(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero, float zconst,
-                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g, int isa,
+                      const float *base, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g, int isa,
                       int nthreads) {
     if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 16 || g % 16 || K % g || isa < 0 || isa > qc_wo_isa()) return -1;
-    wo_job j = {1, isa, x, scale, NULL, bias, NULL, packed, zero, zconst, y, M, N, K, g, 0, N};
+    wo_job j = {.kind = 1, .isa = isa, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
+                .zconst = zconst, .base = base ? base : IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g, .n1 = N};
     return run(j, nthreads);
 }

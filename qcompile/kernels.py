@@ -45,7 +45,7 @@ def _lib():
     if hasattr(lib, "qc_wo_int8_linear"):
         lib.qc_wo_int8_linear.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int8_linear.restype = c_int
-        lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int4_linear.restype = c_int
         lib.qc_wo_isa.restype = c_int
         lib.qc_wo_max_rows.restype = c_int
@@ -154,9 +154,10 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
 
 
 def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
-                   isa: int | None = None, threads: int | None = None):
-    """``x2 [M, K] @ W^T (+ bias)``, ``W = (code - z) * scale`` per group, codes packed by
-    :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``; None when it cannot run."""
+                   isa: int | None = None, threads: int | None = None, table: torch.Tensor | None = None):
+    """``x2 [M, K] @ W^T (+ bias)``, ``W = (v[code] - z) * scale`` per group, codes packed by
+    :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``, v = 0..15 or the 16 values of
+    ``table`` (NF4: its table, z = 0); None when it cannot run."""
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
@@ -167,8 +168,9 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     scale = scale.detach().float().contiguous()
     zero = None if zero is None else zero.to(torch.uint8).contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
+    table = None if table is None else table.detach().float().contiguous()
     rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
-                               float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size,
+                               float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size,
                                lib.qc_wo_isa() if isa is None else isa, threads or wo_threads(packed.numel()))
     if rc != 0:
         raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "

@@ -33,14 +33,15 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
-from qcompile.kernels import pack_int4_blocks, unpack_int4_blocks, wo_int4_linear, wo_int8_linear, wo_kernel_info
+from qcompile.kernels import pack_int4_blocks, wo_int8_linear, wo_kernel_info
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
+from .wo_gemv import _INT4_GROUPS, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv, linear_nf4_gemv, wo_kernel_note
+
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
-_INT4_GROUPS = (256, 128, 64, 32)
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
 KERNEL_MAX_ROWS = 32  # the weight-only kernels are GEMVs: cost grows with rows; above, int8 dequantizes + fp32 GEMM
 
@@ -79,31 +80,6 @@ def linear_int4(x, packed, group_size: int, scales_and_zeros, bias):
     """Activations in the scales' dtype (bf16: the fast kernel, 4x float at 4096x4096 batch 1; fp32: 6x slower)."""
     y = aten._weight_int4pack_mm_for_cpu(_rows(x).to(scales_and_zeros.dtype), packed, group_size, scales_and_zeros)
     return _finish(y.float(), x, bias)
-
-
-def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias):
-    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows, for more
-    the weight dequantized once per call + fp32 GEMM (the GEMV re-reads cached weights per tile of 4 rows)."""
-    x2 = _rows(x)
-    y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias)
-    if y is None:
-        z = torch.full_like(scale, zconst) if zero is None else zero.float()
-        w = (unpack_int4_blocks(packed, x.shape[-1]).float() - z.repeat_interleave(group_size, 1)) * \
-            scale.repeat_interleave(group_size, 1)
-        return F.linear(x, w, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
-
-
-def wo_kernel_note(kind: str) -> tuple[str | None, str | None]:
-    """(the report's kernel string for qcompile's int8 / int4 GEMV, None) when it is built; else (None, a
-    warning naming the torch kernel that runs instead)."""
-    info = wo_kernel_info()
-    if info["available"]:
-        return (f"qcompile {kind} GEMV ({info['isa']}, fp32 activations, codes decoded in registers) for <= "
-                f"{info['max_rows']} rows"), None
-    return None, (f"the {kind} weight-only GEMV (csrc/wo_gemv.c) was not built at install time (no C compiler "
-                  f"or not an x86 CPU): torch's kernel runs instead, at about half of the memory bandwidth at "
-                  f"batch 1; install qcompile with a C compiler")
 
 
 def linear_nf4(x, packed, absmax, group_size: int, bias):
@@ -249,34 +225,6 @@ def _int4_pack(w: IntWeight):
     return packed, g, torch.stack([s, zero], dim=-1).transpose(0, 1).contiguous()
 
 
-def _warn_if_missing(node, kind: str) -> str:
-    """Warns when qcompile's GEMV is missing and torch's kernel runs instead; the report's suffix then."""
-    warning = wo_kernel_note(kind)[1]
-    if warning is None:
-        return ""
-    warnings.warn(f"{node.name}: {warning}", stacklevel=3)
-    return " [fallback: qcompile's GEMV not built]"
-
-
-def _int4_gemv_pack(w: IntWeight):
-    """(packed [N, K/2], group size, scale fp32 [N, K/g], zero uint8 [N, K/g] or None, zero constant) for
-    qcompile's int4 GEMV (codes q - quant_min in [0, 15]; zero z - quant_min), or the reason it cannot."""
-    n, k = w.q.shape
-    if w.bits > 4:
-        return f"{w.bits}-bit values"
-    g = w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
-    if g is None or g % 16 or k % g:
-        return f"the int4 GEMV needs groups of a multiple of 16 dividing in_features={k} (got {g})"
-    s, z = w.grouped(k, g)
-    z = z - w.quant_min
-    if not bool((z == z.round()).all()) or z.min() < 0 or z.max() > 255:
-        return "zero points off the integer grid"
-    codes = pack_int4_blocks((w.q.int() - w.quant_min).to(torch.uint8))
-    const = bool((z == z.flatten()[0]).all())
-    zero = None if const else z.to(torch.uint8).contiguous()
-    return codes, g, s.float().contiguous(), zero, float(z.flatten()[0]) if const else 0.0
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
 
@@ -308,6 +256,12 @@ def linear_weight_only(m: Match):
             rw.tag(a, node.name, "scales")
         if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
             absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
+        if wo_kernel_info()["available"] and g % 16 == 0:  # the int4 GEMV with the NF4 table as its code values
+            blocks = pack_int4_blocks(unpack_int4(rw.gm.get_buffer(packed.target)))
+            return rw.emit(node, linear_nf4_gemv, (x, rw.const(blocks, node, node.name, "codes", n * k), absmax, g, bias),
+                           f"nf4: qcompile LUT-decode kernel (the int4 GEMV of csrc/wo_gemv.c with NF4's table; "
+                           f"{wo_kernel_info()['isa']}, fp32 activations, codes decoded in registers, no fp32 "
+                           f"weight) for <= {wo_kernel_info()['max_rows']} rows, else dequantize + fp32 GEMM")
         note, warning = nf4_kernel_note(g)
         if warning:
             warnings.warn(f"{node.name}: {warning}", stacklevel=2)
