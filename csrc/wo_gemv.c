@@ -32,7 +32,7 @@ typedef struct wo_job {
     float zconst;
     const float *base;       /* int4: the 16 code values before (v - z) * s: 0..15, or e.g. the NF4 table */
     float *y;
-    int64_t M, N, K, g, n0, n1;
+    int64_t M, N, K, g;
 } wo_job;
 
 /* out: [R][WO_MAX_ROWS] partial results for rows n..n+R-1 and the MT rows of x starting at x */
@@ -270,13 +270,89 @@ static void run_block(const wo_job *j, const blk_fn *fns, int R, int64_t n) {
     }
 }
 
-static void *run_job(void *arg) {
-    const wo_job *j = (const wo_job *)arg;
+static void run_range(const wo_job *j, int64_t n0, int64_t n1) {
     const isa_table *tb = &TABLES[j->kind][j->isa];
-    int64_t n = j->n0;
-    for (; n + tb->R <= j->n1; n += tb->R) run_block(j, tb->big, tb->R, n);
-    for (; n < j->n1; n++) run_block(j, tb->one, 1, n);
+    int64_t n = n0;
+    for (; n + tb->R <= n1; n += tb->R) run_block(j, tb->big, tb->R, n);
+    for (; n < n1; n++) run_block(j, tb->one, 1, n);
+}
+
+/* ---- threads ------------------------------------------------------------------------------------------
+ * A pool of sleeping workers (condition variable, no spinning: torch's OpenMP workers keep the cores busy
+ * enough). A call cuts N into chunks that the caller and the workers claim under a mutex; the caller waits
+ * only for chunks some thread has claimed, never for a worker to wake up: on a loaded machine a worker that
+ * is not scheduled in time claims nothing and the caller does the whole call (one-thread time, not one
+ * scheduler time slice more -- per-call pthread_create + join waited for that slice). */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER, call_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static const wo_job *pool_job;
+static int64_t pool_chunk, pool_next, pool_count, pool_finished;
+static int pool_workers, pool_atfork;
+
+static int claim(const wo_job **j, int64_t *c) {  /* under pool_mu */
+    if (!pool_job || pool_next >= pool_count) return 0;
+    *j = pool_job;
+    *c = pool_next++;
+    return 1;
+}
+
+static void finish_chunk(const wo_job *j, int64_t c) {
+    const int64_t n0 = c * pool_chunk, n1 = n0 + pool_chunk < j->N ? n0 + pool_chunk : j->N;
+    run_range(j, n0, n1);
+    pthread_mutex_lock(&pool_mu);
+    if (++pool_finished == pool_count) pthread_cond_signal(&pool_done);
+    pthread_mutex_unlock(&pool_mu);
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    for (;;) {
+        const wo_job *j;
+        int64_t c;
+        pthread_mutex_lock(&pool_mu);
+        while (!claim(&j, &c)) pthread_cond_wait(&pool_work, &pool_mu);
+        pthread_mutex_unlock(&pool_mu);
+        finish_chunk(j, c);
+    }
     return NULL;
+}
+
+static void pool_after_fork(void) {  /* a forked child has no workers and fresh locks */
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_mutex_init(&call_mu, NULL);
+    pthread_cond_init(&pool_work, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_job = NULL;
+    pool_workers = 0;
+}
+
+static void run_pooled(const wo_job *j, int nthreads) {
+    pthread_mutex_lock(&call_mu);  /* one call at a time uses the pool */
+    if (!pool_atfork) pool_atfork = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool_workers < nthreads - 1) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker, NULL) != 0) break;
+        pthread_detach(t);
+        pool_workers++;
+    }
+    const int64_t per = (j->N + 4 * nthreads - 1) / (4 * nthreads);  /* 4 chunks a thread */
+    pthread_mutex_lock(&pool_mu);
+    pool_chunk = (per + RMAX - 1) / RMAX * RMAX;
+    pool_count = (j->N + pool_chunk - 1) / pool_chunk;
+    pool_next = pool_finished = 0;
+    pool_job = j;
+    pthread_cond_broadcast(&pool_work);
+    const wo_job *jj;
+    int64_t c;
+    while (claim(&jj, &c)) {
+        pthread_mutex_unlock(&pool_mu);
+        finish_chunk(jj, c);
+        pthread_mutex_lock(&pool_mu);
+    }
+    while (pool_finished < pool_count) pthread_cond_wait(&pool_done, &pool_mu);
+    pool_job = NULL;
+    pthread_mutex_unlock(&pool_mu);
+    pthread_mutex_unlock(&call_mu);
 }
 
 static int run(wo_job base, int nthreads) {
@@ -289,23 +365,9 @@ static int run(wo_job base, int nthreads) {
         }
         base.xsum = xsum;
     }
-    if (nthreads < 1) nthreads = 1;
     if (nthreads > WO_MAX_THREADS) nthreads = WO_MAX_THREADS;
-    if (base.N < 64 * nthreads) nthreads = 1;
-    wo_job jobs[WO_MAX_THREADS];
-    pthread_t tid[WO_MAX_THREADS];
-    int started[WO_MAX_THREADS] = {0};
-    for (int t = 0; t < nthreads; t++) {  /* slices in multiples of RMAX channels (every R divides it) */
-        jobs[t] = base;
-        jobs[t].n0 = t == 0 ? 0 : base.N * t / nthreads / RMAX * RMAX;
-        jobs[t].n1 = t == nthreads - 1 ? base.N : base.N * (t + 1) / nthreads / RMAX * RMAX;
-        if (t > 0) started[t] = pthread_create(&tid[t], NULL, run_job, &jobs[t]) == 0;
-    }
-    run_job(&jobs[0]);
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else run_job(&jobs[t]);
-    }
+    if (nthreads <= 1 || base.N < 64 * nthreads) run_range(&base, 0, base.N);  /* small layers: the caller only */
+    else run_pooled(&base, nthreads);
     return 0;
 }
 
@@ -314,7 +376,7 @@ int qc_wo_int8_linear(const float *x, const int8_t *w, const float *scale, const
                       float *y, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
     if (M < 1 || M > WO_MAX_ROWS || N < 1 || K < 16 || K % 16 || isa < 0 || isa > qc_wo_isa()) return -1;
     wo_job j = {.kind = 0, .isa = isa, .x = x, .scale = scale, .fix = fix, .bias = bias, .w = w, .y = y,
-                .M = M, .N = N, .K = K, .n1 = N};
+                .M = M, .N = N, .K = K};
     return run(j, nthreads);
 }
 
@@ -326,6 +388,6 @@ int qc_wo_int4_linear(const float *x, const uint8_t *packed, const float *scale,
                       int nthreads) {
     if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 16 || g % 16 || K % g || isa < 0 || isa > qc_wo_isa()) return -1;
     wo_job j = {.kind = 1, .isa = isa, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
-                .zconst = zconst, .base = base ? base : IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g, .n1 = N};
+                .zconst = zconst, .base = base ? base : IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g};
     return run(j, nthreads);
 }
