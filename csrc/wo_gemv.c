@@ -16,6 +16,7 @@
  * nf4_kernel.c). Built at install time into qcompile._nf4 (setup.py), called through ctypes (kernels.py).
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
 #include <pthread.h>
@@ -31,6 +32,8 @@ typedef struct wo_job {
     const uint8_t *zero;     /* int4: [N, K/g] or NULL (then zconst) */
     float zconst;
     const float *base;       /* int4: the 16 code values before (v - z) * s: 0..15, or e.g. the NF4 table */
+    const uint16_t *xb;      /* int4 BF16 body: x as bf16 pairs, and its sums per group [M, K/g] */
+    const float *xg;
     float *y;
     int64_t M, N, K, g;
 } wo_job;
@@ -161,6 +164,94 @@ static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
 }
 
+/* ---- AVX-512 BF16, bf16 activations (int4, g % 128 == 0) --------------------------------------------
+ * For callers that accept bf16 activations (X86Options.weight_only_activations="bf16", as torch's kernels
+ * take them): vdpbf16ps does 32 multiply-adds per instruction where the fp32 body spends a shift, a vpermps
+ * and an FMA per 16. A code c becomes the bf16 number 128 + c, whose bits are 0x4300 | c (one 16-bit shift
+ * and one ternary-logic op per 32 codes); per group y += s * (sum (128 + c) x - (128 + z) sum x), fp32 sums.
+ * The 16-bit word 2d of block word d holds elements 16 i + d (nibble i < 4), word 2d + 1 elements
+ * 16 i + 64 + d: x is rounded to bf16 and interleaved to match once per call (prep_bf16). */
+#define BF_SLOT(i)                                                                                         \
+    {                                                                                                      \
+        __m512i w[RR];                                                                                     \
+        for (int r = 0; r < RR; r++)                                                                       \
+            w[r] = (i) == 3 ? _mm512_or_si512(_mm512_srli_epi16(v[r], 12), c43)                            \
+                            : _mm512_ternarylogic_epi32(_mm512_srli_epi16(v[r], 4 * (i)), m0f, c43, 0xEA);  \
+        for (int m = 0; m < MM; m++) {                                                                     \
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(j->xb + (((m0 + m) * nb + b) * 4 + (i)) * 32)); \
+            for (int r = 0; r < RR; r++) part[(i) % NA][r][m] = _mm512_dpbf16_ps(part[(i) % NA][r][m], (__m512bh)w[r], xv); \
+        }                                                                                                  \
+    }
+
+#define I4_BF16(R, MT)                                                                                     \
+__attribute__((target("avx512f,avx512bw,avx512bf16")))                                                     \
+static void i4_bf16_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                   \
+    enum { RR = R, MM = MT, NA = (MT) == 1 ? 2 : 1 };                                                      \
+    const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), nb = K / 128, per = j->g / 128;            \
+    const int64_t m0 = (x - j->x) / K;                                                                     \
+    const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
+    const __m512i m0f = _mm512_set1_epi32(0x000F000F), c43 = _mm512_set1_epi32(0x43004300);                \
+    __m512 acc[R][MT];                                                                                     \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_ps();             \
+    for (int64_t grp = 0; grp < G; grp++) {                                                                \
+        __m512 part[NA][R][MT];                                                                            \
+        for (int a = 0; a < NA; a++) for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++)             \
+            part[a][r][m] = _mm512_setzero_ps();                                                           \
+        for (int64_t b = grp * per; b < (grp + 1) * per; b++) {                                            \
+            __m512i v[R];                                                                                  \
+            for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + b * 64));    \
+            BF_SLOT(0) BF_SLOT(1) BF_SLOT(2) BF_SLOT(3)                                                    \
+        }                                                                                                  \
+        for (int r = 0; r < R; r++) {                                                                      \
+            const __m512 sc = _mm512_set1_ps(j->scale[(n + r) * G + grp]);                                 \
+            for (int m = 0; m < MT; m++) {                                                                 \
+                __m512 u = part[0][r][m];                                                                  \
+                for (int a = 1; a < NA; a++) u = _mm512_add_ps(u, part[a][r][m]);                          \
+                acc[r][m] = _mm512_fmadd_ps(u, sc, acc[r][m]);                                             \
+            }                                                                                              \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++)                                                                            \
+        for (int m = 0; m < MT; m++) {                                                                     \
+            float t = _mm512_reduce_add_ps(acc[r][m]);                                                     \
+            for (int64_t grp = 0; grp < G; grp++)                                                          \
+                t -= j->scale[(n + r) * G + grp] * (128.f + zero_of(j, n + r, grp)) * j->xg[(m0 + m) * G + grp]; \
+            out[r * WO_MAX_ROWS + m] = t;                                                                  \
+        }                                                                                                  \
+}
+
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* x [M, K] -> bf16 [M][K/128][4][16][2] (elements 16 i + d and 16 i + 64 + d of a block side by side) and
+ * the group sums of those bf16 values [M][K/g]. Returns -1 when out of memory. */
+static int prep_bf16(wo_job *j, uint16_t **xb, float **xg) {
+    const int64_t M = j->M, K = j->K, G = K / j->g;
+    *xb = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
+    *xg = (float *)malloc(sizeof(float) * M * G);
+    if (!*xb || !*xg) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t grp = 0; grp < G; grp++) {
+            double sum = 0;
+            for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k++) {
+                const int64_t e = k % 128, o = m * K + ((k / 128 * 4 + (e % 64) / 16) * 16 + e % 16) * 2 + e / 64;
+                const uint16_t h = bf16_rne(j->x[m * K + k]);
+                uint32_t u = (uint32_t)h << 16;
+                float f;
+                memcpy(&f, &u, 4);
+                (*xb)[o] = h;
+                sum += f;
+            }
+            (*xg)[m * G + grp] = (float)sum;
+        }
+    j->xb = *xb;
+    j->xg = *xg;
+    return 0;
+}
+
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------- */
 __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -236,9 +327,11 @@ I8_512(4, 1) I8_512(4, 2) I8_512(4, 4) I8_512(1, 1) I8_512(1, 2) I8_512(1, 4)
 I4_512(4, 1) I4_512(4, 2) I4_512(4, 4) I4_512(1, 1) I4_512(1, 2) I4_512(1, 4)
 I8_256(4, 1) I8_256(4, 2) I8_256(1, 1) I8_256(1, 2)
 I4_256(2, 1) I4_256(2, 2) I4_256(1, 1) I4_256(1, 2)
+I4_BF16(4, 1) I4_BF16(4, 2) I4_BF16(1, 1) I4_BF16(1, 2) I4_BF16(1, 4)
 
 /* [kind][isa]: block rows R and the kernels for (R, MT = 1, 2, 4) and (1, MT); NULL: tile not built */
 typedef struct { int R; blk_fn big[3], one[3]; } isa_table;
+static const isa_table BF16_TABLE = {4, {i4_bf16_4_1, i4_bf16_4_2, NULL}, {i4_bf16_1_1, i4_bf16_1_2, i4_bf16_1_4}};
 static const isa_table TABLES[2][3] = {
     {{1, {i8_scalar, NULL, NULL}, {i8_scalar, NULL, NULL}},
      {4, {i8_256_4_1, i8_256_4_2, NULL}, {i8_256_1_1, i8_256_1_2, NULL}},
@@ -271,7 +364,7 @@ static void run_block(const wo_job *j, const blk_fn *fns, int R, int64_t n) {
 }
 
 static void run_range(const wo_job *j, int64_t n0, int64_t n1) {
-    const isa_table *tb = &TABLES[j->kind][j->isa];
+    const isa_table *tb = j->kind == 2 ? &BF16_TABLE : &TABLES[j->kind][j->isa];
     int64_t n = n0;
     for (; n + tb->R <= n1; n += tb->R) run_block(j, tb->big, tb->R, n);
     for (; n < n1; n++) run_block(j, tb->one, 1, n);
@@ -365,13 +458,22 @@ static int run(wo_job base, int nthreads) {
         }
         base.xsum = xsum;
     }
+    uint16_t *xb = NULL;
+    float *xg = NULL;
+    if (base.kind == 2 && prep_bf16(&base, &xb, &xg) != 0) {
+        free(xb);
+        free(xg);
+        return -2;
+    }
     if (nthreads > WO_MAX_THREADS) nthreads = WO_MAX_THREADS;
     if (nthreads <= 1 || base.N < 64 * nthreads) run_range(&base, 0, base.N);  /* small layers: the caller only */
     else run_pooled(&base, nthreads);
+    free(xb);
+    free(xg);
     return 0;
 }
 
-/* All return 0 on success, -1 on arguments the kernel does not take (the caller falls back). */
+/* All return 0 on success, -1 on arguments the kernel does not take (the caller falls back), -2 out of memory. */
 int qc_wo_int8_linear(const float *x, const int8_t *w, const float *scale, const float *fix, const float *bias,
                       float *y, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
     if (M < 1 || M > WO_MAX_ROWS || N < 1 || K < 16 || K % 16 || isa < 0 || isa > qc_wo_isa()) return -1;
@@ -389,5 +491,21 @@ int qc_wo_int4_linear(const float *x, const uint8_t *packed, const float *scale,
     if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 16 || g % 16 || K % g || isa < 0 || isa > qc_wo_isa()) return -1;
     wo_job j = {.kind = 1, .isa = isa, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
                 .zconst = zconst, .base = base ? base : IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g};
+    return run(j, nthreads);
+}
+
+/* 1 when this CPU runs the bf16-activation int4 body (AVX-512 with BF16) */
+int qc_wo_bf16_available(void) {
+    __builtin_cpu_init();
+    return qc_wo_isa() == 2 && __builtin_cpu_supports("avx512bf16");
+}
+
+/* int4, uniform codes (w = (c - z) * s), bf16 activations: g % 128 == 0; -1 where it cannot run */
+int qc_wo_int4_linear_bf16(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
+                           float zconst, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g,
+                           int nthreads) {
+    if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 128 || g % 128 || K % g || !qc_wo_bf16_available()) return -1;
+    wo_job j = {.kind = 2, .isa = 2, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
+                .zconst = zconst, .base = IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g};
     return run(j, nthreads);
 }

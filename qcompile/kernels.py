@@ -48,6 +48,9 @@ def _lib():
         lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int4_linear.restype = c_int
         lib.qc_wo_isa.restype = c_int
+        lib.qc_wo_int4_linear_bf16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int]
+        lib.qc_wo_int4_linear_bf16.restype = c_int
+        lib.qc_wo_bf16_available.restype = c_int
         lib.qc_wo_max_rows.restype = c_int
     if hasattr(lib, "qc_dependent_adds"):
         lib.qc_dependent_adds.argtypes = [i64]
@@ -92,7 +95,14 @@ def wo_kernel_info() -> dict:
     lib = _lib()
     if lib is None or not hasattr(lib, "qc_wo_int8_linear"):
         return {"available": False, "isa": None, "max_rows": 0}
-    return {"available": True, "isa": ISA_NAMES[lib.qc_wo_isa()], "max_rows": lib.qc_wo_max_rows()}
+    return {"available": True, "isa": ISA_NAMES[lib.qc_wo_isa()], "max_rows": lib.qc_wo_max_rows(),
+            "bf16": bool(lib.qc_wo_bf16_available())}
+
+
+def wo_int4_bf16_ok(group_size: int) -> bool:
+    """True when the bf16-activation int4 body (vdpbf16ps, AVX-512 BF16 CPUs) takes this group size."""
+    info = wo_kernel_info()
+    return info["available"] and info["bf16"] and group_size % 128 == 0
 
 
 def wo_threads(weight_bytes: int) -> int:
@@ -154,10 +164,12 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
 
 
 def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
-                   isa: int | None = None, threads: int | None = None, table: torch.Tensor | None = None):
+                   isa: int | None = None, threads: int | None = None, table: torch.Tensor | None = None,
+                   bf16: bool = False):
     """``x2 [M, K] @ W^T (+ bias)``, ``W = (v[code] - z) * scale`` per group, codes packed by
     :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``, v = 0..15 or the 16 values of
-    ``table`` (NF4: its table, z = 0); None when it cannot run."""
+    ``table`` (NF4: its table, z = 0); None when it cannot run. ``bf16``: x rounded to bf16 and the
+    vdpbf16ps body (where :func:`wo_int4_bf16_ok`; ``isa`` and ``table`` are then ignored / must be None)."""
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
@@ -168,10 +180,16 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     scale = scale.detach().float().contiguous()
     zero = None if zero is None else zero.to(torch.uint8).contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
+    nthreads = threads or wo_threads(packed.numel())
+    if bf16 and table is None and wo_int4_bf16_ok(group_size):
+        rc = lib.qc_wo_int4_linear_bf16(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+                                        float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size, nthreads)
+        if rc == 0:
+            return y
     table = None if table is None else table.detach().float().contiguous()
     rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
                                float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size,
-                               lib.qc_wo_isa() if isa is None else isa, threads or wo_threads(packed.numel()))
+                               lib.qc_wo_isa() if isa is None else isa, nthreads)
     if rc != 0:
         raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
                          f"group_size {group_size}, isa {isa}")

@@ -69,6 +69,24 @@ def test_int4_every_isa_path_equals_the_dequantized_weight(m, n, k, group, affin
             assert y.shape == (m, n) and _close(y, ref), (kernels.ISA_NAMES[isa], threads)
 
 
+@pytest.mark.skipif(not INFO.get("bf16"), reason="this CPU has no AVX-512 BF16 (the fp32 body runs instead)")
+@pytest.mark.parametrize("m,n,k,group", [(1, 37, 128, 128), (3, 100, 512, 256), (16, 9, 256, 128)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_int4_bf16_activation_body_equals_the_dequantized_weight_times_bf16_x(m, n, k, group, affine):
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    s = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=g) if affine else None
+    z = zero.double() if affine else torch.full((n, k // group), 8.0, dtype=torch.float64)
+    w = (codes.double() - z.repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
+    x = torch.randn(m, k, generator=g)
+    ref = x.bfloat16().double() @ w.T  # exact products of bf16 x and the fp32 weight, summed in fp32
+    for threads in (1, 2):
+        y = kernels.wo_int4_linear(x, kernels.pack_int4_blocks(codes), group, s, zero, 8.0, bf16=True, threads=threads)
+        assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert kernels.wo_int4_bf16_ok(group) and not kernels.wo_int4_bf16_ok(64)
+
+
 @needs_kernel
 def test_threads_split_the_channels_without_changing_a_bit():
     g = torch.Generator().manual_seed(0)
@@ -132,3 +150,17 @@ def test_without_the_library_torch_kernels_run_warn_and_the_report_says_so(monke
         assert ks and all(k.startswith(torch_kernel) and "fallback: qcompile's GEMV not built" in k for k in ks)
         with torch.no_grad():
             assert sqnr(art.run_reference(x), art(x)) > 35  # torch's kernels take bf16 activations
+
+
+@needs_kernel
+@pytest.mark.parametrize("acts", ["bf16", "fp32"])
+def test_int4_g128_names_the_activation_dtype_it_runs(acts):
+    m = nn.Sequential(nn.Linear(256, 64)).eval()
+    x = torch.randn(1, 256)
+    art = qcompile.compile(m, (x,), backend="x86", mode="weight_only", weights=WeightSpec(bits=4, group_size=128),
+                           backend_options={"weight_only_activations": acts})
+    (k,) = [r.kernel for r in art.report.rows if r.kernel]
+    bf16 = acts == "bf16" and INFO.get("bf16")  # the vdpbf16ps body only on AVX-512 BF16 CPUs
+    assert k.startswith("qcompile int4 GEMV") and (("bf16 activations" in k) == bool(bf16))
+    with torch.no_grad():
+        assert sqnr(art.run_reference(x), art(x)) > (40 if bf16 else 80)

@@ -33,7 +33,7 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
-from qcompile.kernels import pack_int4_blocks, wo_int8_linear, wo_kernel_info
+from qcompile.kernels import pack_int4_blocks, wo_int4_bf16_ok, wo_int8_linear, wo_kernel_info
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
@@ -273,9 +273,10 @@ def linear_weight_only(m: Match):
     gemv4 = _int4_gemv_pack(w)
     if not isinstance(gemv4, str) and wo_kernel_info()["available"]:
         packed, g, scale, zero, zconst = gemv4
+        bf16 = rw.kernel_dtype == torch.bfloat16 and wo_int4_bf16_ok(g)  # X86Options.weight_only_activations
         args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(scale, node, node.name, "scales"),
-                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias)
-        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4')[0]} (int{w.bits} g{g}), "
+                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias, bf16)
+        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4', bf16)[0]} (int{w.bits} g{g}), "
                                                      f"dequantize + fp32 GEMM above")
     int4 = _int4_pack(w)
     if not isinstance(int4, str):
