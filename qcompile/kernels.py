@@ -20,7 +20,14 @@ ISA_NAMES = {2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}
 # the d=384 x 6 encoder (batch 8 x 128) 68 ms with 2 kernel threads, 52 ms with 1; 4 x Linear(4096) NF4
 # batch 1 8.7 ms with 2, 7.6 ms with 1. None: torch.get_num_threads().
 KERNEL_THREADS: int | None = 1
-WO_PARALLEL_BYTES = 1 << 20  # placeholder, measured below
+# The weight-only GEMV (csrc/wo_gemv.c) is the exception, by weight size: a batch-1 linear on a big weight
+# streams it from DRAM, and one core cannot reach the memory limit (measured on the Zen 4, L2-resident,
+# one core: int8 24 GB/s, int4 12 GB/s fp32 / 14 GB/s bf16 body, against 31 GB/s read bandwidth on two),
+# so a weight of WO_PARALLEL_BYTES or more is split over torch.get_num_threads() threads. Its workers sleep on a
+# condition variable (no spinning to fight torch's), and the caller never waits for one that has not woken:
+# the cost of a second thread is one wake-up (~10-30 us), worth it from ~1 MiB (a 1 MiB weight takes ~45-85 us
+# on one core). 2 MiB keeps a margin; see docs/backends/x86.md for the 1-vs-2-thread figures.
+WO_PARALLEL_BYTES = 2 << 20
 
 
 @lru_cache(maxsize=1)
