@@ -31,6 +31,7 @@ def test_the_library_reports_the_isa_the_cpu_has():
     flags = set(open("/proc/cpuinfo").read().split()) if __import__("os").path.exists("/proc/cpuinfo") else set()
     expect = "AVX-512" if {"avx512f", "avx512bw"} <= flags else "AVX2+FMA" if {"avx2", "fma"} <= flags else "scalar"
     assert INFO["isa"] == expect and INFO["max_rows"] == 16
+    assert INFO["bf16"] == (expect == "AVX-512" and "avx512_bf16" in flags)  # the vdpbf16ps int4 body
 
 
 @needs_kernel
