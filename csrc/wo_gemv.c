@@ -509,3 +509,14 @@ int qc_wo_int4_linear_bf16(const float *x, const uint8_t *packed, const float *s
                 .zconst = zconst, .base = IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g};
     return run(j, nthreads);
 }
+
+/* NF4's double-quantized scales: out[i] = (float)codes[i] * scale[i / block] + offset[i / block], the
+ * reference's two roundings (this function has no FMA target, so no contraction), on the calling thread:
+ * three torch elementwise ops did it before, each an OpenMP region that stalls on a loaded machine. */
+void qc_wo_dequantize_scales(const uint8_t *codes, const float *scale, const float *offset, float *out, int64_t n,
+                             int64_t block) {
+    for (int64_t i = 0; i < n; i++) {
+        const float prod = (float)codes[i] * scale[i / block];
+        out[i] = prod + offset[i / block];
+    }
+}

@@ -61,6 +61,8 @@ def _lib():
         lib.qc_wo_int4_linear_bf16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int]
         lib.qc_wo_int4_linear_bf16.restype = c_int
         lib.qc_wo_bf16_available.restype = c_int
+        lib.qc_wo_dequantize_scales.argtypes = [p, p, p, p, i64, i64]
+        lib.qc_wo_dequantize_scales.restype = None
         lib.qc_wo_max_rows.restype = c_int
     if hasattr(lib, "qc_dependent_adds"):
         lib.qc_dependent_adds.argtypes = [i64]
@@ -144,6 +146,21 @@ def unpack_int4_blocks(packed: torch.Tensor, k: int) -> torch.Tensor:
     words = packed.contiguous().view(torch.int32).reshape(n, -1, 1, 16)
     codes = (words >> (4 * torch.arange(8).reshape(1, 1, 8, 1))) & 15
     return codes.reshape(n, -1)[:, :k].to(torch.uint8)
+
+
+def dequantize_scales(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int):
+    """``lowbit.dequantize_scales_ref`` (NF4's double-quantized absmax) in C on the calling thread, the same
+    fp32 values; None without the library."""
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_wo_dequantize_scales"):
+        return None
+    c = codes.contiguous()
+    s, o = scale.detach().float().contiguous(), offset.detach().float().contiguous()
+    if c.dtype != torch.uint8 or s.numel() * block < c.numel() or o.numel() != s.numel():
+        return None
+    out = torch.empty(c.shape, dtype=torch.float32)
+    lib.qc_wo_dequantize_scales(c.data_ptr(), s.data_ptr(), o.data_ptr(), out.data_ptr(), c.numel(), block)
+    return out
 
 
 def _ptr(t):

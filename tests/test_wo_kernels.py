@@ -165,3 +165,11 @@ def test_int4_g128_names_the_activation_dtype_it_runs(acts):
     assert k.startswith("qcompile int4 GEMV") and (("bf16 activations" in k) == bool(bf16))
     with torch.no_grad():
         assert sqnr(art.run_reference(x), art(x)) > (40 if bf16 else 80)
+
+
+@needs_kernel
+def test_nf4_scales_decoded_in_c_equal_the_reference_bit_for_bit():
+    from qcompile.lowbit import dequantize_scales_ref, double_quantize
+    absmax = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.3 + 1e-3
+    codes, step, offset = double_quantize(absmax, block=256)
+    assert torch.equal(kernels.dequantize_scales(codes, step, offset, 256), dequantize_scales_ref(codes, step, offset, 256))

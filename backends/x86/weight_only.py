@@ -39,7 +39,8 @@ from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
-from .wo_gemv import _INT4_GROUPS, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv, linear_nf4_gemv, wo_kernel_note
+from .wo_gemv import (_INT4_GROUPS, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv, linear_nf4_gemv, nf4_scales,
+                      wo_kernel_note)
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
@@ -257,6 +258,8 @@ def linear_weight_only(m: Match):
         if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
             absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
         if wo_kernel_info()["available"] and g % 16 == 0:  # the int4 GEMV with the NF4 table as its code values
+            if absmax.op == "call_function" and absmax.target == dequantize_scales_ref:
+                absmax.target = nf4_scales  # same values, in C on the calling thread
             blocks = pack_int4_blocks(unpack_int4(rw.gm.get_buffer(packed.target)))
             return rw.emit(node, linear_nf4_gemv, (x, rw.const(blocks, node, node.name, "codes", n * k), absmax, g, bias),
                            f"nf4: qcompile LUT-decode kernel (the int4 GEMV of csrc/wo_gemv.c with NF4's table; "

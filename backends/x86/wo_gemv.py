@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.int_weight import IntWeight
-from qcompile.kernels import pack_int4_blocks, unpack_int4_blocks, wo_int4_linear, wo_kernel_info
-from qcompile.lowbit import NF4_TABLE, nf4_values
+from qcompile.kernels import dequantize_scales, pack_int4_blocks, unpack_int4_blocks, wo_int4_linear, wo_kernel_info
+from qcompile.lowbit import NF4_TABLE, dequantize_scales_ref, nf4_values
 
 _INT4_GROUPS = (256, 128, 64, 32)
 
@@ -42,6 +42,12 @@ def linear_nf4_gemv(x, blocks, absmax, group_size: int, bias):
             -1, -1, group_size).reshape(blocks.shape[0], -1)
         return F.linear(x, w, bias)
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def nf4_scales(codes, scale, offset, block: int):
+    """NF4's double-quantized absmax decoded in C (``kernels.dequantize_scales``), else by torch."""
+    out = dequantize_scales(codes, scale, offset, block)
+    return dequantize_scales_ref(codes, scale, offset, block) if out is None else out
 
 
 def wo_kernel_note(kind: str, bf16: bool = False) -> tuple[str | None, str | None]:
