@@ -26,9 +26,9 @@ KERNEL_THREADS: int | None = 1
 # so a weight of WO_PARALLEL_BYTES or more is split over torch.get_num_threads() threads. Its workers sleep on a
 # condition variable (no spinning to fight torch's), and the caller never waits for one that has not woken:
 # the cost of a second thread is one wake-up (~10-30 us), worth it from ~1 MiB (a 1 MiB weight takes ~45-85 us
-# on one core). 2 MiB keeps a margin. bench/bench_linear.py, 4 x Linear(4096) batch 1, medians of 3 runs on the
-# loaded shared machine (load 3.7-4.8 on 2 cores): int8 12.7 ms with 2 threads vs 15.6 with 1, int4 g128
-# 6.6 vs 11.3 (docs/backends/x86.md). Under that load a stack with GELUs between layers measured torch's
+# on one core). 2 MiB keeps a margin. bench/bench_linear.py, 4 x Linear(4096) batch 1, medians of 6 runs on the
+# loaded shared machine (load 3.7-6.6 on 2 cores, no quiet window came): int8 13.2 ms with 2 threads vs 12.1
+# with 1 (no gain under that load), int4 g128 7.4 vs 10.0 (docs/backends/x86.md). Under that load a stack with GELUs between layers measured torch's
 # GELU instead (3 ms a call on [1, 4096]: its OpenMP region stalls), with one thread as with two.
 WO_PARALLEL_BYTES = 2 << 20
 
