@@ -243,32 +243,38 @@ def _weight_only_linear(node: fx.Node) -> bool:
     return node.target == aten.linear.default and not _is_dynamic_act(node.args[0])
 
 
+def _linear_nf4(rw, node, x, wdq, bias):
+    """linear(x, dequantize_nf4(packed, absmax)): the int4 GEMV with NF4's table, else the NF4 kernel /
+    dequantize fallback (``nf4_kernel_note``)."""
+    packed, absmax, g = wdq.args
+    n, k = rw.gm.get_buffer(packed.target).shape[0], rw.gm.get_buffer(packed.target).shape[1] * 2
+    rw.tag(packed, node.name, "codes", n * k)
+    rw.tag(absmax, node.name, "scales")
+    for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
+        rw.tag(a, node.name, "scales")
+    if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
+        absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
+    if wo_kernel_info()["available"] and g % 16 == 0:  # the int4 GEMV with the NF4 table as its code values
+        if absmax.op == "call_function" and absmax.target == dequantize_scales_ref:
+            absmax.target = nf4_scales  # same values, in C on the calling thread
+        blocks = pack_int4_blocks(unpack_int4(rw.gm.get_buffer(packed.target)))
+        return rw.emit(node, linear_nf4_gemv, (x, rw.const(blocks, node, node.name, "codes", n * k), absmax, g, bias),
+                       f"nf4: qcompile LUT-decode kernel (the int4 GEMV of csrc/wo_gemv.c with NF4's table; "
+                       f"{wo_kernel_info()['isa']}, fp32 activations, codes decoded in registers, no fp32 "
+                       f"weight) for <= {wo_kernel_info()['max_rows']} rows, else dequantize + fp32 GEMM")
+    note, warning = nf4_kernel_note(g)
+    if warning:
+        warnings.warn(f"{node.name}: {warning}", stacklevel=2)
+    return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias), note)
+
+
 def linear_weight_only(m: Match):
     rw, node = m.ctx, m.anchor
     x, wdq = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     rw.tag(bias, node.name, "bias")
     if isinstance(wdq, fx.Node) and wdq.target == qc.dequantize_nf4.default:
-        packed, absmax, g = wdq.args
-        n, k = rw.gm.get_buffer(packed.target).shape[0], rw.gm.get_buffer(packed.target).shape[1] * 2
-        rw.tag(packed, node.name, "codes", n * k)
-        rw.tag(absmax, node.name, "scales")
-        for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
-            rw.tag(a, node.name, "scales")
-        if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
-            absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
-        if wo_kernel_info()["available"] and g % 16 == 0:  # the int4 GEMV with the NF4 table as its code values
-            if absmax.op == "call_function" and absmax.target == dequantize_scales_ref:
-                absmax.target = nf4_scales  # same values, in C on the calling thread
-            blocks = pack_int4_blocks(unpack_int4(rw.gm.get_buffer(packed.target)))
-            return rw.emit(node, linear_nf4_gemv, (x, rw.const(blocks, node, node.name, "codes", n * k), absmax, g, bias),
-                           f"nf4: qcompile LUT-decode kernel (the int4 GEMV of csrc/wo_gemv.c with NF4's table; "
-                           f"{wo_kernel_info()['isa']}, fp32 activations, codes decoded in registers, no fp32 "
-                           f"weight) for <= {wo_kernel_info()['max_rows']} rows, else dequantize + fp32 GEMM")
-        note, warning = nf4_kernel_note(g)
-        if warning:
-            warnings.warn(f"{node.name}: {warning}", stacklevel=2)
-        return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias), note)
+        return _linear_nf4(rw, node, x, wdq, bias)
     w = int_weight(rw.gm, wdq)
     if w is None or w.q.dim() != 2:
         return None
