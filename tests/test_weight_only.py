@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile.kernels import nf4_kernel_info
+from qcompile.kernels import nf4_kernel_info, wo_kernel_info
 from qcompile import WeightSpec
 from qcompile.errors import ConfigError
 from qcompile.gptq import NF4Grid, UniformGrid, rtn
@@ -111,13 +111,17 @@ def test_int8_affine_weights_are_corrected_exactly():
 def test_int4_group_wise_runs_the_int4_kernel(group, symmetric):
     m = mlp()
     art = compile_wo(m, WeightSpec(bits=4, group_size=group, symmetric=symmetric))
-    assert all(k.startswith("aten._weight_int4pack_mm_for_cpu") for k in kernels(art).values())
+    gemv = wo_kernel_info()["available"]  # qcompile's GEMV (csrc/wo_gemv.c), else torch's int4 kernel
+    assert all(k.startswith("qcompile int4 GEMV" if gemv else "aten._weight_int4pack_mm_for_cpu")
+               for k in kernels(art).values())
     with torch.no_grad():
-        assert sqnr(art.run_reference(X), art(X)) > BF16_DB
+        fp32 = gemv and all("fp32 activations" in k for k in kernels(art).values())  # else bf16 activations
+        assert sqnr(art.run_reference(X), art(X)) > (80 if fp32 else BF16_DB)
         assert 15 < sqnr(m(X), art(X)) < 30
-    # packed codes (4 bits) + bf16 scale and bf16 zero per group
-    assert art.report.bits_per_weight() == {"linear": 4 + 32 / group, "linear_1": 4 + 32 / group}
-    assert art.report.sizes["bits_per_quantized_weight"] == pytest.approx(4 + 32 / group)
+    # packed codes (4 bits) + bf16 scale and bf16 zero per group (torch), or fp32 scale [+ uint8 zero] (GEMV)
+    extra = (32 + (0 if symmetric else 8)) if gemv else 32
+    assert art.report.bits_per_weight() == {"linear": 4 + extra / group, "linear_1": 4 + extra / group}
+    assert art.report.sizes["bits_per_quantized_weight"] == pytest.approx(4 + extra / group)
 
 
 def test_int4_falls_back_with_the_reason_when_the_kernel_cannot_run():
@@ -125,10 +129,16 @@ def test_int4_falls_back_with_the_reason_when_the_kernel_cannot_run():
     m = nn.Sequential(nn.Linear(256, 40), nn.ReLU(), nn.Linear(40, 32)).eval()  # 40 % 16 != 0; K=40 no int4 group
     art = compile_wo(m, WeightSpec(bits=4))  # per-channel int4
     ks = kernels(art)
-    assert "stored as int8" in ks["linear"] and "out_features % 16" in ks["linear"]
+    if wo_kernel_info()["available"]:  # qcompile's int4 GEMV takes any out_features
+        assert ks["linear"].startswith("qcompile int4 GEMV") and "g256" in ks["linear"]
+    else:
+        assert "stored as int8" in ks["linear"] and "out_features % 16" in ks["linear"]
     assert "in_features=40 is not a multiple of 16" in ks["linear_1"]
     art_g = compile_wo(nn.Sequential(nn.Linear(96, 32)).eval(), WeightSpec(bits=4, group_size=48), x=torch.randn(2, 96))
-    assert "codes dequantized at every call" in kernels(art_g)["linear"]
+    if wo_kernel_info()["available"]:  # qcompile's int4 GEMV takes any group size % 16
+        assert kernels(art_g)["linear"].startswith("qcompile int4 GEMV") and "g48" in kernels(art_g)["linear"]
+    else:
+        assert "codes dequantized at every call" in kernels(art_g)["linear"]
     with torch.no_grad():
         assert sqnr(art.run_reference(X), art(X)) > BF16_DB
 

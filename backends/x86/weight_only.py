@@ -5,15 +5,19 @@ Each rule looks at one reference node (``linear``, ``embedding``) whose weight i
 integer / NF4 constant and replaces it with a kernel call on the stored low-bit weight:
 
 =================  =====================================================================================
-int8 per-channel   ``aten._weight_int8pack_mm`` (int8 weight kernel; affine weights: one row-sum fix-up)
-int2..4 per-group  ``aten._weight_int4pack_mm_for_cpu`` (packed 4-bit, groups 32..256; N % 16 == 0)
+int8 per-channel   qcompile's GEMV (csrc/wo_gemv.c, fp32 activations, <= 16 rows); where not built
+                   ``aten._weight_int8pack_mm`` (affine weights: one row-sum fix-up)
+int2..4 per-group  qcompile's GEMV (codes packed two per byte, groups % 32 == 0, <= 16 rows; dequantize +
+                   fp32 GEMM above); where not built ``aten._weight_int4pack_mm_for_cpu`` (groups 32..256,
+                   N % 16 == 0)
 NF4                qcompile's own kernel (csrc/nf4_kernel.c): codes decoded via the 16-entry table in
                    registers, group scale applied once per group; where not built: dequantize every call
 anything else      int codes kept, dequantized at every call (memory saved, slower than float)
 embedding          rows gathered from the int (4-bit: packed) table, then dequantized
 =================  =====================================================================================
 
-The report says which one ran: a dequantize-at-every-call kernel is slower than float.
+The report says which one ran: a dequantize-at-every-call kernel is slower than float, and when the GEMV
+library is missing the torch kernels that replace it reach about half of the memory bandwidth (a warning).
 """
 from __future__ import annotations
 
@@ -29,13 +33,16 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
+from qcompile.kernels import pack_int4_blocks, wo_int4_bf16_ok, wo_int8_linear, wo_kernel_info
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
+from .wo_gemv import (_INT4_GROUPS, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv, linear_nf4_gemv, nf4_scales,
+                      wo_kernel_note)
+
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
-_INT4_GROUPS = (256, 128, 64, 32)
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
 KERNEL_MAX_ROWS = 32  # the weight-only kernels are GEMVs: cost grows with rows; above, int8 dequantizes + fp32 GEMM
 
@@ -50,10 +57,14 @@ def _finish(y, x, bias):
     return y if bias is None else y + bias
 
 
-def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype):
-    """``x @ ((q - z) * s)^T``: int8-weight kernel for few rows (``act_dtype`` bf16 runs the vectorised
-    kernel, fp32 a ~6x slower one), dequantize + fp32 GEMM for many."""
+def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype, gemv: bool = False):
+    """``x @ ((q - z) * s)^T``: qcompile's GEMV for <= 16 rows (``gemv``: it was built when lowering), torch's
+    int8-weight kernel up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one),
+    dequantize + fp32 GEMM for many."""
     x2 = _rows(x)
+    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias) if gemv else None
+    if y is not None:
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if x2.shape[0] <= KERNEL_MAX_ROWS:
         y = aten._weight_int8pack_mm(x2.to(act_dtype), w_int8, scale.to(act_dtype)).float()
         if row_fix is not None:  # affine weights: subtract sum(x) * s * z
@@ -232,43 +243,69 @@ def _weight_only_linear(node: fx.Node) -> bool:
     return node.target == aten.linear.default and not _is_dynamic_act(node.args[0])
 
 
+def _linear_nf4(rw, node, x, wdq, bias):
+    """linear(x, dequantize_nf4(packed, absmax)): the int4 GEMV with NF4's table, else the NF4 kernel /
+    dequantize fallback (``nf4_kernel_note``)."""
+    packed, absmax, g = wdq.args
+    n, k = rw.gm.get_buffer(packed.target).shape[0], rw.gm.get_buffer(packed.target).shape[1] * 2
+    rw.tag(packed, node.name, "codes", n * k)
+    rw.tag(absmax, node.name, "scales")
+    for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
+        rw.tag(a, node.name, "scales")
+    if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
+        absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
+    if wo_kernel_info()["available"] and g % 16 == 0:  # the int4 GEMV with the NF4 table as its code values
+        if absmax.op == "call_function" and absmax.target == dequantize_scales_ref:
+            absmax.target = nf4_scales  # same values, in C on the calling thread
+        blocks = pack_int4_blocks(unpack_int4(rw.gm.get_buffer(packed.target)))
+        return rw.emit(node, linear_nf4_gemv, (x, rw.const(blocks, node, node.name, "codes", n * k), absmax, g, bias),
+                       f"nf4: qcompile LUT-decode kernel (the int4 GEMV of csrc/wo_gemv.c with NF4's table; "
+                       f"{wo_kernel_info()['isa']}, fp32 activations, codes decoded in registers, no fp32 "
+                       f"weight) for <= {wo_kernel_info()['max_rows']} rows, else dequantize + fp32 GEMM")
+    note, warning = nf4_kernel_note(g)
+    if warning:
+        warnings.warn(f"{node.name}: {warning}", stacklevel=2)
+    return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias), note)
+
+
 def linear_weight_only(m: Match):
     rw, node = m.ctx, m.anchor
     x, wdq = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     rw.tag(bias, node.name, "bias")
     if isinstance(wdq, fx.Node) and wdq.target == qc.dequantize_nf4.default:
-        packed, absmax, g = wdq.args
-        n, k = rw.gm.get_buffer(packed.target).shape[0], rw.gm.get_buffer(packed.target).shape[1] * 2
-        rw.tag(packed, node.name, "codes", n * k)
-        rw.tag(absmax, node.name, "scales")
-        for a in (absmax.args[:3] if absmax.op == "call_function" else ()):
-            rw.tag(a, node.name, "scales")
-        if absmax.op == "call_function" and absmax.target == qc.dequantize_scales.default:
-            absmax.target = dequantize_scales_ref  # same math, without the custom op's dispatch (~0.2 ms a call)
-        note, warning = nf4_kernel_note(g)
-        if warning:
-            warnings.warn(f"{node.name}: {warning}", stacklevel=2)
-        return rw.emit(node, linear_nf4, (x, packed, absmax, g, bias), note)
+        return _linear_nf4(rw, node, x, wdq, bias)
     w = int_weight(rw.gm, wdq)
     if w is None or w.q.dim() != 2:
         return None
     n, k = w.q.shape
+    gemv4 = _int4_gemv_pack(w)
+    if not isinstance(gemv4, str) and wo_kernel_info()["available"]:
+        packed, g, scale, zero, zconst = gemv4
+        bf16 = rw.kernel_dtype == torch.bfloat16 and wo_int4_bf16_ok(g)  # X86Options.weight_only_activations
+        args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(scale, node, node.name, "scales"),
+                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias, bf16)
+        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4', bf16)[0]} (int{w.bits} g{g}), "
+                                                     f"dequantize + fp32 GEMM above")
     int4 = _int4_pack(w)
     if not isinstance(int4, str):
+        missing = _warn_if_missing(node, "int4")
         packed, g, sz = int4
         sz = rw.const(sz.to(rw.kernel_dtype), node, node.name, "scales")
         args = (x, rw.const(packed, node, node.name, "codes", n * k), g, sz, bias)
         return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g}, "
-                                                f"{_dtype_name(rw.kernel_dtype)} activations)")
-    if w.group_size is None and k % 16 == 0:  # the int8 kernel reads K in blocks of 16 (wrong results otherwise)
+                                                f"{_dtype_name(rw.kernel_dtype)} activations){missing}")
+    if w.group_size is None and k % 16 == 0:  # both int8 kernels read K in blocks of 16
+        gemv = wo_kernel_note("int8")[0]
+        missing = _warn_if_missing(node, "int8") if w.bits > 4 else ""
         q8, s, fix = _int8_rows(w, n)
         args = (x, rw.const(q8, node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),
-                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype)
+                None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype,
+                gemv is not None)
         note = "" if w.bits > 4 else f" ({w.bits}-bit values stored as int8: {int4})"
         return rw.emit(node, linear_int8_weight, args,
-                       f"aten._weight_int8pack_mm ({_dtype_name(rw.kernel_dtype)} activations, <= {KERNEL_MAX_ROWS} "
-                       f"rows; dequantize + fp32 GEMM above){note}")
+                       f"{gemv + ', then ' if gemv else ''}aten._weight_int8pack_mm ({_dtype_name(rw.kernel_dtype)} "
+                       f"activations, <= {KERNEL_MAX_ROWS} rows; dequantize + fp32 GEMM above){missing}{note}")
     scale, zp = (w.scale.float().reshape(n, -1), w.zero_point.reshape(n, -1)) if w.group_size else w.per_row(n)
     z = _zero_points(zp, w.q.dtype)
     args = (x, rw.const(w.q, node, node.name, "codes", n * k), rw.const(scale.contiguous(), node, node.name, "scales"),

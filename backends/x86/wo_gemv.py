@@ -1,0 +1,91 @@
+"""x86 weight-only linears on qcompile's own GEMV (csrc/wo_gemv.c, ``qcompile.kernels.wo_*``): int4 (and NF4
+through its table) call targets, the int4 packing made when lowering, and the report / warning strings.
+``weight_only.py`` picks between these and torch's kernels."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.int_weight import IntWeight
+from qcompile.kernels import dequantize_scales, pack_int4_blocks, unpack_int4_blocks, wo_int4_linear, wo_kernel_info
+from qcompile.lowbit import NF4_TABLE, dequantize_scales_ref, nf4_values
+
+_INT4_GROUPS = (256, 128, 64, 32)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias, bf16: bool = False):
+    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows (``bf16``:
+    activations rounded to bf16, the vdpbf16ps body), for more the weight dequantized once per call + fp32
+    GEMM (the GEMV re-reads cached weights per tile of 4 rows)."""
+    x2 = _rows(x)
+    y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias, bf16=bf16)
+    if y is None:
+        z = torch.full_like(scale, zconst) if zero is None else zero.float()
+        w = (unpack_int4_blocks(packed, x.shape[-1]).float() - z.repeat_interleave(group_size, 1)) * \
+            scale.repeat_interleave(group_size, 1)
+        return F.linear(x, w, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def linear_nf4_gemv(x, blocks, absmax, group_size: int, bias):
+    """NF4 codes in the int4 GEMV's block layout: its kernel with NF4's 16 values as the code table."""
+    x2 = _rows(x)
+    y = wo_int4_linear(x2, blocks, group_size, absmax.reshape(blocks.shape[0], -1), None, 0.0, bias, table=NF4_TABLE)
+    if y is None:
+        w = nf4_values(unpack_int4_blocks(blocks, x.shape[-1])) * absmax.reshape(blocks.shape[0], -1, 1).expand(
+            -1, -1, group_size).reshape(blocks.shape[0], -1)
+        return F.linear(x, w, bias)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+def nf4_scales(codes, scale, offset, block: int):
+    """NF4's double-quantized absmax decoded in C (``kernels.dequantize_scales``), else by torch."""
+    out = dequantize_scales(codes, scale, offset, block)
+    return dequantize_scales_ref(codes, scale, offset, block) if out is None else out
+
+
+def wo_kernel_note(kind: str, bf16: bool = False) -> tuple[str | None, str | None]:
+    """(the report's kernel string for qcompile's int8 / int4 GEMV, None) when it is built; else (None, a
+    warning naming the torch kernel that runs instead)."""
+    info = wo_kernel_info()
+    if info["available"]:
+        how = "AVX-512 BF16 vdpbf16ps, bf16 activations" if bf16 else f"{info['isa']}, fp32 activations"
+        return (f"qcompile {kind} GEMV ({how}, codes decoded in registers) for <= "
+                f"{info['max_rows']} rows"), None
+    return None, (f"the {kind} weight-only GEMV (csrc/wo_gemv.c) was not built at install time (no C compiler "
+                  f"or not an x86 CPU): torch's kernel runs instead, at about half of the memory bandwidth at "
+                  f"batch 1; install qcompile with a C compiler")
+
+
+def _warn_if_missing(node, kind: str) -> str:
+    """Warns when qcompile's GEMV is missing and torch's kernel runs instead; the report's suffix then."""
+    warning = wo_kernel_note(kind)[1]
+    if warning is None:
+        return ""
+    warnings.warn(f"{node.name}: {warning}", stacklevel=3)
+    return " [fallback: qcompile's GEMV not built]"
+
+
+def _int4_gemv_pack(w: IntWeight):
+    """(packed [N, K/2], group size, scale fp32 [N, K/g], zero uint8 [N, K/g] or None, zero constant) for
+    qcompile's int4 GEMV (codes q - quant_min in [0, 15]; zero z - quant_min), or the reason it cannot."""
+    n, k = w.q.shape
+    if w.bits > 4:
+        return f"{w.bits}-bit values"
+    g = w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
+    if g is None or g % 16 or k % g:
+        return f"the int4 GEMV needs groups of a multiple of 16 dividing in_features={k} (got {g})"
+    s, z = w.grouped(k, g)
+    z = z - w.quant_min
+    if not bool((z == z.round()).all()) or z.min() < 0 or z.max() > 255:
+        return "zero points off the integer grid"
+    codes = pack_int4_blocks((w.q.int() - w.quant_min).to(torch.uint8))
+    const = bool((z == z.flatten()[0]).all())
+    zero = None if const else z.to(torch.uint8).contiguous()
+    return codes, g, s.float().contiguous(), zero, float(z.flatten()[0]) if const else 0.0

@@ -1,0 +1,175 @@
+"""qcompile's weight-only int8 / int4 GEMV (csrc/wo_gemv.c): every ISA path this CPU can run against the
+dequantized weight in fp64, odd shapes, affine and symmetric weights, the lowered model's report, and the
+fallback to torch's kernels when the library is missing."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import qcompile
+from qcompile import WeightSpec, kernels
+from qcompile.qparams import sqnr
+
+INFO = kernels.wo_kernel_info()
+needs_kernel = pytest.mark.skipif(not INFO["available"], reason="the weight-only GEMV was not built here")
+
+
+def _isas_of_this_cpu() -> list[int]:
+    """The paths the kernel may take here: up to the one the library reports for this CPU (asked)."""
+    top = {v: k for k, v in kernels.ISA_NAMES.items()}[INFO["isa"]]
+    return list(range(top + 1))
+
+
+def _close(y, ref):
+    # fp32 products summed in another order than fp64: a few ulps of the largest output (|y| ~ sqrt(K) terms)
+    return float((y.double() - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
+
+
+@needs_kernel
+def test_the_library_reports_the_isa_the_cpu_has():
+    flags = set(open("/proc/cpuinfo").read().split()) if __import__("os").path.exists("/proc/cpuinfo") else set()
+    expect = "AVX-512" if {"avx512f", "avx512bw"} <= flags else "AVX2+FMA" if {"avx2", "fma"} <= flags else "scalar"
+    assert INFO["isa"] == expect and INFO["max_rows"] == 16
+    assert INFO["bf16"] == (expect == "AVX-512" and "avx512_bf16" in flags)  # the vdpbf16ps int4 body
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 37, 16), (3, 100, 272), (16, 33, 64), (5, 4, 128)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_int8_every_isa_path_equals_the_dequantized_weight(m, n, k, affine):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) * 0.02 + 1e-3
+    z = torch.randint(-5, 6, (n,), generator=g).float() if affine else torch.zeros(n)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ ((q.double() - z.double()[:, None]) * s.double()[:, None]).T + bias.double()
+    for isa in _isas_of_this_cpu():
+        y = kernels.wo_int8_linear(x, q, s, s * z if affine else None, bias, isa=isa)
+        assert y.shape == (m, n) and _close(y, ref), kernels.ISA_NAMES[isa]
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k,group", [(1, 37, 32, 32), (3, 100, 256, 64), (16, 33, 256, 128),
+                                         (1, 20, 512, 256), (2, 9, 96, 96), (4, 5, 400, 80), (1, 6, 48, 16)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_int4_every_isa_path_equals_the_dequantized_weight(m, n, k, group, affine):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    packed = kernels.pack_int4_blocks(codes)
+    assert torch.equal(kernels.unpack_int4_blocks(packed, k), codes) and packed.shape == (n, -(-k // 128) * 64)
+    s = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=g) if affine else None
+    z = zero.double() if affine else torch.full((n, k // group), 8.0, dtype=torch.float64)
+    w = (codes.double() - z.repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ w.T + bias.double()
+    for isa in _isas_of_this_cpu():
+        for threads in (1, 2):
+            y = kernels.wo_int4_linear(x, packed, group, s, zero, 8.0, bias, isa=isa, threads=threads)
+            assert y.shape == (m, n) and _close(y, ref), (kernels.ISA_NAMES[isa], threads)
+
+
+@pytest.mark.skipif(not INFO.get("bf16"), reason="this CPU has no AVX-512 BF16 (the fp32 body runs instead)")
+@pytest.mark.parametrize("m,n,k,group", [(1, 37, 128, 128), (3, 100, 512, 256), (16, 9, 256, 128)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_int4_bf16_activation_body_equals_the_dequantized_weight_times_bf16_x(m, n, k, group, affine):
+    g = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    s = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=g) if affine else None
+    z = zero.double() if affine else torch.full((n, k // group), 8.0, dtype=torch.float64)
+    w = (codes.double() - z.repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
+    x = torch.randn(m, k, generator=g)
+    ref = x.bfloat16().double() @ w.T  # exact products of bf16 x and the fp32 weight, summed in fp32
+    for threads in (1, 2):
+        y = kernels.wo_int4_linear(x, kernels.pack_int4_blocks(codes), group, s, zero, 8.0, bf16=True, threads=threads)
+        assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert kernels.wo_int4_bf16_ok(group) and not kernels.wo_int4_bf16_ok(64)
+
+
+@needs_kernel
+def test_threads_split_the_channels_without_changing_a_bit():
+    g = torch.Generator().manual_seed(0)
+    q, s = torch.randint(-128, 128, (1030, 256), dtype=torch.int8, generator=g), torch.rand(1030, generator=g)
+    x = torch.randn(3, 256, generator=g)
+    one = kernels.wo_int8_linear(x, q, s, threads=1)
+    assert torch.equal(one, kernels.wo_int8_linear(x, q, s, threads=2))
+    assert torch.equal(one, kernels.wo_int8_linear(x, q, s, threads=3))
+
+
+@needs_kernel
+def test_the_kernels_decline_what_they_cannot_run():
+    q, s = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    assert kernels.wo_int8_linear(torch.randn(INFO["max_rows"] + 1, 64), q, s) is None  # caller falls back
+    with pytest.raises(ValueError, match="refused"):
+        kernels.wo_int8_linear(torch.randn(1, 40), torch.zeros(8, 40, dtype=torch.int8), s)  # K % 16
+    with pytest.raises(ValueError, match="refused"):
+        kernels.wo_int4_linear(torch.randn(1, 64), torch.zeros(8, 64, dtype=torch.uint8), 24, torch.ones(8, 4))
+    with pytest.raises(ValueError, match="refused"):
+        kernels.wo_int8_linear(torch.randn(1, 64), q, s, isa=7)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 96), nn.GELU(), nn.Linear(96, 40)).eval()  # 40: no multiple of 16
+    for lin in (m[0], m[2]):
+        nn.init.normal_(lin.weight, 0.0, 0.05)
+    return m
+
+
+def _compile(weights, x):
+    return qcompile.compile(_mlp(), (x,), backend="x86", mode="weight_only", weights=weights)
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights,kind", [(WeightSpec(bits=8), "int8"), (WeightSpec(bits=8, symmetric=False), "int8"),
+                                          (WeightSpec(bits=4, group_size=32), "int4"),
+                                          (WeightSpec(bits=4, group_size=32, symmetric=False), "int4")])
+def test_lowered_model_names_the_gemv_and_matches_the_reference_graph(weights, kind):
+    x1, x3, x40 = torch.randn(1, 256), torch.randn(3, 256), torch.randn(40, 256)  # 40 rows: above the GEMV's
+    art = _compile(weights, x1)
+    ks = {r.name: r.kernel for r in art.report.rows if r.kernel}
+    want = f"qcompile {kind} GEMV ({INFO['isa']}"
+    assert len(ks) == 2 and all(k.startswith(want) for k in ks.values()), ks
+    with torch.no_grad():
+        for x in (x1, x3, x40):
+            assert sqnr(art.run_reference(x), art(x)) > 80  # fp32 throughout: the same math in another order
+
+
+def test_without_the_library_torch_kernels_run_warn_and_the_report_says_so(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", lambda: None)
+    x = torch.randn(2, 256)
+    for weights, torch_kernel in ((WeightSpec(bits=8), "aten._weight_int8pack_mm"),
+                                  (WeightSpec(bits=4, group_size=128), "aten._weight_int4pack_mm_for_cpu")):
+        m = nn.Sequential(nn.Linear(256, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            art = qcompile.compile(m, (x,), backend="x86", mode="weight_only", weights=weights)
+        assert any("GEMV (csrc/wo_gemv.c) was not built" in str(w.message) for w in caught)
+        ks = [r.kernel for r in art.report.rows if r.kernel]
+        assert ks and all(k.startswith(torch_kernel) and "fallback: qcompile's GEMV not built" in k for k in ks)
+        with torch.no_grad():
+            assert sqnr(art.run_reference(x), art(x)) > 35  # torch's kernels take bf16 activations
+
+
+@needs_kernel
+@pytest.mark.parametrize("acts", ["bf16", "fp32"])
+def test_int4_g128_names_the_activation_dtype_it_runs(acts):
+    m = nn.Sequential(nn.Linear(256, 64)).eval()
+    x = torch.randn(1, 256)
+    art = qcompile.compile(m, (x,), backend="x86", mode="weight_only", weights=WeightSpec(bits=4, group_size=128),
+                           backend_options={"weight_only_activations": acts})
+    (k,) = [r.kernel for r in art.report.rows if r.kernel]
+    bf16 = acts == "bf16" and INFO.get("bf16")  # the vdpbf16ps body only on AVX-512 BF16 CPUs
+    assert k.startswith("qcompile int4 GEMV") and (("bf16 activations" in k) == bool(bf16))
+    with torch.no_grad():
+        assert sqnr(art.run_reference(x), art(x)) > (40 if bf16 else 80)
+
+
+@needs_kernel
+def test_nf4_scales_decoded_in_c_equal_the_reference_bit_for_bit():
+    from qcompile.lowbit import dequantize_scales_ref, double_quantize
+    absmax = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.3 + 1e-3
+    codes, step, offset = double_quantize(absmax, block=256)
+    assert torch.equal(kernels.dequantize_scales(codes, step, offset, 256), dequantize_scales_ref(codes, step, offset, 256))
