@@ -91,3 +91,28 @@ def test_fp32_output_agrees_with_reference_and_is_closer_to_float():
         assert _sqnr(on.reference(x), lowered) > 80
         s_on, s_off = _sqnr(ref, lowered), _sqnr(ref, off(x))
     assert s_on > s_off + 1.0, (s_on, s_off)  # one rounding step fewer (measured 37.3 vs 35.6 dB)
+
+
+def test_onnx_leaves_them_unrounded():
+    """ONNX: no Q after such a linear. ORT runs its MatMul as MatMulIntegerToFloat either way (the bias Add
+    sits between MatMul and Q); what changes is the rounding of the result and the int8 views after it."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Block().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 16, 32, generator=g) for _ in range(8)]
+    on = qcompile.compile(model, (cal[0],), backend="onnx", calibration=cal)
+    off = qcompile.compile(model, (cal[0],), backend="onnx", calibration=cal,
+                           backend_options={"float_output_linears": False})
+    assert _row(on, "fc2").status == "int8" and _row(on, "head").status == "int8"
+    ops_on, ops_off = on.report.verify["ort_int8_ops"], off.report.verify["ort_int8_ops"]
+    assert ops_on == {"MatMulIntegerToFloat": 3} and ops_off.get("Reshape") == 2  # views on fc2's int8 output
+    torch.manual_seed(0)
+    chain = Chain().eval()
+    s = {}
+    for flag in (True, False):
+        art = qcompile.compile(chain, (cal[0],), backend="onnx", calibration=cal,
+                               backend_options={"float_output_linears": flag})
+        with torch.no_grad():
+            s[flag] = _sqnr(chain(cal[1]), art(cal[1]))
+    assert s[True] > s[False] + 1.0, s
