@@ -326,8 +326,7 @@ def _contiguous_before_reshape(gm: fx.GraphModule) -> None:
             with gm.graph.inserting_before(node):
                 c = gm.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
             c.meta.update(x.meta)
-            c.meta["val"] = val.contiguous() if not isinstance(val, torch._subclasses.FakeTensor) else val.clone(
-                memory_format=torch.contiguous_format)
+            c.meta["val"] = val.clone(memory_format=torch.contiguous_format)
             node.replace_input_with(x, c)
 
 

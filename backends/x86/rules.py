@@ -29,15 +29,24 @@ def _bias(lw, node):
     return None if b is None else get_attr_value(lw.ref, b).detach().float()
 
 
-def _weighted(m: Match, prepack, kernels, kernel_name):
-    lw, nodes, q = m.ctx, m.nodes, m.user
-    anchor = nodes[0]
-    x = lw.quantized_input(anchor.args[0])
+def _int8_operands(m: Match):
+    """(quantized input Value, int8 weight) of a weighted group, or the reason it cannot run in int8."""
+    anchor = m.nodes[0]
+    x = m.ctx.quantized_input(anchor.args[0])
     if x is None:
         return "input is not a quantized tensor"
     if anchor.args[1].target not in _DQ_W:
         return "weight is not quantized"
-    qw = _int_weight(lw.ref, anchor.args[1])
+    return x, _int_weight(m.ctx.ref, anchor.args[1])
+
+
+def _weighted(m: Match, prepack, kernels, kernel_name):
+    lw, nodes, q = m.ctx, m.nodes, m.user
+    anchor = nodes[0]
+    operands = _int8_operands(m)
+    if isinstance(operands, str):
+        return operands
+    x, qw = operands
     scale, zp, _ = _qparams(q)
     tail = tuple(n.target for n in nodes[1:])
     kernel = kernels[len(tail) > 0 and tail[0] == aten.relu.default]
@@ -116,11 +125,10 @@ def _linear_float_output(m: Match):
     quantize made the int8 input from (or its dequantized copy), it computes on exactly that int8 input."""
     lw, nodes = m.ctx, m.nodes
     anchor = nodes[0]
-    x = lw.quantized_input(anchor.args[0])
-    if x is None:
-        return "input is not a quantized tensor"
-    if anchor.args[1].target not in _DQ_W:
-        return "weight is not quantized"
+    operands = _int8_operands(m)
+    if isinstance(operands, str):
+        return operands
+    x, qw = operands
     if anchor.args[0].args[5] != torch.uint8:
         return "the fp32-output int8 kernel takes uint8 activations"
     engine = torch.backends.quantized.engine
@@ -129,8 +137,8 @@ def _linear_float_output(m: Match):
     else:
         engine, family = "x86", f"fbgemm: oneDNN ({engine!r}) has no int8 linear with an fp32 output"
     with quantized_engine(engine):
-        packed = _linear_prepack(anchor, _int_weight(lw.ref, anchor.args[1]), _bias(lw, anchor))
-    out = lw.call(getattr(qops, FLOAT_OUTPUT_KERNEL.split("::")[1]).default,
+        packed = _linear_prepack(anchor, qw, _bias(lw, anchor))
+    out = lw.call(qops.linear_with_input_q_dq_qweight_dq_output_fp32.default,
                   (lw.float_input(anchor.args[0]), x.scale, x.zero_point, lw.constant(packed, "packed")), anchor)
     if len(nodes) > 1:  # linear -> relu: the relu on the fp32 result
         out = lw.call(torch.relu, (out,), nodes[-1])
