@@ -36,6 +36,8 @@ from qcompile.passes.infra import Pass, PassResult
 from qcompile.support import ANCHOR, Capabilities, OpSupport
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 
+from .support import _FP32  # the static table's wording for ops XNNPACK runs in fp32
+
 qd = torch.ops.quantized_decomposed
 
 NOTE = "int8 (or packed int4) weights per channel; int8 activations quantized per row at run time (XNNPACK qd8)"
@@ -43,7 +45,6 @@ NOTE = "int8 (or packed int4) weights per channel; int8 activations quantized pe
 DYNAMIC_TABLE = [OpSupport("linear_dynamic", ("linear",), ANCHOR, (0,), 1, 2, note=NOTE,
                            weight_granularities=("per_channel", "per_tensor", "per_group"))]
 
-_FP32 = "runs in fp32 inside the XNNPACK delegate"
 DYNAMIC_NOTES = {
     "conv2d": f"this mode covers linear layers; use static mode for int8 convolutions (here it {_FP32})",
     "conv1d": f"this mode covers linear layers; use static mode for int8 convolutions (here it {_FP32})",
