@@ -8,6 +8,7 @@ import torch
 
 import qcompile
 import _zoo as zoo
+from qcompile.backends.x86.kernel_choice import cpu_has_vnni
 
 CALIBRATION = [s for s in (Path(__file__).parents[1] / "bench" / "calibration_sentences.txt").read_text().splitlines()
                if s.strip()]
@@ -32,7 +33,10 @@ def test_minilm_static_keeps_sentence_embeddings(minilm, backend, algorithm, bou
     model, tok, cal, ref = minilm
     art = qcompile.compile(model, cal[0], backend=backend, calibration=cal, algorithm=algorithm, progress=False)
     cos = torch.nn.functional.cosine_similarity(ref, zoo.embed(art, tok, zoo.SENTENCES, max_length=32))
-    # measured: x86 0.9910 / 0.9943 (smoothquant), onnx 0.9915 / 0.9945
+    # measured: x86 0.9910 / 0.9943 (smoothquant), onnx 0.9915 / 0.9945. An x86 CPU without VNNI stores
+    # 7-bit weights (AVX2 u8 x s8 pair sums saturate): measured with max_weight_bits=7, 0.9873 / 0.9922
+    if backend == "x86" and not cpu_has_vnni():
+        bound -= 0.004
     assert cos.min().item() >= bound, cos.min().item()
     linears = [r for r in art.report.rows if r.op == "linear" and r.module.startswith("encoder")]
     assert len(linears) == 36 and all(r.status == "int8" for r in linears)
