@@ -67,37 +67,6 @@ def machine_line() -> str:
             f"threads: {torch.get_num_threads()}")
 
 
-def copy_bandwidth(mib: int = 256, repeats: int = 7) -> float:
-    """Bytes per second a tensor copy moves (read + write), median of ``repeats``: the memory limit a
-    weight-streaming kernel is measured against."""
-    import torch
-    src = torch.ones(mib * 2**18)  # fp32: mib MiB
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        ts.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(ts)
-
-
-def read_bandwidth(mib: int = 256, repeats: int = 7) -> float:
-    """Bytes per second a streaming read moves (``sum`` over a buffer far larger than the caches), median
-    of ``repeats``: the limit of a kernel that only reads its weights, as a batch-1 linear does. A copy
-    (:func:`copy_bandwidth`) moves a read stream and a write stream at once; its read + write total is not
-    what one read stream reaches."""
-    import torch
-    src = torch.ones(mib * 2**18)
-    float(src.sum())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        float(src.sum())
-        ts.append(time.perf_counter() - t0)
-    return src.numel() * 4 / statistics.median(ts)
-
-
 def _cpu_field(name: str) -> str:
     try:
         for line in open("/proc/cpuinfo"):

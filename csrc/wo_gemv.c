@@ -1,5 +1,7 @@
-/* Weight-only int8 / int4 linear for x86 CPUs at batch 1..16: y[M,N] = x[M,K] . W^T (+ bias), fp32 x, fp32
- * accumulate, the weight decoded in registers (never an fp32 weight in memory).
+/* Weight-only int8 / int4 linear for x86 CPUs at batch 1..16: y[M,N] = x[M,K] . W^T (+ bias), the weight
+ * decoded in registers (never an fp32 weight in memory). Two bodies: fp32 x and fp32 accumulate (below; the
+ * reference's numbers to fp32 rounding), and x as int16 per 128-block with exact int32 sums (the fast one,
+ * "int16 activations" further down).
  *
  * int8, one scale per output channel: codes int8 [N, K] (K % 16 == 0), scale fp32 [N], optional affine fix-up
  *   fix[n] = scale[n] * zero[n]:  y[m,n] = scale[n] * sum_k q[n,k] x[m,k] - fix[n] * sum_k x[m,k] + bias[n].
@@ -12,28 +14,30 @@
  *
  * Loop order: blocks of R output channels (R rows of W streamed side by side, each x vector loaded once per
  * block); rows of x in register tiles of MT <= 4 over the block, so the block's weights come from DRAM once
- * per call and from L1/L2 for the other tiles. Threads split N in blocks (pthreads started per call, like
- * nf4_kernel.c). Built at install time into qcompile._nf4 (setup.py), called through ctypes (kernels.py).
+ * per call and from L1/L2 for the other tiles. Threads (OpenMP, torch's team) split N in
+ * chunks of blocks. Built at install time into qcompile._nf4 (setup.py), called through ctypes (kernels.py).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>  /* fabsf: a builtin, no libm */
 #include <immintrin.h>
-#include <pthread.h>
 
 #define WO_MAX_ROWS 16
 #define WO_MAX_THREADS 64
 #define RMAX 4
 
 typedef struct wo_job {
-    int kind, isa;           /* kind 0 int8, 1 int4; isa 2 AVX-512, 1 AVX2+FMA, 0 scalar */
+    int kind, isa;           /* kind 0 int8, 1 int4 (fp32 x), 3 int8, 4 int4 (int16 x);
+                                isa 3 AVX-512 VNNI (int16 bodies), 2 AVX-512, 1 AVX2+FMA, 0 scalar */
     const float *x, *scale, *fix, *bias, *xsum;
     const void *w;
     const uint8_t *zero;     /* int4: [N, K/g] or NULL (then zconst) */
     float zconst;
     const float *base;       /* int4: the 16 code values before (v - z) * s: 0..15, or e.g. the NF4 table */
-    const uint16_t *xb;      /* int4 BF16 body: x as bf16 pairs, and its sums per group [M, K/g] */
-    const float *xg;
+    const int16_t *xq;       /* int16 bodies: x per 128-block as int16 (int8: [M, K]; int4: see prep_i16), */
+    const float *xs;         /* the blocks' scales [M, K/128] */
+    const float *xg;         /* and (int4) the groups' sums of dequantized x [M, K/g] */
     float *y;
     int64_t M, N, K, g;
 } wo_job;
@@ -49,6 +53,12 @@ int qc_wo_isa(void) {
 }
 
 int qc_wo_max_rows(void) { return WO_MAX_ROWS; }
+
+/* 1 when the AVX-512 int16-activation bodies have vpdpwssd (AVX-512 VNNI) */
+int qc_wo_vnni(void) {
+    __builtin_cpu_init();
+    return qc_wo_isa() == 2 && __builtin_cpu_supports("avx512vnni");
+}
 
 /* int4 rows: blocks of 128 elements in 64 bytes (16 little-endian dwords), nibble i (bits 4i..4i+3) of
  * dword d = element 16 i + d of the block; the last block of a row is zero-padded when K % 128 != 0 */
@@ -148,6 +158,7 @@ static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     for (; e + 128 <= K; e += 128) {                                                                       \
         __m512i v[R];                                                                                      \
         for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + e / 2));         \
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(p + (R + r) * RB + e / 2), _MM_HINT_T0);   \
         if (per % 8 == 0) {  /* groups of whole blocks: tables change at a block's start only */           \
             I4_512_BUILD                                                                                   \
             left -= 7;                                                                                     \
@@ -162,94 +173,6 @@ static void i4_512_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
         for (int i = 0; i < (K - e) / 16; i++) I4_512_SLOT(i, 1)                                           \
     }                                                                                                      \
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(s[r][m]); \
-}
-
-/* ---- AVX-512 BF16, bf16 activations (int4, g % 128 == 0) --------------------------------------------
- * For callers that accept bf16 activations (X86Options.weight_only_activations="bf16", as torch's kernels
- * take them): vdpbf16ps does 32 multiply-adds per instruction where the fp32 body spends a shift, a vpermps
- * and an FMA per 16. A code c becomes the bf16 number 128 + c, whose bits are 0x4300 | c (one 16-bit shift
- * and one ternary-logic op per 32 codes); per group y += s * (sum (128 + c) x - (128 + z) sum x), fp32 sums.
- * The 16-bit word 2d of block word d holds elements 16 i + d (nibble i < 4), word 2d + 1 elements
- * 16 i + 64 + d: x is rounded to bf16 and interleaved to match once per call (prep_bf16). */
-#define BF_SLOT(i)                                                                                         \
-    {                                                                                                      \
-        __m512i w[RR];                                                                                     \
-        for (int r = 0; r < RR; r++)                                                                       \
-            w[r] = (i) == 3 ? _mm512_or_si512(_mm512_srli_epi16(v[r], 12), c43)                            \
-                            : _mm512_ternarylogic_epi32(_mm512_srli_epi16(v[r], 4 * (i)), m0f, c43, 0xEA);  \
-        for (int m = 0; m < MM; m++) {                                                                     \
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(j->xb + (((m0 + m) * nb + b) * 4 + (i)) * 32)); \
-            for (int r = 0; r < RR; r++) part[(i) % NA][r][m] = _mm512_dpbf16_ps(part[(i) % NA][r][m], (__m512bh)w[r], xv); \
-        }                                                                                                  \
-    }
-
-#define I4_BF16(R, MT)                                                                                     \
-__attribute__((target("avx512f,avx512bw,avx512bf16")))                                                     \
-static void i4_bf16_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                   \
-    enum { RR = R, MM = MT, NA = (MT) == 1 ? 2 : 1 };                                                      \
-    const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), nb = K / 128, per = j->g / 128;            \
-    const int64_t m0 = (x - j->x) / K;                                                                     \
-    const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
-    const __m512i m0f = _mm512_set1_epi32(0x000F000F), c43 = _mm512_set1_epi32(0x43004300);                \
-    __m512 acc[R][MT];                                                                                     \
-    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) acc[r][m] = _mm512_setzero_ps();             \
-    for (int64_t grp = 0; grp < G; grp++) {                                                                \
-        __m512 part[NA][R][MT];                                                                            \
-        for (int a = 0; a < NA; a++) for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++)             \
-            part[a][r][m] = _mm512_setzero_ps();                                                           \
-        for (int64_t b = grp * per; b < (grp + 1) * per; b++) {                                            \
-            __m512i v[R];                                                                                  \
-            for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + b * 64));    \
-            BF_SLOT(0) BF_SLOT(1) BF_SLOT(2) BF_SLOT(3)                                                    \
-        }                                                                                                  \
-        for (int r = 0; r < R; r++) {                                                                      \
-            const __m512 sc = _mm512_set1_ps(j->scale[(n + r) * G + grp]);                                 \
-            for (int m = 0; m < MT; m++) {                                                                 \
-                __m512 u = part[0][r][m];                                                                  \
-                for (int a = 1; a < NA; a++) u = _mm512_add_ps(u, part[a][r][m]);                          \
-                acc[r][m] = _mm512_fmadd_ps(u, sc, acc[r][m]);                                             \
-            }                                                                                              \
-        }                                                                                                  \
-    }                                                                                                      \
-    for (int r = 0; r < R; r++)                                                                            \
-        for (int m = 0; m < MT; m++) {                                                                     \
-            float t = _mm512_reduce_add_ps(acc[r][m]);                                                     \
-            for (int64_t grp = 0; grp < G; grp++)                                                          \
-                t -= j->scale[(n + r) * G + grp] * (128.f + zero_of(j, n + r, grp)) * j->xg[(m0 + m) * G + grp]; \
-            out[r * WO_MAX_ROWS + m] = t;                                                                  \
-        }                                                                                                  \
-}
-
-static inline uint16_t bf16_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
-/* x [M, K] -> bf16 [M][K/128][4][16][2] (elements 16 i + d and 16 i + 64 + d of a block side by side) and
- * the group sums of those bf16 values [M][K/g]. Returns -1 when out of memory. */
-static int prep_bf16(wo_job *j, uint16_t **xb, float **xg) {
-    const int64_t M = j->M, K = j->K, G = K / j->g;
-    *xb = (uint16_t *)malloc(sizeof(uint16_t) * M * K);
-    *xg = (float *)malloc(sizeof(float) * M * G);
-    if (!*xb || !*xg) return -1;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t grp = 0; grp < G; grp++) {
-            double sum = 0;
-            for (int64_t k = grp * j->g; k < (grp + 1) * j->g; k++) {
-                const int64_t e = k % 128, o = m * K + ((k / 128 * 4 + (e % 64) / 16) * 16 + e % 16) * 2 + e / 64;
-                const uint16_t h = bf16_rne(j->x[m * K + k]);
-                uint32_t u = (uint32_t)h << 16;
-                float f;
-                memcpy(&f, &u, 4);
-                (*xb)[o] = h;
-                sum += f;
-            }
-            (*xg)[m * G + grp] = (float)sum;
-        }
-    j->xb = *xb;
-    j->xg = *xg;
-    return 0;
 }
 
 /* ---- AVX2 + FMA ------------------------------------------------------------------------------------- */
@@ -323,15 +246,248 @@ static void i4_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float 
     for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = hsum256(s[r][m]);  \
 }
 
+/* ---- int16 activations (int8 per channel, K % 128 == 0; int4 uniform, g % 128 == 0) ---------------------
+ * x is quantized per 128-element block to int16 (scale = max |x| / 32767, round to nearest even: relative
+ * error <= 2^-16 of the block's largest |x|, finer than bf16's 2^-9) once per call; the weight codes are
+ * widened to int16 and multiplied with vpdpwssd (AVX-512 VNNI; vpmaddwd + vpaddd without it), exact int32
+ * sums per block, then one fp32 multiply-add by the block's scale. Per 64 bytes of int8 weight that is 2
+ * widenings + 2 multiply-adds, against 4 widenings + 4 conversions + 4 FMAs in the fp32 body: the body stops
+ * being the limit and the GEMV runs at the memory's speed. int4: the 4 nibbles of each 16-bit word are
+ * shifted / masked out (word 2d holds elements 16 i + d, word 2d + 1 elements 16 i + 64 + d: x is stored in
+ * that order), y = sum_groups s (sum c x - z sum x), the zero-point term from x's group sums. */
+#define DPW_VNNI(a, w, x) _mm512_dpwssd_epi32(a, w, x)
+#define DPW_BW(a, w, x) _mm512_add_epi32(a, _mm512_madd_epi16(w, x))
+
+#define I8W_512(NAME, TGT, DP, R, MT)                                                                      \
+__attribute__((target(TGT)))                                                                               \
+static void NAME##_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
+    const int64_t K = j->K, nb = K / 128, m0 = (x - j->x) / K;                                             \
+    const int8_t *w = (const int8_t *)j->w + n * K;                                                        \
+    __m512 f[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) f[r][m] = _mm512_setzero_ps();               \
+    for (int64_t b = 0; b < nb; b++) {                                                                     \
+        __m512i a[R][MT];                                                                                  \
+        for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) a[r][m] = _mm512_setzero_si512();         \
+        for (int i = 0; i < 4; i++) {                                                                      \
+            __m512i wv[R];                                                                                 \
+            for (int r = 0; r < R; r++)                                                                    \
+                wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + r * K + b * 128 + 32 * i))); \
+            for (int m = 0; m < MT; m++) {                                                                 \
+                const __m512i xv = _mm512_loadu_si512((const void *)(j->xq + (m0 + m) * K + b * 128 + 32 * i)); \
+                for (int r = 0; r < R; r++) a[r][m] = DP(a[r][m], wv[r], xv);                              \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int m = 0; m < MT; m++) {                                                                     \
+            const __m512 sx = _mm512_set1_ps(j->xs[(m0 + m) * nb + b]);                                    \
+            for (int r = 0; r < R; r++) f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][m]), sx, f[r][m]); \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(f[r][m]); \
+}
+
+/* the zero-point term of int4 row n + r, x row m: sum over groups of s z (sum of the group's dequantized x) */
+static inline float i4_zero_term(const wo_job *j, int64_t c, int64_t m) {
+    const int64_t G = j->K / j->g;
+    float t = 0.f;
+    for (int64_t grp = 0; grp < G; grp++) t += j->scale[c * G + grp] * zero_of(j, c, grp) * j->xg[m * G + grp];
+    return t;
+}
+
+#define I4W_512(NAME, TGT, DP, R, MT)                                                                      \
+__attribute__((target(TGT)))                                                                               \
+static void NAME##_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                    \
+    const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), nb = K / 128, per = j->g / 128;            \
+    const int64_t m0 = (x - j->x) / K;                                                                     \
+    const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
+    const __m512i m0f = _mm512_set1_epi16(0x000F);                                                         \
+    __m512 f[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) f[r][m] = _mm512_setzero_ps();               \
+    for (int64_t b = 0; b < nb; b++) {                                                                     \
+        __m512i v[R], a[R][MT];                                                                            \
+        for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512((const void *)(p + r * RB + b * 64));        \
+        for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) a[r][m] = _mm512_setzero_si512();         \
+        for (int i = 0; i < 4; i++) {                                                                      \
+            __m512i wv[R];                                                                                 \
+            for (int r = 0; r < R; r++)                                                                    \
+                wv[r] = i == 3 ? _mm512_srli_epi16(v[r], 12) : _mm512_and_si512(_mm512_srli_epi16(v[r], 4 * i), m0f); \
+            for (int m = 0; m < MT; m++) {                                                                 \
+                const __m512i xv = _mm512_loadu_si512((const void *)(j->xq + ((m0 + m) * nb + b) * 128 + 32 * i)); \
+                for (int r = 0; r < R; r++) a[r][m] = DP(a[r][m], wv[r], xv);                              \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int r = 0; r < R; r++) {                                                                      \
+            const float sw = j->scale[(n + r) * G + b / per];                                              \
+            for (int m = 0; m < MT; m++)                                                                   \
+                f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[r][m]), _mm512_set1_ps(sw * j->xs[(m0 + m) * nb + b]), f[r][m]); \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++)                                               \
+        out[r * WO_MAX_ROWS + m] = _mm512_reduce_add_ps(f[r][m]) - i4_zero_term(j, n + r, m0 + m);         \
+}
+
+/* AVX2: the same sums over 16-word halves (the 32-word vector's order: one x layout for both) */
+#define I8W_256(R, MT)                                                                                     \
+__attribute__((target("avx2,fma")))                                                                        \
+static void i8w_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                   \
+    const int64_t K = j->K, nb = K / 128, m0 = (x - j->x) / K;                                             \
+    const int8_t *w = (const int8_t *)j->w + n * K;                                                        \
+    __m256 f[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) f[r][m] = _mm256_setzero_ps();               \
+    for (int64_t b = 0; b < nb; b++) {                                                                     \
+        __m256i a[R][MT];                                                                                  \
+        for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) a[r][m] = _mm256_setzero_si256();         \
+        for (int i = 0; i < 8; i++) {                                                                      \
+            __m256i wv[R];                                                                                 \
+            for (int r = 0; r < R; r++)                                                                    \
+                wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + r * K + b * 128 + 16 * i))); \
+            for (int m = 0; m < MT; m++) {                                                                 \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(j->xq + (m0 + m) * K + b * 128 + 16 * i)); \
+                for (int r = 0; r < R; r++) a[r][m] = _mm256_add_epi32(a[r][m], _mm256_madd_epi16(wv[r], xv)); \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int m = 0; m < MT; m++) {                                                                     \
+            const __m256 sx = _mm256_set1_ps(j->xs[(m0 + m) * nb + b]);                                    \
+            for (int r = 0; r < R; r++) f[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][m]), sx, f[r][m]); \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) out[r * WO_MAX_ROWS + m] = hsum256(f[r][m]);  \
+}
+
+#define I4W_256(R, MT)                                                                                     \
+__attribute__((target("avx2,fma")))                                                                        \
+static void i4w_256_##R##_##MT(const wo_job *j, int64_t n, const float *x, float *out) {                   \
+    const int64_t K = j->K, G = K / j->g, RB = i4_row_bytes(K), nb = K / 128, per = j->g / 128;            \
+    const int64_t m0 = (x - j->x) / K;                                                                     \
+    const uint8_t *p = (const uint8_t *)j->w + n * RB;                                                     \
+    const __m256i m0f = _mm256_set1_epi16(0x000F);                                                         \
+    __m256 f[R][MT];                                                                                       \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) f[r][m] = _mm256_setzero_ps();               \
+    for (int64_t b = 0; b < nb; b++) {                                                                     \
+        __m256i a[R][MT];                                                                                  \
+        for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++) a[r][m] = _mm256_setzero_si256();         \
+        for (int h = 0; h < 2; h++) {                                                                      \
+            __m256i v[R];                                                                                  \
+            for (int r = 0; r < R; r++) v[r] = _mm256_loadu_si256((const __m256i *)(p + r * RB + b * 64 + 32 * h)); \
+            for (int i = 0; i < 4; i++) {                                                                  \
+                __m256i wv[R];                                                                             \
+                for (int r = 0; r < R; r++)                                                                \
+                    wv[r] = i == 3 ? _mm256_srli_epi16(v[r], 12) : _mm256_and_si256(_mm256_srli_epi16(v[r], 4 * i), m0f); \
+                for (int m = 0; m < MT; m++) {                                                             \
+                    const __m256i xv = _mm256_loadu_si256(                                                 \
+                        (const __m256i *)(j->xq + ((m0 + m) * nb + b) * 128 + 32 * i + 16 * h));           \
+                    for (int r = 0; r < R; r++) a[r][m] = _mm256_add_epi32(a[r][m], _mm256_madd_epi16(wv[r], xv)); \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int r = 0; r < R; r++) {                                                                      \
+            const float sw = j->scale[(n + r) * G + b / per];                                              \
+            for (int m = 0; m < MT; m++)                                                                   \
+                f[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][m]), _mm256_set1_ps(sw * j->xs[(m0 + m) * nb + b]), f[r][m]); \
+        }                                                                                                  \
+    }                                                                                                      \
+    for (int r = 0; r < R; r++) for (int m = 0; m < MT; m++)                                               \
+        out[r * WO_MAX_ROWS + m] = hsum256(f[r][m]) - i4_zero_term(j, n + r, m0 + m);                      \
+}
+
+/* scalar: the same integer sums, one channel, all rows of x */
+static void i8w_scalar(const wo_job *j, int64_t n, const float *x, float *out) {
+    (void)x;
+    const int64_t K = j->K, nb = K / 128;
+    const int8_t *w = (const int8_t *)j->w + n * K;
+    for (int64_t m = 0; m < j->M; m++) {
+        float t = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t a = 0;
+            for (int k = 0; k < 128; k++) a += (int32_t)w[b * 128 + k] * j->xq[m * K + b * 128 + k];
+            t += (float)a * j->xs[m * nb + b];
+        }
+        out[m] = t;
+    }
+}
+
+static void i4w_scalar(const wo_job *j, int64_t n, const float *x, float *out) {
+    (void)x;
+    const int64_t K = j->K, G = K / j->g, nb = K / 128, per = j->g / 128;
+    const uint8_t *p = (const uint8_t *)j->w + n * i4_row_bytes(K);
+    for (int64_t m = 0; m < j->M; m++) {
+        float t = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t a = 0;
+            for (int e = 0; e < 128; e++) {  /* element e: nibble e / 16 of dword e % 16 */
+                uint32_t word;
+                memcpy(&word, p + b * 64 + 4 * (e % 16), 4);
+                const int i = e / 16, d = e % 16;  /* its int16 x: word 2d (i < 4) or 2d + 1 of slot i % 4 */
+                a += (int32_t)((word >> (4 * i)) & 15) * j->xq[(m * nb + b) * 128 + 32 * (i % 4) + 2 * d + i / 4];
+            }
+            t += (float)a * (j->scale[n * G + b / per] * j->xs[m * nb + b]);
+        }
+        out[m] = t - i4_zero_term(j, n, m);
+    }
+}
+
+/* x [M, K] -> int16 per 128-block (int4: [M][K/128][4][16][2], elements 16 i + d and
+ * 16 i + 64 + d of a block side by side), the blocks' scales, and for int4 the
+ * groups' sums of dequantized x [M, K/g]. Returns -1 when out of memory. */
+static int prep_i16(wo_job *j, int16_t **xq, float **xs, float **xg) {
+    const int64_t M = j->M, K = j->K, nb = K / 128, G = j->kind == 4 ? K / j->g : 0;
+    *xq = (int16_t *)malloc(sizeof(int16_t) * M * K);
+    *xs = (float *)malloc(sizeof(float) * M * nb);
+    *xg = G ? (float *)calloc(M * G, sizeof(float)) : NULL;
+    if (!*xq || !*xs || (G && !*xg)) return -1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = j->x + m * K + b * 128;
+            float amax = 0.f;
+            for (int k = 0; k < 128; k++) amax = fabsf(xb[k]) > amax ? fabsf(xb[k]) : amax;
+            const float s = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+            int64_t sum = 0;
+            for (int k = 0; k < 128; k++) {
+                const int16_t q = (int16_t)((xb[k] * inv + 12582912.f) - 12582912.f);  /* |v| <= 32767: RNE */
+                const int64_t o = j->kind == 4 ? (m * nb + b) * 128 + 32 * ((k % 64) / 16) + 2 * (k % 16) + k / 64
+                                               : m * K + b * 128 + k;
+                (*xq)[o] = q;
+                sum += q;
+            }
+            (*xs)[m * nb + b] = s;
+            if (G) (*xg)[m * G + b * 128 / j->g] += (float)sum * s;
+        }
+    j->xq = *xq;
+    j->xs = *xs;
+    j->xg = *xg;
+    return 0;
+}
+
 I8_512(4, 1) I8_512(4, 2) I8_512(4, 4) I8_512(1, 1) I8_512(1, 2) I8_512(1, 4)
 I4_512(4, 1) I4_512(4, 2) I4_512(4, 4) I4_512(1, 1) I4_512(1, 2) I4_512(1, 4)
 I8_256(4, 1) I8_256(4, 2) I8_256(1, 1) I8_256(1, 2)
 I4_256(2, 1) I4_256(2, 2) I4_256(1, 1) I4_256(1, 2)
-I4_BF16(4, 1) I4_BF16(4, 2) I4_BF16(1, 1) I4_BF16(1, 2) I4_BF16(1, 4)
+#define I16_512(NAME, TGT, DP) I8W_512(i8w_##NAME, TGT, DP, 1, 1) I8W_512(i8w_##NAME, TGT, DP, 1, 2) \
+    I8W_512(i8w_##NAME, TGT, DP, 1, 4) I4W_512(i4w_##NAME, TGT, DP, 1, 1) I4W_512(i4w_##NAME, TGT, DP, 1, 2)  \
+    I4W_512(i4w_##NAME, TGT, DP, 1, 4)
+I16_512(vnni, "avx512f,avx512bw,avx512vnni", DPW_VNNI)
+I16_512(bw, "avx512f,avx512bw", DPW_BW)
+I8W_256(1, 1) I8W_256(1, 2) I4W_256(1, 1) I4W_256(1, 2)
 
 /* [kind][isa]: block rows R and the kernels for (R, MT = 1, 2, 4) and (1, MT); NULL: tile not built */
 typedef struct { int R; blk_fn big[3], one[3]; } isa_table;
-static const isa_table BF16_TABLE = {4, {i4_bf16_4_1, i4_bf16_4_2, NULL}, {i4_bf16_1_1, i4_bf16_1_2, i4_bf16_1_4}};
+/* int16-activation bodies: [int8, int4][isa], and the AVX-512 ones with VNNI (vpdpwssd). One output channel
+ * at a time (R = 1): consecutive rows are contiguous, so each thread reads one sequential stream, which the
+ * hardware prefetchers follow across rows; R = 4 rows side by side are 4 streams of one 4 KiB page each (an
+ * int8 row of K = 4096), restarted at every row -- measured on the Zen 4, 4 x Linear(4096) int8, 2 threads:
+ * 27-29 GB/s with R = 4, 30-40 with R = 1, interleaved runs. The fp32 bodies keep R = 4: they are bound by
+ * their arithmetic, and sharing each x load over 4 rows is worth more to them (int4: 19-23 vs 12-15 GB/s). */
+static const isa_table I16_TABLES[2][3] = {
+    {{1, {i8w_scalar, NULL, NULL}, {i8w_scalar, NULL, NULL}},
+     {1, {i8w_256_1_1, i8w_256_1_2, NULL}, {i8w_256_1_1, i8w_256_1_2, NULL}},
+     {1, {i8w_bw_1_1, i8w_bw_1_2, i8w_bw_1_4}, {i8w_bw_1_1, i8w_bw_1_2, i8w_bw_1_4}}},
+    {{1, {i4w_scalar, NULL, NULL}, {i4w_scalar, NULL, NULL}},
+     {1, {i4w_256_1_1, i4w_256_1_2, NULL}, {i4w_256_1_1, i4w_256_1_2, NULL}},
+     {1, {i4w_bw_1_1, i4w_bw_1_2, i4w_bw_1_4}, {i4w_bw_1_1, i4w_bw_1_2, i4w_bw_1_4}}},
+};
+static const isa_table I16_VNNI[2] = {
+    {1, {i8w_vnni_1_1, i8w_vnni_1_2, i8w_vnni_1_4}, {i8w_vnni_1_1, i8w_vnni_1_2, i8w_vnni_1_4}},
+    {1, {i4w_vnni_1_1, i4w_vnni_1_2, i4w_vnni_1_4}, {i4w_vnni_1_1, i4w_vnni_1_2, i4w_vnni_1_4}},
+};
 static const isa_table TABLES[2][3] = {
     {{1, {i8_scalar, NULL, NULL}, {i8_scalar, NULL, NULL}},
      {4, {i8_256_4_1, i8_256_4_2, NULL}, {i8_256_1_1, i8_256_1_2, NULL}},
@@ -357,95 +513,32 @@ static void run_block(const wo_job *j, const blk_fn *fns, int R, int64_t n) {
         const int64_t c = n + r;
         for (int64_t m = 0; m < j->M; m++) {
             float v = acc[r * WO_MAX_ROWS + m];
-            if (j->kind == 0) v = v * j->scale[c] - (j->fix ? j->fix[c] * j->xsum[m] : 0.f);
+            if (j->kind == 0 || j->kind == 3) v = v * j->scale[c] - (j->fix ? j->fix[c] * j->xsum[m] : 0.f);
             j->y[m * j->N + c] = v + (j->bias ? j->bias[c] : 0.f);
         }
     }
 }
 
 static void run_range(const wo_job *j, int64_t n0, int64_t n1) {
-    const isa_table *tb = j->kind == 2 ? &BF16_TABLE : &TABLES[j->kind][j->isa];
+    const isa_table *tb = j->kind < 2 ? &TABLES[j->kind][j->isa]
+                        : j->isa == 3 ? &I16_VNNI[j->kind - 3] : &I16_TABLES[j->kind - 3][j->isa];
     int64_t n = n0;
     for (; n + tb->R <= n1; n += tb->R) run_block(j, tb->big, tb->R, n);
     for (; n < n1; n++) run_block(j, tb->one, 1, n);
 }
 
 /* ---- threads ------------------------------------------------------------------------------------------
- * A pool of sleeping workers (condition variable, no spinning: torch's OpenMP workers keep the cores busy
- * enough). A call cuts N into chunks that the caller and the workers claim under a mutex; the caller waits
- * only for chunks some thread has claimed, never for a worker to wake up: on a loaded machine a worker that
- * is not scheduled in time claims nothing and the caller does the whole call (one-thread time, not one
- * scheduler time slice more -- per-call pthread_create + join waited for that slice). */
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER, call_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
-static const wo_job *pool_job;
-static int64_t pool_chunk, pool_next, pool_count, pool_finished;
-static int pool_workers, pool_atfork;
-
-static int claim(const wo_job **j, int64_t *c) {  /* under pool_mu */
-    if (!pool_job || pool_next >= pool_count) return 0;
-    *j = pool_job;
-    *c = pool_next++;
-    return 1;
-}
-
-static void finish_chunk(const wo_job *j, int64_t c) {
-    const int64_t n0 = c * pool_chunk, n1 = n0 + pool_chunk < j->N ? n0 + pool_chunk : j->N;
-    run_range(j, n0, n1);
-    pthread_mutex_lock(&pool_mu);
-    if (++pool_finished == pool_count) pthread_cond_signal(&pool_done);
-    pthread_mutex_unlock(&pool_mu);
-}
-
-static void *worker(void *arg) {
-    (void)arg;
-    for (;;) {
-        const wo_job *j;
-        int64_t c;
-        pthread_mutex_lock(&pool_mu);
-        while (!claim(&j, &c)) pthread_cond_wait(&pool_work, &pool_mu);
-        pthread_mutex_unlock(&pool_mu);
-        finish_chunk(j, c);
-    }
-    return NULL;
-}
-
-static void pool_after_fork(void) {  /* a forked child has no workers and fresh locks */
-    pthread_mutex_init(&pool_mu, NULL);
-    pthread_mutex_init(&call_mu, NULL);
-    pthread_cond_init(&pool_work, NULL);
-    pthread_cond_init(&pool_done, NULL);
-    pool_job = NULL;
-    pool_workers = 0;
-}
-
-static void run_pooled(const wo_job *j, int nthreads) {
-    pthread_mutex_lock(&call_mu);  /* one call at a time uses the pool */
-    if (!pool_atfork) pool_atfork = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
-    while (pool_workers < nthreads - 1) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, worker, NULL) != 0) break;
-        pthread_detach(t);
-        pool_workers++;
-    }
-    const int64_t per = (j->N + 4 * nthreads - 1) / (4 * nthreads);  /* 4 chunks a thread */
-    pthread_mutex_lock(&pool_mu);
-    pool_chunk = (per + RMAX - 1) / RMAX * RMAX;
-    pool_count = (j->N + pool_chunk - 1) / pool_chunk;
-    pool_next = pool_finished = 0;
-    pool_job = j;
-    pthread_cond_broadcast(&pool_work);
-    const wo_job *jj;
-    int64_t c;
-    while (claim(&jj, &c)) {
-        pthread_mutex_unlock(&pool_mu);
-        finish_chunk(jj, c);
-        pthread_mutex_lock(&pool_mu);
-    }
-    while (pool_finished < pool_count) pthread_cond_wait(&pool_done, &pool_mu);
-    pool_job = NULL;
-    pthread_mutex_unlock(&pool_mu);
-    pthread_mutex_unlock(&call_mu);
+ * OpenMP, built with -fopenmp against the soname libgomp.so.1: loaded after torch, it resolves to the
+ * libgomp torch already loaded, so the kernel's threads are torch's own OpenMP team -- no second set of
+ * threads competing for the cores with torch's workers, which keep spinning for a while after each torch
+ * op. (A pthread pool of its own, tried before, reached 9-12 GB/s on 4 x Linear(4096) int8 where this
+ * reaches 15-17 on the same run, 2 cores.) Chunks of N are claimed dynamically, 4 a thread, so a core
+ * another process holds does not stall the call for long. Built without OpenMP: one thread. */
+static void run_parallel(const wo_job *j, int nthreads) {
+    const int64_t per = (j->N + 4 * nthreads - 1) / (4 * nthreads);
+    const int64_t chunk = (per + RMAX - 1) / RMAX * RMAX, count = (j->N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t c = 0; c < count; c++) run_range(j, c * chunk, c * chunk + chunk < j->N ? c * chunk + chunk : j->N);
 }
 
 static int run(wo_job base, int nthreads) {
@@ -458,17 +551,19 @@ static int run(wo_job base, int nthreads) {
         }
         base.xsum = xsum;
     }
-    uint16_t *xb = NULL;
-    float *xg = NULL;
-    if (base.kind == 2 && prep_bf16(&base, &xb, &xg) != 0) {
-        free(xb);
+    int16_t *xq = NULL;
+    float *xg = NULL, *xs = NULL;
+    if (base.kind >= 3 && prep_i16(&base, &xq, &xs, &xg) != 0) {
+        free(xq);
+        free(xs);
         free(xg);
         return -2;
     }
     if (nthreads > WO_MAX_THREADS) nthreads = WO_MAX_THREADS;
     if (nthreads <= 1 || base.N < 64 * nthreads) run_range(&base, 0, base.N);  /* small layers: the caller only */
-    else run_pooled(&base, nthreads);
-    free(xb);
+    else run_parallel(&base, nthreads);
+    free(xq);
+    free(xs);
     free(xg);
     return 0;
 }
@@ -494,22 +589,6 @@ int qc_wo_int4_linear(const float *x, const uint8_t *packed, const float *scale,
     return run(j, nthreads);
 }
 
-/* 1 when this CPU runs the bf16-activation int4 body (AVX-512 with BF16) */
-int qc_wo_bf16_available(void) {
-    __builtin_cpu_init();
-    return qc_wo_isa() == 2 && __builtin_cpu_supports("avx512bf16");
-}
-
-/* int4, uniform codes (w = (c - z) * s), bf16 activations: g % 128 == 0; -1 where it cannot run */
-int qc_wo_int4_linear_bf16(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
-                           float zconst, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g,
-                           int nthreads) {
-    if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 128 || g % 128 || K % g || !qc_wo_bf16_available()) return -1;
-    wo_job j = {.kind = 2, .isa = 2, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
-                .zconst = zconst, .base = IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g};
-    return run(j, nthreads);
-}
-
 /* NF4's double-quantized scales: out[i] = (float)codes[i] * scale[i / block] + offset[i / block], the
  * reference's two roundings (this function has no FMA target, so no contraction), on the calling thread:
  * three torch elementwise ops did it before, each an OpenMP region that stalls on a loaded machine. */
@@ -519,4 +598,26 @@ void qc_wo_dequantize_scales(const uint8_t *codes, const float *scale, const flo
         const float prod = (float)codes[i] * scale[i / block];
         out[i] = prod + offset[i / block];
     }
+}
+
+/* int16 activations (x quantized per 128-block, see prep_i16): int8 per channel (K % 128 == 0), and int4
+ * uniform codes (g % 128 == 0); isa 3 is AVX-512 with VNNI (vpdpwssd), 2 AVX-512 without (vpmaddwd); -1
+ * where they cannot run (the caller takes the fp32 body) */
+static int i16_isa_ok(int isa) { return isa >= 0 && isa <= (qc_wo_vnni() ? 3 : qc_wo_isa()); }
+
+int qc_wo_int8_linear_i16(const float *x, const int8_t *w, const float *scale, const float *fix, const float *bias,
+                          float *y, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
+    if (M < 1 || M > WO_MAX_ROWS || N < 1 || K < 128 || K % 128 || !i16_isa_ok(isa)) return -1;
+    wo_job j = {.kind = 3, .isa = isa, .x = x, .scale = scale, .fix = fix, .bias = bias, .w = w, .y = y,
+                .M = M, .N = N, .K = K};
+    return run(j, nthreads);
+}
+
+int qc_wo_int4_linear_i16(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
+                          float zconst, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g,
+                          int isa, int nthreads) {
+    if (M < 1 || M > WO_MAX_ROWS || N < 1 || g < 128 || g % 128 || K % g || !i16_isa_ok(isa)) return -1;
+    wo_job j = {.kind = 4, .isa = isa, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
+                .zconst = zconst, .base = IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g};
+    return run(j, nthreads);
 }

@@ -52,8 +52,9 @@ class Artifact:
                 if a.dim() != e.dim() or a.dtype != e.dtype or tuple(a.shape[1:]) != tuple(e.shape[1:]):
                     raise InputError(f"input {i} has shape {tuple(a.shape)} / {a.dtype}; the artifact was compiled "
                                      f"for {tuple(e.shape)} / {e.dtype} (only the batch dimension may change)")
-        from .validate import check_call_inputs
-        check_call_inputs(args, kwargs, exp)  # keyword and nested (dict) inputs too
+        if kwargs or exp.kwargs or not all(isinstance(e, torch.Tensor) for e in exp.args):
+            from .validate import check_call_inputs
+            check_call_inputs(args, kwargs, exp)  # keyword and nested (dict) inputs too
 
     # -- verification ---------------------------------------------------------------------------
     def verify(self, float_model=None, args=None, kwargs=None) -> dict:

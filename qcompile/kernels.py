@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-ISA_NAMES = {2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}
+ISA_NAMES = {3: "AVX-512 VNNI", 2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}  # 3: the int16 GEMV bodies only
 
 # Threads of qcompile's own kernels. One, the calling thread: torch's OpenMP workers keep spinning for a
 # while after each parallel op, and threads of ours compete with them for the same cores. Measured on 2 cores:
@@ -21,15 +21,12 @@ ISA_NAMES = {2: "AVX-512", 1: "AVX2+FMA", 0: "scalar"}
 # batch 1 8.7 ms with 2, 7.6 ms with 1. None: torch.get_num_threads().
 KERNEL_THREADS: int | None = 1
 # The weight-only GEMV (csrc/wo_gemv.c) is the exception, by weight size: a batch-1 linear on a big weight
-# streams it from DRAM, and one core cannot reach the memory limit (measured on the Zen 4, L2-resident,
-# one core: int8 24 GB/s, int4 12 GB/s fp32 / 14 GB/s bf16 body, against 31 GB/s read bandwidth on two),
-# so a weight of WO_PARALLEL_BYTES or more is split over torch.get_num_threads() threads. Its workers sleep on a
-# condition variable (no spinning to fight torch's), and the caller never waits for one that has not woken:
-# the cost of a second thread is one wake-up (~10-30 us), worth it from ~1 MiB (a 1 MiB weight takes ~45-85 us
-# on one core). 2 MiB keeps a margin. bench/bench_linear.py, 4 x Linear(4096) batch 1, medians of 6 runs on the
-# loaded shared machine (load 3.7-6.6 on 2 cores, no quiet window came): int8 13.2 ms with 2 threads vs 12.1
-# with 1 (no gain under that load), int4 g128 7.4 vs 10.0 (docs/backends/x86.md). Under that load a stack with GELUs between layers measured torch's
-# GELU instead (3 ms a call on [1, 4096]: its OpenMP region stalls), with one thread as with two.
+# streams it from DRAM, and one core cannot reach the memory limit (one core read 11-15 GB/s of int8 weight
+# where two read 21-29, the Zen 4), so a weight of WO_PARALLEL_BYTES or more is split over
+# torch.get_num_threads() threads. They are torch's own OpenMP team (the C file is built with -fopenmp and
+# resolves to the libgomp torch loaded), so nothing competes with torch's workers; a parallel region costs a
+# few microseconds when they are spinning, more when they sleep. 2 MiB (~100 us of DRAM traffic on two
+# cores) keeps that cost small. bench/bench_linear.py measures both (its "1 kernel thread" rows).
 WO_PARALLEL_BYTES = 2 << 20
 
 
@@ -58,9 +55,11 @@ def _lib():
         lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int4_linear.restype = c_int
         lib.qc_wo_isa.restype = c_int
-        lib.qc_wo_int4_linear_bf16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int]
-        lib.qc_wo_int4_linear_bf16.restype = c_int
-        lib.qc_wo_bf16_available.restype = c_int
+        lib.qc_wo_int8_linear_i16.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int8_linear_i16.restype = c_int
+        lib.qc_wo_int4_linear_i16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int4_linear_i16.restype = c_int
+        lib.qc_wo_vnni.restype = c_int
         lib.qc_wo_dequantize_scales.argtypes = [p, p, p, p, i64, i64]
         lib.qc_wo_dequantize_scales.restype = None
         lib.qc_wo_max_rows.restype = c_int
@@ -104,17 +103,25 @@ def nf4_linear(x2: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, gro
 def wo_kernel_info() -> dict:
     """``{"available": bool, "isa": "AVX-512" | "AVX2+FMA" | "scalar" | None, "max_rows": int}`` of the
     weight-only int8 / int4 kernels."""
-    lib = _lib()
+    return _wo_info(_lib())
+
+
+@lru_cache(maxsize=4)
+def _wo_info(lib) -> dict:
+    """wo_kernel_info of one loaded library (asked once: the GEMV's Python side runs per call, and a
+    DRAM-streaming call leaves the caches cold for it)."""
     if lib is None or not hasattr(lib, "qc_wo_int8_linear"):
         return {"available": False, "isa": None, "max_rows": 0}
     return {"available": True, "isa": ISA_NAMES[lib.qc_wo_isa()], "max_rows": lib.qc_wo_max_rows(),
-            "bf16": bool(lib.qc_wo_bf16_available())}
+            "vnni": bool(lib.qc_wo_vnni()), "isa_id": lib.qc_wo_isa()}
 
 
-def wo_int4_bf16_ok(group_size: int) -> bool:
-    """True when the bf16-activation int4 body (vdpbf16ps, AVX-512 BF16 CPUs) takes this group size."""
-    info = wo_kernel_info()
-    return info["available"] and info["bf16"] and group_size % 128 == 0
+def wo_int16_ok(kind: str, k: int, group_size: int | None = None) -> bool:
+    """True when the int16-activation body (``fast=True``) takes this shape: int8 with K % 128 == 0, int4 with
+    uniform codes and group_size % 128 == 0."""
+    if not wo_kernel_info()["available"]:
+        return False
+    return k % 128 == 0 if kind == "int8" else group_size is not None and group_size % 128 == 0 and k % group_size == 0
 
 
 def wo_threads(weight_bytes: int) -> int:
@@ -169,22 +176,33 @@ def _ptr(t):
 
 def _wo_ready(x2: torch.Tensor):
     lib = _lib()
-    if lib is None or not hasattr(lib, "qc_wo_int8_linear") or x2.shape[0] > lib.qc_wo_max_rows():
+    if not _wo_info(lib)["available"] or x2.shape[0] > _wo_info(lib)["max_rows"]:
         return None, None
     return lib, x2.detach().float().contiguous()
 
 
-def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, threads: int | None = None):
+def _wo_isa(lib, fast: bool) -> int:
+    """The best path of this CPU: for the int16 bodies 3 (AVX-512 VNNI, vpdpwssd) where it has VNNI."""
+    info = _wo_info(lib)
+    return 3 if fast and info["vnni"] else info["isa_id"]
+
+
+def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, threads: int | None = None,
+                   fast: bool = False):
     """``x2 [M, K] @ ((q8 - z) * scale)^T (+ bias)`` with ``fix = scale * z`` (None: symmetric); None when
-    the kernel cannot run it (library missing, more rows than it takes): the caller falls back."""
+    the kernel cannot run it (library missing, more rows than it takes): the caller falls back. ``fast``: x as
+    int16 per 128-block and integer sums (where :func:`wo_int16_ok`; relative error <= 2^-16 of a block's
+    largest |x|), else fp32 x and fp32 sums."""
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
     (m, k), n = x2.shape, q8.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     args = [t if t is None else t.detach().float().contiguous() for t in (scale, fix, bias)]
-    rc = lib.qc_wo_int8_linear(x2.data_ptr(), q8.contiguous().data_ptr(), *map(_ptr, args), y.data_ptr(), m, n, k,
-                               lib.qc_wo_isa() if isa is None else isa, threads or wo_threads(q8.numel()))
+    fast = fast and wo_int16_ok("int8", k)
+    fn = lib.qc_wo_int8_linear_i16 if fast else lib.qc_wo_int8_linear
+    rc = fn(x2.data_ptr(), q8.contiguous().data_ptr(), *map(_ptr, args), y.data_ptr(), m, n, k,
+            _wo_isa(lib, fast) if isa is None else isa, threads or wo_threads(q8.numel()))
     if rc != 0:
         raise ValueError(f"int8 weight-only kernel refused x {tuple(x2.shape)}, weight {tuple(q8.shape)}, isa {isa}")
     return y
@@ -192,11 +210,11 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
 
 def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
                    isa: int | None = None, threads: int | None = None, table: torch.Tensor | None = None,
-                   bf16: bool = False):
+                   fast: bool = False):
     """``x2 [M, K] @ W^T (+ bias)``, ``W = (v[code] - z) * scale`` per group, codes packed by
     :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``, v = 0..15 or the 16 values of
-    ``table`` (NF4: its table, z = 0); None when it cannot run. ``bf16``: x rounded to bf16 and the
-    vdpbf16ps body (where :func:`wo_int4_bf16_ok`; ``isa`` and ``table`` are then ignored / must be None)."""
+    ``table`` (NF4: its table, z = 0); None when it cannot run. ``fast``: x as int16 per 128-block and integer
+    sums, where :func:`wo_int16_ok` and ``table`` is None (uniform codes); else fp32 x and fp32 sums."""
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
@@ -207,12 +225,20 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     scale = scale.detach().float().contiguous()
     zero = None if zero is None else zero.to(torch.uint8).contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
-    nthreads = threads or wo_threads(packed.numel())
-    if bf16 and table is None and wo_int4_bf16_ok(group_size):
-        rc = lib.qc_wo_int4_linear_bf16(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
-                                        float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size, nthreads)
-        if rc == 0:
-            return y
+    fast = fast and table is None and wo_int16_ok("int4", k, group_size)
+    nthreads, isa = threads or wo_threads(packed.numel()), _wo_isa(lib, fast) if isa is None else isa
+    if fast:
+        rc = lib.qc_wo_int4_linear_i16(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+                                       float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size, isa, nthreads)
+    else:
+        table = None if table is None else table.detach().float().contiguous()
+        rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+                                   float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size, isa,
+                                   nthreads)
+    if rc != 0:
+        raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
+                         f"group_size {group_size}, isa {isa}")
+    return y
     table = None if table is None else table.detach().float().contiguous()
     rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
                                float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size,

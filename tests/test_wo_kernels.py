@@ -31,7 +31,7 @@ def test_the_library_reports_the_isa_the_cpu_has():
     flags = set(open("/proc/cpuinfo").read().split()) if __import__("os").path.exists("/proc/cpuinfo") else set()
     expect = "AVX-512" if {"avx512f", "avx512bw"} <= flags else "AVX2+FMA" if {"avx2", "fma"} <= flags else "scalar"
     assert INFO["isa"] == expect and INFO["max_rows"] == 16
-    assert INFO["bf16"] == (expect == "AVX-512" and "avx512_bf16" in flags)  # the vdpbf16ps int4 body
+    assert INFO["vnni"] == (expect == "AVX-512" and "avx512_vnni" in flags)  # vpdpwssd in the int16 bodies
 
 
 @needs_kernel
@@ -70,22 +70,49 @@ def test_int4_every_isa_path_equals_the_dequantized_weight(m, n, k, group, affin
             assert y.shape == (m, n) and _close(y, ref), (kernels.ISA_NAMES[isa], threads)
 
 
-@pytest.mark.skipif(not INFO.get("bf16"), reason="this CPU has no AVX-512 BF16 (the fp32 body runs instead)")
-@pytest.mark.parametrize("m,n,k,group", [(1, 37, 128, 128), (3, 100, 512, 256), (16, 9, 256, 128)])
+def _x_as_int16_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as the int16 bodies see it, in fp32 as the C file computes it: per 128-block amax, codes
+    round_half_even(x * (32767 / amax)), scale amax / 32767."""
+    xb = x.float().reshape(x.shape[0], -1, 128)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.tensor(0.0))
+    return (torch.round(xb * inv).double() * (amax / 32767).double()).reshape(x.shape)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k,group", [(1, 37, 128, 128), (3, 100, 512, 256), (16, 9, 256, 128), (5, 70, 384, 384)])
 @pytest.mark.parametrize("affine", [False, True])
-def test_int4_bf16_activation_body_equals_the_dequantized_weight_times_bf16_x(m, n, k, group, affine):
-    g = torch.Generator().manual_seed(n)
+def test_int16_activation_bodies_sum_exactly_the_blockwise_int16_x(m, n, k, group, affine):
+    """fast=True: x quantized per 128-block to int16, integer sums; every path of this CPU (VNNI and not)
+    gives the dequantized weight times that x to fp32 rounding, and stays > 80 dB from the fp32 x result."""
+    g = torch.Generator().manual_seed(n * 7 + m)
+    x, bias = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4, torch.randn(n, generator=g)
+    x[0, :128] = 0  # an all-zero block (scale 0)
+    xh = _x_as_int16_blocks(x)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = torch.rand(n, generator=g) * 0.02 + 1e-3
+    z8 = torch.randint(-5, 6, (n,), generator=g).float() if affine else torch.zeros(n)
+    w8 = (q.double() - z8.double()[:, None]) * s8.double()[:, None]
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-    s = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
+    s4 = torch.rand(n, k // group, generator=g) * 0.02 + 1e-3
     zero = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, generator=g) if affine else None
-    z = zero.double() if affine else torch.full((n, k // group), 8.0, dtype=torch.float64)
-    w = (codes.double() - z.repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
-    x = torch.randn(m, k, generator=g)
-    ref = x.bfloat16().double() @ w.T  # exact products of bf16 x and the fp32 weight, summed in fp32
-    for threads in (1, 2):
-        y = kernels.wo_int4_linear(x, kernels.pack_int4_blocks(codes), group, s, zero, 8.0, bf16=True, threads=threads)
-        assert float((y.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
-    assert kernels.wo_int4_bf16_ok(group) and not kernels.wo_int4_bf16_ok(64)
+    z4 = zero.double() if affine else torch.full((n, k // group), 8.0, dtype=torch.float64)
+    w4 = (codes.double() - z4.repeat_interleave(group, 1)) * s4.double().repeat_interleave(group, 1)
+    packed = kernels.pack_int4_blocks(codes)
+    assert kernels.wo_int16_ok("int8", k) and kernels.wo_int16_ok("int4", k, group)
+    assert not kernels.wo_int16_ok("int8", k + 16) and not kernels.wo_int16_ok("int4", k, 64)
+    isas = _isas_of_this_cpu() + ([3] if INFO["vnni"] else [])
+    for isa in isas:
+        for threads in (1, 2):
+            y8 = kernels.wo_int8_linear(x, q, s8, s8 * z8 if affine else None, bias, isa=isa, threads=threads,
+                                        fast=True)
+            y4 = kernels.wo_int4_linear(x, packed, group, s4, zero, 8.0, bias, isa=isa, threads=threads, fast=True)
+            for y, w in ((y8, w8), (y4, w4)):
+                # affine int8: the zero-point fix-up uses the fp32 sum of x (as the fp32 body)
+                ref = xh @ w.T + bias.double() if not (affine and w is w8) else \
+                    xh @ (q.double() * s8.double()[:, None]).T - x.double().sum(1, keepdim=True) * (s8 * z8).double() + bias.double()
+                assert y.shape == (m, n) and _close(y, ref), (kernels.ISA_NAMES[isa], threads, w is w8)
+                assert sqnr(x.double() @ w.T + bias.double(), y.double()) > 80
 
 
 @needs_kernel
@@ -93,9 +120,10 @@ def test_threads_split_the_channels_without_changing_a_bit():
     g = torch.Generator().manual_seed(0)
     q, s = torch.randint(-128, 128, (1030, 256), dtype=torch.int8, generator=g), torch.rand(1030, generator=g)
     x = torch.randn(3, 256, generator=g)
-    one = kernels.wo_int8_linear(x, q, s, threads=1)
-    assert torch.equal(one, kernels.wo_int8_linear(x, q, s, threads=2))
-    assert torch.equal(one, kernels.wo_int8_linear(x, q, s, threads=3))
+    for fast in (False, True):
+        one = kernels.wo_int8_linear(x, q, s, threads=1, fast=fast)
+        assert torch.equal(one, kernels.wo_int8_linear(x, q, s, threads=2, fast=fast))
+        assert torch.equal(one, kernels.wo_int8_linear(x, q, s, threads=3, fast=fast))
 
 
 @needs_kernel
@@ -155,16 +183,16 @@ def test_without_the_library_torch_kernels_run_warn_and_the_report_says_so(monke
 
 @needs_kernel
 @pytest.mark.parametrize("acts", ["bf16", "fp32"])
-def test_int4_g128_names_the_activation_dtype_it_runs(acts):
+def test_int4_g128_names_the_activation_precision_it_runs(acts):
     m = nn.Sequential(nn.Linear(256, 64)).eval()
     x = torch.randn(1, 256)
     art = qcompile.compile(m, (x,), backend="x86", mode="weight_only", weights=WeightSpec(bits=4, group_size=128),
                            backend_options={"weight_only_activations": acts})
     (k,) = [r.kernel for r in art.report.rows if r.kernel]
-    bf16 = acts == "bf16" and INFO.get("bf16")  # the vdpbf16ps body only on AVX-512 BF16 CPUs
-    assert k.startswith("qcompile int4 GEMV") and (("bf16 activations" in k) == bool(bf16))
+    assert k.startswith("qcompile int4 GEMV") and (("int16 activations" in k) == (acts == "bf16"))
+    assert ("fp32 activations" in k) == (acts == "fp32")
     with torch.no_grad():
-        assert sqnr(art.run_reference(x), art(x)) > (40 if bf16 else 80)
+        assert sqnr(art.run_reference(x), art(x)) > 80  # int16 x per 128-block: ~90 dB; fp32 x: more
 
 
 @needs_kernel

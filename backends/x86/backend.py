@@ -43,9 +43,12 @@ class X86Options:
     embedding_weights: mode="weight_only" embedding tables: "int8" (8-bit rows, default: a gather gains no
       speed from fewer bits, and int4 tables alone cost MiniLM 0.007 of min cosine) or "same" (as the
       weight config says).
-    weight_only_activations: "bf16" (default) or "fp32": the dtype the int8 / int4 weight-only kernels take
-      activations and scales in. PyTorch's CPU kernels are vectorised for bf16 only: at 4096x4096 batch 1
-      int4 runs 0.59 ms in bf16, 14.5 ms in fp32 (fp32 GEMM: 2.5 ms); fp32 matches the reference exactly.
+    weight_only_activations: "bf16" (default) or "fp32": the precision the int8 / int4 weight-only kernels
+      take activations in. "bf16" allows a reduced precision: qcompile's GEMV (csrc/wo_gemv.c) quantizes x
+      per 128-block to int16 (relative error <= 2^-16 of the block's largest |x|, finer than bf16) and sums
+      in integers, the body that reaches the memory limit; torch's kernels (where the GEMV is not built or the
+      batch is larger) take bf16, as they are vectorised for bf16 only (4096x4096 int4 batch 1: 0.59 ms in
+      bf16, 14.5 ms in fp32). "fp32" matches the reference to fp32 rounding.
     float_output_linears: static mode: a linear whose consumers are all float (a transformer's output
       projection and second FFN linear feeding the residual add; a classifier head with
       quantize_outputs=False) runs as one int8 GEMM with an fp32 result instead of GEMM + requantize +

@@ -5,7 +5,8 @@ Each rule looks at one reference node (``linear``, ``embedding``) whose weight i
 integer / NF4 constant and replaces it with a kernel call on the stored low-bit weight:
 
 =================  =====================================================================================
-int8 per-channel   qcompile's GEMV (csrc/wo_gemv.c, fp32 activations, <= 16 rows); where not built
+int8 per-channel   qcompile's GEMV (csrc/wo_gemv.c, <= 16 rows; int16 activations per 128-block with the
+                   default weight_only_activations, fp32 with "fp32"); where not built
                    ``aten._weight_int8pack_mm`` (affine weights: one row-sum fix-up)
 int2..4 per-group  qcompile's GEMV (codes packed two per byte, groups % 32 == 0, <= 16 rows; dequantize +
                    fp32 GEMM above); where not built ``aten._weight_int4pack_mm_for_cpu`` (groups 32..256,
@@ -33,7 +34,7 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
-from qcompile.kernels import pack_int4_blocks, wo_int4_bf16_ok, wo_int8_linear, wo_kernel_info
+from qcompile.kernels import pack_int4_blocks, wo_int8_linear, wo_int16_ok, wo_kernel_info
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
@@ -58,11 +59,12 @@ def _finish(y, x, bias):
 
 
 def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype, gemv: bool = False):
-    """``x @ ((q - z) * s)^T``: qcompile's GEMV for <= 16 rows (``gemv``: it was built when lowering), torch's
-    int8-weight kernel up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one),
-    dequantize + fp32 GEMM for many."""
+    """``x @ ((q - z) * s)^T``: qcompile's GEMV for <= 16 rows (``gemv``: it was built when lowering; its
+    int16-activation body when ``act_dtype`` is bf16, the reduced-precision choice), torch's int8-weight kernel
+    up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one), dequantize + fp32 GEMM
+    for many."""
     x2 = _rows(x)
-    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias) if gemv else None
+    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias, fast=act_dtype == torch.bfloat16) if gemv else None
     if y is not None:
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if x2.shape[0] <= KERNEL_MAX_ROWS:
@@ -282,10 +284,10 @@ def linear_weight_only(m: Match):
     gemv4 = _int4_gemv_pack(w)
     if not isinstance(gemv4, str) and wo_kernel_info()["available"]:
         packed, g, scale, zero, zconst = gemv4
-        bf16 = rw.kernel_dtype == torch.bfloat16 and wo_int4_bf16_ok(g)  # X86Options.weight_only_activations
+        fast = rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int4", k, g)  # X86Options.weight_only_activations
         args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(scale, node, node.name, "scales"),
-                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias, bf16)
-        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4', bf16)[0]} (int{w.bits} g{g}), "
+                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias, fast)
+        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4', fast)[0]} (int{w.bits} g{g}), "
                                                      f"dequantize + fp32 GEMM above")
     int4 = _int4_pack(w)
     if not isinstance(int4, str):
@@ -296,7 +298,7 @@ def linear_weight_only(m: Match):
         return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g}, "
                                                 f"{_dtype_name(rw.kernel_dtype)} activations){missing}")
     if w.group_size is None and k % 16 == 0:  # both int8 kernels read K in blocks of 16
-        gemv = wo_kernel_note("int8")[0]
+        gemv = wo_kernel_note("int8", rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int8", k))[0]
         missing = _warn_if_missing(node, "int8") if w.bits > 4 else ""
         q8, s, fix = _int8_rows(w, n)
         args = (x, rw.const(q8, node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),

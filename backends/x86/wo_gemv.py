@@ -19,12 +19,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias, bf16: bool = False):
-    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows (``bf16``:
-    activations rounded to bf16, the vdpbf16ps body), for more the weight dequantized once per call + fp32
-    GEMM (the GEMV re-reads cached weights per tile of 4 rows)."""
+def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias, fast: bool = False):
+    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows (``fast``: x
+    as int16 per 128-block, the integer body), for more the weight dequantized once per call + fp32 GEMM (the
+    GEMV re-reads cached weights per tile of 4 rows)."""
     x2 = _rows(x)
-    y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias, bf16=bf16)
+    y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias, fast=fast)
     if y is None:
         z = torch.full_like(scale, zconst) if zero is None else zero.float()
         w = (unpack_int4_blocks(packed, x.shape[-1]).float() - z.repeat_interleave(group_size, 1)) * \
@@ -50,12 +50,14 @@ def nf4_scales(codes, scale, offset, block: int):
     return dequantize_scales_ref(codes, scale, offset, block) if out is None else out
 
 
-def wo_kernel_note(kind: str, bf16: bool = False) -> tuple[str | None, str | None]:
+def wo_kernel_note(kind: str, fast: bool = False) -> tuple[str | None, str | None]:
     """(the report's kernel string for qcompile's int8 / int4 GEMV, None) when it is built; else (None, a
-    warning naming the torch kernel that runs instead)."""
+    warning naming the torch kernel that runs instead). ``fast``: the int16-activation body."""
     info = wo_kernel_info()
     if info["available"]:
-        how = "AVX-512 BF16 vdpbf16ps, bf16 activations" if bf16 else f"{info['isa']}, fp32 activations"
+        dp = "vpdpwssd" if info["vnni"] else "vpmaddwd"
+        how = (f"{info['isa']} {dp}, int16 activations per 128-block" if fast
+               else f"{info['isa']}, fp32 activations")
         return (f"qcompile {kind} GEMV ({how}, codes decoded in registers) for <= "
                 f"{info['max_rows']} rows"), None
     return None, (f"the {kind} weight-only GEMV (csrc/wo_gemv.c) was not built at install time (no C compiler "
