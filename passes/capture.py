@@ -185,13 +185,36 @@ def torch_output_hidden():
             lg.disabled = was
 
 
+def _doubled(a):
+    """A batch-1 tensor as batch 2 (the same rows twice); other leaves unchanged."""
+    if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1:
+        return torch.cat([a, a])
+    if isinstance(a, dict):
+        return {k: _doubled(v) for k, v in a.items()}
+    if isinstance(a, (tuple, list)):
+        return type(a)(_doubled(v) for v in a)
+    return a
+
+
+def _batch_one(inputs: CapturedInputs) -> bool:
+    leaves = [t for t in torch.utils._pytree.tree_leaves((inputs.args, inputs.kwargs)) if isinstance(t, torch.Tensor)]
+    return bool(leaves) and all(t.dim() > 0 and t.shape[0] == 1 for t in leaves)
+
+
 def _export(model, inputs: CapturedInputs, dynamic_batch: bool):
+    """torch.export with dim 0 of every input dynamic where the model allows it, else static shapes.
+
+    An example of batch 1 is traced as batch 2 (its rows twice): torch.export specializes a dimension of size
+    1 to the constant 1, so a model with ``x.view(x.size(0), -1)`` captured from one image would only ever run
+    on one image (the artifact then failed on a batch with a shape error deep in a kernel)."""
     if dynamic_batch:
-        try:
-            return torch.export.export(model, inputs.args, inputs.kwargs or None,
-                                       dynamic_shapes=_dynamic_batch(model, inputs), strict=False)
-        except Exception:  # noqa: BLE001 - some models only export with static shapes
-            pass
+        tries = ([CapturedInputs(_doubled(inputs.args), _doubled(inputs.kwargs))] if _batch_one(inputs) else []) + [inputs]
+        for trial in tries:
+            try:
+                return torch.export.export(model, trial.args, trial.kwargs or None,
+                                           dynamic_shapes=_dynamic_batch(model, trial), strict=False)
+            except Exception:  # noqa: BLE001 - some models only export with static shapes
+                pass
     return torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
 
 

@@ -159,6 +159,20 @@ class MatmulMLP(nn.Module):
         return torch.mm(h.reshape(-1, h.shape[-1]), self.w3).view(h.shape)
 
 
+class FlattenHead(nn.Module):
+    """conv -> relu -> ``x.view(x.size(0), -1)`` -> linear: the classifier flatten torch.export bakes the batch
+    into when it traces a batch of 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """The same values with channels-last strides (what image pipelines produce)."""
     return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

@@ -166,6 +166,25 @@ def test_any_layout_example_and_call_equal_the_contiguous_copy(backend, layout):
     assert _sqnr_vs_float(model, art, layout) > 30
 
 
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_a_batch_one_example_compiles_a_model_that_runs_any_batch(backend):
+    """Was: compiled from one image, a model with ``x.view(x.size(0), -1)`` failed on a batch of 4 deep in a
+    kernel (x86: 'The number of rows in the packB should be equal to K', ONNX Runtime: 'invalid dimensions'):
+    torch.export had specialized the batch to 1. A batch-1 example is now traced as batch 2."""
+    torch.manual_seed(0)
+    model = M.FlattenHead().eval()
+    cal = M.images(4, batch=1)
+    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    for batch in (1, 5):
+        x = M.images(1, seed=11, batch=batch)[0]
+        with torch.no_grad():
+            y = art(x)
+            assert y.shape == (batch, 10)
+            assert sqnr(model(x), y) > 30 and sqnr(art.run_reference(x), y) > 40, (batch, backend)
+    if backend == "onnx":
+        assert art.report.verify["dynamic_batch"]
+
+
 @needs_et
 def test_executorch_vit_from_a_channels_last_example_equals_float():
     """Was: SQNR -2.9 dB, no error, no warning."""

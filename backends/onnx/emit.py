@@ -49,17 +49,15 @@ def emit(ref: fx.GraphModule, args: tuple, kwargs: dict, opts: EmitOptions, user
                           f"[{MIN_OPSET}, {MAX_OPSET}] (per-channel QDQ needs >= {MIN_OPSET})")
     flat = flat_inputs(args, kwargs)
     batch = _batch(flat)
-    # torch.export specializes a batch of 1: such a graph may bake it in without any shape showing it
-    # (MiniLM captured at batch 1 ran at batch 3 without error, 17 dB from float), so it stays fixed
-    dynamic = opts.dynamic_batch and batch is not None and batch > 1
+    # torch.export specializes a batch of 1 (a graph traced at batch 1 may bake it in without any shape
+    # showing it: MiniLM ran at batch 3 without error, 17 dB from float); capture's _export traces such an
+    # example as batch 2 (its rows twice), so the batch is symbolic there too
+    dynamic = opts.dynamic_batch and batch is not None
     prep = prepare(ref, opts.accuracy_level)
     ep = _export(prep.gm, args, kwargs, dynamic)
     program = _to_onnx(ep, ref, opts, user_table)
     out = finish(program, ref, prep, flat)
-    if opts.dynamic_batch and batch == 1:
-        out.notes.append("dynamic batch disabled: the example batch is 1, which torch.export specializes "
-                         "(compile with an example batch >= 2 for a symbolic batch dimension)")
-    elif dynamic and not out.dynamic_batch:
+    if dynamic and not out.dynamic_batch:
         out.notes.append("dynamic batch disabled: torch.export specialized the batch dimension (the graph "
                          "bakes in the example batch size)")
     try:
