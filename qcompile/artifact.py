@@ -52,9 +52,25 @@ class Artifact:
                 if a.dim() != e.dim() or a.dtype != e.dtype or tuple(a.shape[1:]) != tuple(e.shape[1:]):
                     raise InputError(f"input {i} has shape {tuple(a.shape)} / {a.dtype}; the artifact was compiled "
                                      f"for {tuple(e.shape)} / {e.dtype} (only the batch dimension may change)")
+                fixed = self._fixed_batch()
+                if fixed is not None and a.dim() > 0 and a.shape[0] != fixed:
+                    raise InputError(f"input {i} has batch {a.shape[0]}; this model was captured with its batch fixed "
+                                     f"at {fixed} (torch.export could not make it dynamic: the model branches on or "
+                                     f"bakes in its batch size), so it runs only that batch: compile with an example "
+                                     f"of the batch you will run, or run batches of {fixed}")
         if kwargs or exp.kwargs or not all(isinstance(e, torch.Tensor) for e in exp.args):
             from .validate import check_call_inputs
             check_call_inputs(args, kwargs, exp)  # keyword and nested (dict) inputs too
+
+    def _fixed_batch(self) -> int | None:
+        """The batch size the reference graph is specialized to, or None when dim 0 of its tensor inputs is
+        symbolic (or unknown: no shape metadata)."""
+        if not hasattr(self, "_fixed_batch_value"):
+            dims = [n.meta["val"].shape[0] for n in self.reference.graph.nodes if n.op == "placeholder"
+                    and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0]
+            static = bool(dims) and all(isinstance(d, int) for d in dims) and len(set(dims)) == 1
+            self._fixed_batch_value = dims[0] if static else None
+        return self._fixed_batch_value
 
     # -- verification ---------------------------------------------------------------------------
     def verify(self, float_model=None, args=None, kwargs=None) -> dict:

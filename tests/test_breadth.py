@@ -185,6 +185,25 @@ def test_a_batch_one_example_compiles_a_model_that_runs_any_batch(backend):
         assert art.report.verify["dynamic_batch"]
 
 
+class _BatchBranch(torch.nn.Module):
+    """Exports only with its batch fixed: a view that bakes in the batch, chosen by a branch on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x).view(1, 4) if x.shape[0] == 1 else self.fc(x).view(8, 4)
+
+
+def test_a_graph_captured_with_a_fixed_batch_refuses_other_batches_with_the_reason():
+    torch.manual_seed(0)
+    art = qcompile.compile(_BatchBranch().eval(), torch.randn(1, 8), "x86", calibration=[torch.randn(1, 8)] * 4)
+    assert art(torch.randn(1, 8)).shape == (1, 4)
+    with pytest.raises(qcompile.errors.InputError, match="batch fixed at 1.*compile with an example of the batch"):
+        art(torch.randn(3, 8))
+
+
 @needs_et
 def test_executorch_vit_from_a_channels_last_example_equals_float():
     """Was: SQNR -2.9 dB, no error, no warning."""
