@@ -5,14 +5,15 @@
  *
  * int8, one scale per output channel: codes int8 [N, K] (K % 16 == 0), scale fp32 [N], optional affine fix-up
  *   fix[n] = scale[n] * zero[n]:  y[m,n] = scale[n] * sum_k q[n,k] x[m,k] - fix[n] * sum_k x[m,k] + bias[n].
- * int4, one scale (and zero point) per group of g along K (g % 32 == 0, K % g == 0): codes c = q - quant_min in
- *   [0, 15], packed per 32-element block as 16 bytes, byte i = element i (low nibble) | element 16 + i (high
- *   nibble) -- 16 bytes give two 16-lane index vectors with one shift and no shuffles. For each group a 16-entry
+ * int4, one scale (and zero point) per group of g along K (g % 16 == 0, K % g == 0): codes c = q - quant_min in
+ *   [0, 15], packed per 128-element block as 16 little-endian dwords, nibble i of dword d = element 16 i + d
+ *   (see i4_row_bytes) -- one shift gives a 16-lane index vector, no shuffles. For each group a 16-entry
  *   table (c - z) * s is built once (z = zero[n, j] - quant_min as uint8 [N, K/g], or one constant when
  *   symmetric) and the codes index it (vpermps; AVX2: two vpermps + a blend), so a decoded weight is exactly
  *   the reference's fp32 value (q - z) * s.
  *
- * Loop order: blocks of R output channels (R rows of W streamed side by side, each x vector loaded once per
+ * Loop order (fp32 bodies; the int16 ones take R = 1, see I16_TABLES): blocks of R output channels (R rows of
+ * W streamed side by side, each x vector loaded once per
  * block); rows of x in register tiles of MT <= 4 over the block, so the block's weights come from DRAM once
  * per call and from L1/L2 for the other tiles. Threads (OpenMP, torch's team) split N in
  * chunks of blocks. Built at install time into qcompile._nf4 (setup.py), called through ctypes (kernels.py).

@@ -176,7 +176,8 @@ def _ptr(t):
 
 def _wo_ready(x2: torch.Tensor):
     lib = _lib()
-    if not _wo_info(lib)["available"] or x2.shape[0] > _wo_info(lib)["max_rows"]:
+    info = _wo_info(lib)
+    if not info["available"] or x2.shape[0] > info["max_rows"]:
         return None, None
     return lib, x2.detach().float().contiguous()
 
