@@ -55,7 +55,7 @@ def wo_kernel_note(kind: str, fast: bool = False) -> tuple[str | None, str | Non
     warning naming the torch kernel that runs instead). ``fast``: the int16-activation body."""
     info = wo_kernel_info()
     if info["available"]:
-        dp = "vpdpwssd" if info["vnni"] else "vpmaddwd"
+        dp = "vpdpwssd" if info["vnni"] else "vpmaddwd" if info["isa"] != "scalar" else "int32 sums"
         how = (f"{info['isa']} {dp}, int16 activations per 128-block" if fast
                else f"{info['isa']}, fp32 activations")
         return (f"qcompile {kind} GEMV ({how}, codes decoded in registers) for <= "
