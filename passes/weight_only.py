@@ -117,8 +117,9 @@ class _Tap(nn.Module):
 def _set_attr(mod: nn.Module, target: str, value: torch.Tensor) -> None:
     owner_name, _, attr = target.rpartition(".")
     owner = mod.get_submodule(owner_name) if owner_name else mod
-    if isinstance(getattr(owner, attr, None), nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+    old = getattr(owner, attr, None)
+    if isinstance(old, nn.Parameter):  # the user's requires_grad kept: a saved program states it
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point()))
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:
