@@ -150,9 +150,13 @@ class PreparedModel(nn.Module):
                 self(*args, **kwargs)
                 seen += 1
         if seen == 0:
-            raise CalibrationError("the calibration iterable was empty: pass at least one sample "
-                                   "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)")
+            raise empty_calibration()
         return self
+
+
+def empty_calibration() -> CalibrationError:
+    return CalibrationError("the calibration iterable was empty: pass at least one sample "
+                            "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)")
 
 
 def input_names(gm: fx.GraphModule) -> list:
@@ -334,8 +338,11 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
         return
     if calibration is None:
         raise CalibrationError(f"algorithm={sorted(chosen)} needs calibration=<iterable of samples>: the passes "
-                               f"measure the layers' inputs on it (or pass algorithm=None)")
+                               f"measure the layers' inputs on it (or pass algorithm='rtn')")
     algorithms.run(prepared, _Samples(calibration, prepared._ctx.inputs, input_names(prepared.gm)), chosen, progress)
+
+
+_NOTHING = object()
 
 
 def compile_model(model, example_inputs, backend, opts: Options, calibration=None, verify: bool = True,
@@ -350,6 +357,11 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
                                "the layers' calibration inputs (use algorithm='rtn' for round-to-nearest)")
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)  # the algorithms read the samples more than once
+    if calibration is not None and opts.mode not in FLOAT_MODES:
+        from .validate import check_calibration
+        check_calibration(calibration)
+        if next(iter(calibration), _NOTHING) is _NOTHING:  # before the algorithms read it
+            raise empty_calibration()
     calibration, held_out, held_out_source = split_holdout(calibration, verify_data)
     prepared = prepare(model, example_inputs, backend, opts)
     run_algorithms(prepared, calibration, opts, progress)
