@@ -29,13 +29,15 @@ from qcompile import WeightSpec  # noqa: E402
 
 W4 = WeightSpec(bits=4)
 ROWS = {
-    "plain": dict(algorithm=None),
+    "plain": dict(algorithm="rtn"),
+    "default": dict(algorithm=None),
     "equalize": dict(algorithm=["equalize"]),
     "bias_correction": dict(algorithm=["bias_correction"]),
     "gptq": dict(algorithm=["gptq"]),
     "adaround": dict(algorithm=["adaround"]),
     "recommended": dict(algorithm="recommended"),
-    "w4a8 plain": dict(algorithm=None, weights=W4),
+    "w4a8 plain": dict(algorithm="rtn", weights=W4),
+    "w4a8 default": dict(algorithm=None, weights=W4),
     "w4a8 gptq": dict(algorithm=["gptq"], weights=W4),
     "w4a8 recommended": dict(algorithm="recommended", weights=W4),
     "budget 1%": dict(algorithm="recommended", budget=0.01),

@@ -127,7 +127,7 @@ def test_recommended_algorithms_and_plain_ptq_by_default():
                       nn.Linear(32, 10)).eval()
     cal, t = [torch.randn(4, 3, 16, 16) for _ in range(4)], torch.randn(8, 3, 16, 16)
     kw = dict(backend="x86", calibration=cal, weights=WeightSpec(bits=4), verify=False)
-    off = qcompile.compile(m, (t,), **kw)  # plain PTQ unless asked
+    off = qcompile.compile(m, (t,), algorithm="rtn", **kw)  # plain PTQ
     on = qcompile.compile(m, (t,), algorithm="recommended", **kw)
     assert set(on.report.algorithms) == {"equalize", "adaround", "bias_correction"} and not off.report.algorithms
     with torch.no_grad():
@@ -226,3 +226,18 @@ def test_smoothquant_gain_holds_on_onnx_runtime():
     with torch.no_grad():
         assert sqnr(m(cal[1]), smooth(cal[1])) > sqnr(m(cal[1]), plain(cal[1])) + 3
     assert smooth.report.verify["within_one_step"] >= 0.99
+
+
+def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    cal, t = [torch.randn(8, 16) + 1.0 for _ in range(4)], torch.randn(8, 16) + 1.0
+    kw = dict(backend="x86", calibration=cal, verify=False)
+    default = qcompile.compile(m, (t,), **kw)
+    assert default.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
+    assert not qcompile.compile(m, (t,), algorithm="rtn", **kw).report.algorithms
+    assert not qcompile.compile(m, (t,), algorithm=[], **kw).report.algorithms
+    assert not qcompile.compile(m, (t,), backend="x86", mode="dynamic", verify=False).report.algorithms
+    from qcompile.algorithms import resolve
+    assert list(resolve(None, "static", 4)) == ["adaround", "bias_correction"]
+    assert list(resolve("recommended", "static", 8)) == ["equalize", "bias_correction"]

@@ -347,7 +347,7 @@ def _digits_case(digits, granularity, learn_scale, backend="x86"):
     weights = qcompile.WeightSpec(bits=4, granularity=granularity)
     float_acc = accuracy(model, x_te, y_te)
     ptq = qcompile.compile(model, (x_te[:8],), calibration=[x_tr[i:i + 64] for i in range(0, 512, 64)],
-                           weights=weights, progress=False, backend=backend)
+                           weights=weights, progress=False, backend=backend, algorithm="rtn")  # plain PTQ
     qat = _qat_digits(model, data, weights, learn_scale, backend=backend)
     art = qcompile.convert(qat)
     with torch.no_grad():
@@ -383,7 +383,8 @@ def test_digits_4bit_per_tensor_ptq_loses_and_qat_recovers(digits, backend):
         torch.testing.assert_close(wide(data[2]), model(data[2]), atol=1e-4, rtol=1e-4)  # the same function
     float_acc, ptq_acc, qat_acc, backend_acc, agree = _digits_case((wide, data), "per_tensor", False, backend)
     assert float_acc > 0.98
-    assert ptq_acc < float_acc - 0.15  # PTQ loses a lot (measured 29.6 points)
+    assert ptq_acc < float_acc - 0.15  # plain round-to-nearest PTQ loses a lot (measured 29.6 points; the
+    # default learned rounding of 4-bit weights takes PTQ to 95.1 %, still below QAT)
     assert qat_acc >= float_acc - 0.03 and qat_acc > ptq_acc + 0.2  # a few epochs of QAT recover
     assert abs(backend_acc - qat_acc) <= 1 / 450 and agree >= 0.995  # the backend reproduces the QAT model
 

@@ -157,7 +157,7 @@ def test_prepare_convert_reports_held_out_verification_and_health():
     for x in cal:
         prepared(x)  # manual calibration: the ranges are tracked all the same
     art = qcompile.convert(prepared, verify_data=held)
-    ref = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal, verify_data=held)
+    ref = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal, verify_data=held, algorithm="rtn")
     h = art.report.heldout
     assert h["source"] == "verify_data" and len(h["batches"]) == 3
     assert [b["sqnr_vs_float_db"] for b in h["batches"]] == pytest.approx(
