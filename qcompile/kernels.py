@@ -174,12 +174,24 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _f32(t):
+    """``t`` as contiguous fp32 for the C kernels: the tensor itself when it already is. The GEMVs' Python side
+    runs with caches a weight stream has just flushed, so every torch call it skips is measurable."""
+    if t is None or (t.dtype is torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().float().contiguous()
+
+
+def _contiguous(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _wo_ready(x2: torch.Tensor):
     lib = _lib()
     info = _wo_info(lib)
     if not info["available"] or x2.shape[0] > info["max_rows"]:
         return None, None
-    return lib, x2.detach().float().contiguous()
+    return lib, _f32(x2)
 
 
 def _wo_isa(lib, fast: bool) -> int:
@@ -199,10 +211,10 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
         return None
     (m, k), n = x2.shape, q8.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    args = [t if t is None else t.detach().float().contiguous() for t in (scale, fix, bias)]
-    fast = fast and wo_int16_ok("int8", k)
+    fast = fast and k % 128 == 0  # wo_int16_ok("int8", k): the library is there (_wo_ready)
     fn = lib.qc_wo_int8_linear_i16 if fast else lib.qc_wo_int8_linear
-    rc = fn(x2.data_ptr(), q8.contiguous().data_ptr(), *map(_ptr, args), y.data_ptr(), m, n, k,
+    rc = fn(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)), _ptr(_f32(fix)), _ptr(_f32(bias)),
+            y.data_ptr(), m, n, k,
             _wo_isa(lib, fast) if isa is None else isa, threads or wo_threads(q8.numel()))
     if rc != 0:
         raise ValueError(f"int8 weight-only kernel refused x {tuple(x2.shape)}, weight {tuple(q8.shape)}, isa {isa}")
@@ -223,27 +235,18 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     if packed.shape[1] != -(-k // 128) * 64:
         raise ValueError(f"int4 GEMV: packed {tuple(packed.shape)} is not pack_int4_blocks of K={k}")
     y = torch.empty(m, n, dtype=torch.float32)
-    scale = scale.detach().float().contiguous()
-    zero = None if zero is None else zero.to(torch.uint8).contiguous()
-    bias = None if bias is None else bias.detach().float().contiguous()
-    fast = fast and table is None and wo_int16_ok("int4", k, group_size)
+    scale, bias = _f32(scale), _f32(bias)
+    zero = None if zero is None else _contiguous(zero if zero.dtype is torch.uint8 else zero.to(torch.uint8))
+    fast = fast and table is None and group_size % 128 == 0 and k % group_size == 0  # wo_int16_ok("int4", ...)
     nthreads, isa = threads or wo_threads(packed.numel()), _wo_isa(lib, fast) if isa is None else isa
     if fast:
-        rc = lib.qc_wo_int4_linear_i16(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+        rc = lib.qc_wo_int4_linear_i16(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(), _ptr(zero),
                                        float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size, isa, nthreads)
     else:
-        table = None if table is None else table.detach().float().contiguous()
-        rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
+        table = _f32(table)
+        rc = lib.qc_wo_int4_linear(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(), _ptr(zero),
                                    float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size, isa,
                                    nthreads)
-    if rc != 0:
-        raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
-                         f"group_size {group_size}, isa {isa}")
-    return y
-    table = None if table is None else table.detach().float().contiguous()
-    rc = lib.qc_wo_int4_linear(x2.data_ptr(), packed.contiguous().data_ptr(), scale.data_ptr(), _ptr(zero),
-                               float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size,
-                               lib.qc_wo_isa() if isa is None else isa, nthreads)
     if rc != 0:
         raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
                          f"group_size {group_size}, isa {isa}")

@@ -40,8 +40,8 @@ from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
-from .wo_gemv import (_INT4_GROUPS, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv, linear_nf4_gemv, nf4_scales,
-                      wo_kernel_note)
+from .wo_gemv import (_INT4_GROUPS, _gemv_out, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv,
+                      linear_nf4_gemv, nf4_scales, wo_kernel_note)
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
@@ -63,10 +63,12 @@ def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype, 
     int16-activation body when ``act_dtype`` is bf16, the reduced-precision choice), torch's int8-weight kernel
     up to 32 (``act_dtype`` bf16 runs the vectorised kernel, fp32 a ~6x slower one), dequantize + fp32 GEMM
     for many."""
+    if gemv:
+        y = wo_int8_linear(x if x.dim() == 2 else _rows(x), w_int8, scale, row_fix, bias,
+                           fast=act_dtype == torch.bfloat16)
+        if y is not None:
+            return _gemv_out(y, x)
     x2 = _rows(x)
-    y = wo_int8_linear(x2, w_int8, scale, row_fix, bias, fast=act_dtype == torch.bfloat16) if gemv else None
-    if y is not None:
-        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     if x2.shape[0] <= KERNEL_MAX_ROWS:
         y = aten._weight_int8pack_mm(x2.to(act_dtype), w_int8, scale.to(act_dtype)).float()
         if row_fix is not None:  # affine weights: subtract sum(x) * s * z

@@ -19,29 +19,36 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def _gemv_out(y, x):
+    """A GEMV's fp32 [rows, N] result in ``x``'s leading shape and dtype (as is for 2-D fp32 ``x``: the Python
+    around a batch-1 GEMV is part of its latency)."""
+    if x.dim() == 2 and x.dtype is torch.float32:
+        return y
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
 def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias, fast: bool = False):
     """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows (``fast``: x
     as int16 per 128-block, the integer body), for more the weight dequantized once per call + fp32 GEMM (the
     GEMV re-reads cached weights per tile of 4 rows)."""
-    x2 = _rows(x)
-    y = wo_int4_linear(x2, packed, group_size, scale, zero, zconst, bias, fast=fast)
+    y = wo_int4_linear(x if x.dim() == 2 else _rows(x), packed, group_size, scale, zero, zconst, bias, fast=fast)
     if y is None:
         z = torch.full_like(scale, zconst) if zero is None else zero.float()
         w = (unpack_int4_blocks(packed, x.shape[-1]).float() - z.repeat_interleave(group_size, 1)) * \
             scale.repeat_interleave(group_size, 1)
         return F.linear(x, w, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return _gemv_out(y, x)
 
 
 def linear_nf4_gemv(x, blocks, absmax, group_size: int, bias):
     """NF4 codes in the int4 GEMV's block layout: its kernel with NF4's 16 values as the code table."""
-    x2 = _rows(x)
-    y = wo_int4_linear(x2, blocks, group_size, absmax.reshape(blocks.shape[0], -1), None, 0.0, bias, table=NF4_TABLE)
+    y = wo_int4_linear(x if x.dim() == 2 else _rows(x), blocks, group_size, absmax.reshape(blocks.shape[0], -1),
+                       None, 0.0, bias, table=NF4_TABLE)
     if y is None:
         w = nf4_values(unpack_int4_blocks(blocks, x.shape[-1])) * absmax.reshape(blocks.shape[0], -1, 1).expand(
             -1, -1, group_size).reshape(blocks.shape[0], -1)
         return F.linear(x, w, bias)
-    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+    return _gemv_out(y, x)
 
 
 def nf4_scales(codes, scale, offset, block: int):
