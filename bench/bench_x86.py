@@ -77,7 +77,7 @@ def encoder_table(repeats: int) -> str:
     mm = [r for r in systems["qcompile static int8"].report.rows if r.op == "matmul"]
     rows = [[k, f"{lat[k]*1e3:.1f}", f"{lat['float']/lat[k]:.2f}x",
              "-" if k == "float" else f"{lat['qcompile dynamic int8']/lat[k]:.2f}x",
-             "-" if k == "float" else f"{cosines[k]:.5f}"] for k in systems]
+             "-" if k == "float" else f"{cosines[k]:.6f}"] for k in systems]
     note = (f"\nstatic: {sum(r.status == 'int8' for r in mm)} of {len(mm)} attention matmuls int8 "
             f"({mm[0].kernel if mm else '-'})")
     return table(rows, ["TransformerEncoder d=384 x6, batch 8x128", "latency ms", "speed-up vs float",
