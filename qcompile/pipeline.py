@@ -138,9 +138,18 @@ class PreparedModel(nn.Module):
         return self.gm(*args, **kwargs)
 
     def calibrate(self, data, progress: bool | None = None) -> "PreparedModel":
+        """Run ``data`` through the observers. The first call runs the accuracy algorithms of the ``algorithm=``
+        option on ``data`` first (static mode's defaults: bias correction...), as ``compile`` does; calling the
+        prepared model yourself only calibrates."""
         from tqdm.auto import tqdm
         from .validate import check_calibration
         check_calibration(data)
+        opts = self.__dict__.pop("_pending_algorithms", None)
+        if opts is not None and self.num_calibration_samples == 0:
+            data = list(data) if iter(data) is data else data  # the algorithms read it more than once
+            if next(iter(data), _NOTHING) is _NOTHING:
+                raise empty_calibration()
+            run_algorithms(self, data, opts, progress)
         seen = 0
         with torch.no_grad():
             for sample in tqdm(data, desc="calibrating", disable=progress is False if progress is not None else None,
@@ -294,7 +303,9 @@ def prepare(model, example_inputs, backend, opts: Options) -> PreparedModel:
     if opts.mode not in FLOAT_MODES:
         gm = PassManager([InsertObservers(make_observer)])(gm).graph_module
     ctx.timings["insert_observers_s"] = time.perf_counter() - t0
-    return PreparedModel(gm, ctx)
+    prepared = PreparedModel(gm, ctx)
+    prepared._pending_algorithms = opts  # run by the first calibrate(data) (compile runs them itself)
+    return prepared
 
 
 def convert_prepared(prepared: PreparedModel, verify: bool = True, verify_data=None,
@@ -364,6 +375,7 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
             raise empty_calibration()
     calibration, held_out, held_out_source = split_holdout(calibration, verify_data)
     prepared = prepare(model, example_inputs, backend, opts)
+    del prepared._pending_algorithms  # run here, before calibration (float modes calibrate nothing)
     run_algorithms(prepared, calibration, opts, progress)
     t0 = time.perf_counter()
     if calibration is not None and opts.mode not in FLOAT_MODES:

@@ -241,3 +241,20 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     from qcompile.algorithms import resolve
     assert list(resolve(None, "static", 4)) == ["adaround", "bias_correction"]
     assert list(resolve("recommended", "static", 8)) == ["equalize", "bias_correction"]
+
+
+def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    cal, t = [torch.randn(8, 16) + 1.0 for _ in range(4)], torch.randn(8, 16) + 1.0
+    one_call = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False)
+    steps = qcompile.convert(qcompile.prepare(m, (t,), backend="x86").calibrate(iter(cal)), verify=False)
+    assert steps.report.algorithms == one_call.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
+    with torch.no_grad():
+        assert torch.equal(steps(t), one_call(t))
+    manual = qcompile.prepare(m, (t,), backend="x86")
+    for s in cal:
+        manual(s)  # calling the prepared model only calibrates
+    assert not qcompile.convert(manual, verify=False).report.algorithms
+    with pytest.raises(qcompile.CalibrationError, match="empty"):
+        qcompile.prepare(m, (t,), backend="x86").calibrate([])

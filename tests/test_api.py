@@ -33,7 +33,7 @@ def test_compile_steps_equal_one_call_and_model_untouched():
     m = Small().eval()
     before = copy.deepcopy(m.state_dict())
     x = _data(1, 9)[0]
-    art = qcompile.compile(m, (x,), calibration=_data(), progress=False, algorithm="rtn")  # the steps run none
+    art = qcompile.compile(m, (x,), calibration=_data(), progress=False, algorithm="rtn")  # a manual loop runs none
     prepared = qcompile.prepare(m, (x,))
     for s in _data():
         prepared(s)
