@@ -88,12 +88,17 @@ class BiasCorrection:
 
     def __call__(self, gm: fx.GraphModule, samples) -> dict:
         layers = quantized_layers(gm)
-        stats = collect(gm, [x.name for _, x, _ in layers], samples)
+        linear_inputs = {x.name: -1 for layer, x, _ in layers if op_kind(layer) == "linear"}
+        convs = {x.name for layer, x, _ in layers if op_kind(layer) != "linear"}
+        stats = collect(gm, [x.name for _, x, _ in layers], samples,
+                        {k: v for k, v in linear_inputs.items() if k not in convs})
         report = meta.BIAS_CORRECTION.setdefault(gm, {})
         for layer, x, spec in layers:
             w_node = layer.args[1]
             w = self.reference.get(w_node.target, get_attr_value(gm, w_node)).detach().float()
             delta = rounded_weight(gm, layer, spec) - w
+            if op_kind(layer) == "linear" and stats[x.name].mean.numel() != delta.shape[1]:
+                continue  # its input also feeds a conv, whose channels were measured: no linear mean here
             shift = output_shift(layer, delta, stats[x.name])
             if float(shift.abs().max()) <= self.min_shift:
                 continue

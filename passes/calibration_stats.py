@@ -33,17 +33,18 @@ class Stats:
     map_sum: torch.Tensor | None = None  # conv inputs: sum over the batch of the [C, H, W] maps
     map_count: int = 0
     extra: dict = field(default_factory=dict)
+    axis: int | None = None  # the channel dim; None: channel_axis (a 4-D value read as a conv's NCHW)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().double()
-        ax = channel_axis(x)
+        ax = channel_axis(x) if self.axis is None else self.axis % x.dim()
         rows = x.movedim(ax, -1).reshape(-1, x.shape[ax])
         mn, mx = rows.amin(0), rows.amax(0)
         self.min = mn if self.min is None else torch.minimum(self.min, mn)
         self.max = mx if self.max is None else torch.maximum(self.max, mx)
         self.sum = rows.sum(0) if self.sum is None else self.sum + rows.sum(0)
         self.count += rows.shape[0]
-        if x.dim() == 4:
+        if x.dim() == 4 and ax == 1:
             m = x.sum(0)
             if self.map_sum is None or self.map_sum.shape == m.shape:
                 self.map_sum = m if self.map_sum is None else self.map_sum + m
@@ -86,13 +87,15 @@ def runner(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def collect(gm: fx.GraphModule, names, samples) -> dict[str, Stats]:
-    """``{node name: Stats}`` of the outputs of nodes ``names`` over ``samples`` (``(args, kwargs)`` pairs)."""
+def collect(gm: fx.GraphModule, names, samples, axes: dict | None = None) -> dict[str, Stats]:
+    """``{node name: Stats}`` of the outputs of nodes ``names`` over ``samples`` (``(args, kwargs)`` pairs).
+    ``axes``: {node name: channel dim} where it is not :func:`channel_axis`'s guess, e.g. -1 for a 4-D value a
+    linear reads (ConvNeXt's channels-last MLP)."""
     run = runner(gm)
     by_name = {n.name: n for n in run.graph.nodes}
     stats = {}
     for i, name in enumerate(dict.fromkeys(names)):
-        stats[name] = Stats()
+        stats[name] = Stats(axis=(axes or {}).get(name))
         tap = f"_stats_tap_{i}"
         run.add_submodule(tap, _Tap(stats[name]))
         with run.graph.inserting_after(by_name[name]):

@@ -238,6 +238,11 @@ def _rescaled(stats, s: torch.Tensor):
     return out
 
 
+def stats_axes(gm: fx.GraphModule) -> dict[str, int]:
+    """Channel dims of :func:`stats_nodes` a conv would not guess: a linear's output has them last."""
+    return {p.first.name: -1 for p in find_pairs(gm) if p.kind != "identity" and op_kind(p.first) == "linear"}
+
+
 def stats_nodes(gm: fx.GraphModule) -> list[str]:
     """The nodes whose calibration statistics CrossLayerEqualization uses (first layers of pairs)."""
     return [p.first.name for p in find_pairs(gm) if p.kind != "identity"]

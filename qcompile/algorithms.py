@@ -131,9 +131,9 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
 
 def _equalize(gm, samples) -> dict:
     from .passes.calibration_stats import collect
-    from .passes.equalize import CrossLayerEqualization, stats_nodes
+    from .passes.equalize import CrossLayerEqualization, stats_axes, stats_nodes
     names = stats_nodes(gm)
-    stats = collect(gm, names, samples) if names else {}
+    stats = collect(gm, names, samples, stats_axes(gm)) if names else {}
     CrossLayerEqualization(stats)(gm)
     rep = meta.EQUALIZATION.get(gm)
     return {"pairs": len(rep["pairs"]), "skipped": len(rep["skipped"]),

@@ -258,3 +258,31 @@ def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
     assert not qcompile.convert(manual, verify=False).report.algorithms
     with pytest.raises(qcompile.CalibrationError, match="empty"):
         qcompile.prepare(m, (t,), backend="x86").calibrate([])
+
+
+class _ChannelsLastMLP(nn.Module):
+    """ConvNeXt's block shape: a conv, then linears over the channels of an NHWC tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up, self.down = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)
+        return self.down(torch.relu(self.up(y))).permute(0, 3, 1, 2)
+
+
+def test_bias_correction_and_equalization_read_a_4d_linear_input_by_its_last_dim():
+    torch.manual_seed(0)
+    m = _ChannelsLastMLP().eval()
+    cal, t = [torch.randn(2, 3, 8, 8) + 0.5 for _ in range(4)], torch.randn(2, 3, 8, 8) + 0.5
+    kw = dict(backend="x86", calibration=cal, verify=False, weights=WeightSpec(bits=4), quantize_outputs=False)
+    plain = qcompile.compile(m, (t,), algorithm="rtn", **kw)
+    corrected = qcompile.compile(m, (t,), algorithm="bias_correction", **kw)
+    assert corrected.report.algorithms["bias_correction"]["corrected_layers"] == 3
+    with torch.no_grad():
+        ref = m(t)
+        shift = lambda a: float((a.run_reference(t) - ref).mean((0, 2, 3)).abs().mean())  # noqa: E731
+        assert shift(corrected) < 0.5 * shift(plain)
+    eq = qcompile.compile(m, (t,), algorithm="equalize", **kw)
+    assert eq.report.algorithms["equalize"]["pairs"] == 1  # up -> relu -> down
