@@ -345,6 +345,10 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
     from . import algorithms
     weights = prepared._ctx.config.weights
     chosen = opts.algorithms(getattr(weights, "bits", None))
+    few = algorithms.too_few_for_default(opts.algorithm, chosen, calibration)
+    if few:
+        chosen.pop("bias_correction")
+        meta.ALGORITHMS.set(prepared.gm, few)  # the report says why the default did not run
     if not chosen or not algorithms.needs_data(chosen):
         return
     if calibration is None:

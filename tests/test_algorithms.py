@@ -231,10 +231,14 @@ def test_smoothquant_gain_holds_on_onnx_runtime():
 def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    cal, t = [torch.randn(8, 16) + 1.0 for _ in range(4)], torch.randn(8, 16) + 1.0
+    cal, t = [torch.randn(8, 16) + 1.0 for _ in range(6)], torch.randn(8, 16) + 1.0
     kw = dict(backend="x86", calibration=cal, verify=False)
     default = qcompile.compile(m, (t,), **kw)
     assert default.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
+    few = qcompile.compile(m, (t,), backend="x86", calibration=cal[:5], verify=False)  # too few for the default
+    assert "5 calibration samples" in few.report.algorithms["bias_correction"]["skipped"]
+    forced = qcompile.compile(m, (t,), backend="x86", calibration=cal[:5], verify=False, algorithm="bias_correction")
+    assert forced.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
     assert not qcompile.compile(m, (t,), algorithm="rtn", **kw).report.algorithms
     assert not qcompile.compile(m, (t,), algorithm=[], **kw).report.algorithms
     assert not qcompile.compile(m, (t,), backend="x86", mode="dynamic", verify=False).report.algorithms
@@ -246,7 +250,7 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
 def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    cal, t = [torch.randn(8, 16) + 1.0 for _ in range(4)], torch.randn(8, 16) + 1.0
+    cal, t = [torch.randn(8, 16) + 1.0 for _ in range(6)], torch.randn(8, 16) + 1.0
     one_call = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False)
     steps = qcompile.convert(qcompile.prepare(m, (t,), backend="x86").calibrate(iter(cal)), verify=False)
     assert steps.report.algorithms == one_call.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
