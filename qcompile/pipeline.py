@@ -146,9 +146,7 @@ class PreparedModel(nn.Module):
         check_calibration(data)
         opts = self.__dict__.pop("_pending_algorithms", None)
         if opts is not None and self.num_calibration_samples == 0:
-            data = list(data) if iter(data) is data else data  # the algorithms read it more than once
-            if next(iter(data), _NOTHING) is _NOTHING:
-                raise empty_calibration()
+            data = reiterable(data)  # the algorithms read it more than once
             run_algorithms(self, data, opts, progress)
         seen = 0
         with torch.no_grad():
@@ -166,6 +164,18 @@ class PreparedModel(nn.Module):
 def empty_calibration() -> CalibrationError:
     return CalibrationError("the calibration iterable was empty: pass at least one sample "
                             "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)")
+
+
+_NOTHING = object()
+
+
+def reiterable(data):
+    """Calibration ``data`` that can be read more than once (an iterator becomes a list); CalibrationError
+    when it holds no sample, before any algorithm reads it."""
+    data = list(data) if iter(data) is data else data
+    if next(iter(data), _NOTHING) is _NOTHING:
+        raise empty_calibration()
+    return data
 
 
 def input_names(gm: fx.GraphModule) -> list:
@@ -357,9 +367,6 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
     algorithms.run(prepared, _Samples(calibration, prepared._ctx.inputs, input_names(prepared.gm)), chosen, progress)
 
 
-_NOTHING = object()
-
-
 def compile_model(model, example_inputs, backend, opts: Options, calibration=None, verify: bool = True,
                   progress=None, verify_data=None) -> Artifact:
     """prepare -> accuracy algorithms -> calibrate -> convert -> held-out verification and health."""
@@ -370,13 +377,11 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
     if opts.gptq and calibration is None:
         raise CalibrationError("algorithm='gptq' needs calibration=<iterable of samples>: its Hessians come from "
                                "the layers' calibration inputs (use algorithm='rtn' for round-to-nearest)")
-    if calibration is not None and iter(calibration) is calibration:
-        calibration = list(calibration)  # the algorithms read the samples more than once
-    if calibration is not None and opts.mode not in FLOAT_MODES:
+    if calibration is not None:
         from .validate import check_calibration
         check_calibration(calibration)
-        if next(iter(calibration), _NOTHING) is _NOTHING:  # before the algorithms read it
-            raise empty_calibration()
+        calibration = reiterable(calibration) if opts.mode not in FLOAT_MODES else \
+            list(calibration) if iter(calibration) is calibration else calibration  # read more than once
     calibration, held_out, held_out_source = split_holdout(calibration, verify_data)
     prepared = prepare(model, example_inputs, backend, opts)
     del prepared._pending_algorithms  # run here, before calibration (float modes calibrate nothing)
