@@ -119,8 +119,11 @@ def _wo_info(lib) -> dict:
 def wo_int16_ok(kind: str, k: int, group_size: int | None = None) -> bool:
     """True when the int16-activation body (``fast=True``) takes this shape: int8 with K % 128 == 0, int4 with
     uniform codes and group_size % 128 == 0."""
-    if not wo_kernel_info()["available"]:
-        return False
+    return wo_kernel_info()["available"] and _int16_shape(kind, k, group_size)
+
+
+def _int16_shape(kind: str, k: int, group_size: int | None = None) -> bool:
+    """wo_int16_ok's shape rule alone (the calls below have checked the library already)."""
     return k % 128 == 0 if kind == "int8" else group_size is not None and group_size % 128 == 0 and k % group_size == 0
 
 
@@ -211,7 +214,7 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
         return None
     (m, k), n = x2.shape, q8.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    fast = fast and k % 128 == 0  # wo_int16_ok("int8", k): the library is there (_wo_ready)
+    fast = fast and _int16_shape("int8", k)
     fn = lib.qc_wo_int8_linear_i16 if fast else lib.qc_wo_int8_linear
     rc = fn(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)), _ptr(_f32(fix)), _ptr(_f32(bias)),
             y.data_ptr(), m, n, k,
@@ -237,7 +240,7 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     y = torch.empty(m, n, dtype=torch.float32)
     scale, bias = _f32(scale), _f32(bias)
     zero = None if zero is None else _contiguous(zero if zero.dtype is torch.uint8 else zero.to(torch.uint8))
-    fast = fast and table is None and group_size % 128 == 0 and k % group_size == 0  # wo_int16_ok("int4", ...)
+    fast = fast and table is None and _int16_shape("int4", k, group_size)
     nthreads, isa = threads or wo_threads(packed.numel()), _wo_isa(lib, fast) if isa is None else isa
     if fast:
         rc = lib.qc_wo_int4_linear_i16(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(), _ptr(zero),
