@@ -58,6 +58,15 @@ def crops(n: int = 130, res: int = 260, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its pixels rounded to 8 bits, as an image pipeline hands them to a deployed model (PIL /
+    OpenCV resize to uint8, then normalize): the crops above are resized in float, so their pixels are
+    fractional. The float model on these vs on the fractional crops measures how much it moves under
+    input rounding alone -- the ceiling of any model whose input is quantized to 8 bits."""
+    p = (x * STD + MEAN).clamp(0, 1)
+    return (((p * 255).round() / 255 - MEAN) / STD).contiguous()
+
+
 def split(samples: list, n_calibration: int = 32) -> tuple[list, list]:
     """Disjoint calibration / evaluation crops (every 4th crop calibrates, up to ``n_calibration``)."""
     cal_idx = set(range(0, len(samples), 4)[:n_calibration])

@@ -6,9 +6,14 @@ For each backend: float, plain PTQ, each algorithm alone, the combination ("reco
 with learned rounding, and the accuracy-budgeted search; beside each backend's own flow (torch.ao FX on x86,
 ORT quantize_static on ONNX, XNNPACKQuantizer PT2E on ExecuTorch) on the same data.
 Columns: top-1 agreement with float (all / confident crops, float > 50 %), SQNR of the logits, median
-latency of one crop, stored size.
+latency of one crop, stored size, share of the MACs run in int8.
 
-    .venv/bin/python bench/bench_accuracy.py [--backends x86,onnx,executorch] [--rows plain,recommended,...]
+The crops are resized in float, so their pixels are fractional; the row "float, 8-bit px" is the float
+model on the same crops with the pixels rounded to 8 bits (what a deployed pipeline feeds): how far
+input rounding alone moves it, the ceiling for any model with an 8-bit input. ``--pixels`` runs the whole
+table on 8-bit-pixel crops (the float reference then sees them too).
+
+    .venv/bin/python bench/bench_accuracy.py [--backends x86,onnx,executorch] [--rows plain,recommended,...] [--pixels]
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ ROWS = {
     "w4a8 default": dict(algorithm=None, weights=W4),
     "w4a8 gptq": dict(algorithm=["gptq"], weights=W4),
     "w4a8 recommended": dict(algorithm="recommended", weights=W4),
-    "budget 1%": dict(algorithm="recommended", budget=0.01),
+    "budget 1%": dict(algorithm=None, budget=0.01),
 }
 
 
@@ -57,7 +62,10 @@ def latency_ms(fn, x, repeats: int = 7) -> float:
 
 def measure(fn, ev, ref_ev, size) -> dict:
     out = case.agreement(ref_ev, case.run(fn, ev))
-    return {**out, "latency_ms": latency_ms(fn, ev[0]), "size_mb": size / 1e6 if size else float("nan")}
+    report = getattr(fn, "report", None)
+    macs = report.summary()["int8_mac_share"] if report is not None else None
+    return {**out, "latency_ms": latency_ms(fn, ev[0]), "size_mb": size / 1e6 if size else float("nan"),
+            "int8_macs": macs}
 
 
 def artifact_size(art) -> int:
@@ -92,19 +100,26 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backends", default="x86")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--pixels", action="store_true", help="crops with 8-bit pixels (float reference too)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model, res = case.load_model()
     samples = case.crops(130, res)
+    if args.pixels:
+        samples = [case.to_pixels(x) for x in samples]
     cal, ev = case.split(samples)
     ref_ev = case.run(model, ev)
-    print(f"EfficientNet-Lite2, {len(ev)} evaluation crops ({int((ref_ev.softmax(1).max(1).values > 0.5).sum())} "
+    print(f"EfficientNet-Lite2, {len(ev)} evaluation crops{' (8-bit pixels)' if args.pixels else ''} ({int((ref_ev.softmax(1).max(1).values > 0.5).sum())} "
           f"confident), {len(cal)} calibration crops, {res}x{res}; {machine_line()}, torch {torch.__version__}")
-    head = f"{'backend':<11}{'row':<20}{'agree %':>9}{'conf %':>9}{'SQNR dB':>9}{'ms':>9}{'MB':>8}"
+    head = f"{'backend':<11}{'row':<20}{'agree %':>9}{'conf %':>9}{'SQNR dB':>9}{'ms':>9}{'MB':>8}{'int8 MAC %':>11}"
     print(head)
     fl = measure(model, ev, ref_ev, sum(p.numel() * 4 for p in model.parameters()))
     print(f"{'torch':<11}{'float':<20}{100 * fl['agree']:9.1f}{100 * fl['agree_conf']:9.1f}{'inf':>9}"
-          f"{fl['latency_ms']:9.1f}{fl['size_mb']:8.2f}", flush=True)
+          f"{fl['latency_ms']:9.1f}{fl['size_mb']:8.2f}{0.0:11.1f}", flush=True)
+    if not args.pixels:
+        px = case.agreement(ref_ev, case.run(model, [case.to_pixels(x) for x in ev]))
+        print(f"{'torch':<11}{'float, 8-bit px':<20}{100 * px['agree']:9.1f}{100 * px['agree_conf']:9.1f}"
+              f"{px['sqnr_db']:9.1f}{fl['latency_ms']:9.1f}{fl['size_mb']:8.2f}{0.0:11.1f}", flush=True)
     for backend in args.backends.split(","):
         rows = [(r, None) for r in args.rows.split(",")] + [("own flow", "own")]
         for name, kind in rows:
@@ -115,8 +130,9 @@ def main(argv=None) -> None:
                 continue
             if r is None:
                 continue
+            macs = f"{100 * r['int8_macs']:11.1f}" if r.get("int8_macs") is not None else f"{'-':>11}"
             print(f"{backend:<11}{name:<20}{100 * r['agree']:9.1f}{100 * r['agree_conf']:9.1f}{r['sqnr_db']:9.1f}"
-                  f"{r['latency_ms']:9.1f}{r['size_mb']:8.2f}", flush=True)
+                  f"{r['latency_ms']:9.1f}{r['size_mb']:8.2f}{macs}", flush=True)
 
 
 if __name__ == "__main__":

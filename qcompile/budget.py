@@ -6,10 +6,14 @@
 2. Cheap proxy ranking (no recompiling): on a few validation samples, the reference graph is run once
    per quantized module with that module's quantize/dequantize pairs bypassed; the output SQNR gained
    says how much harm that module's quantization does.
+   The bypass covers what moving a module to float removes: the rounding of its weights, of its output
+   activations, and of its input where no other int8 module rounds it (the model input, for a stem).
 3. The most harmful modules are moved back one step at a time -- 8-bit weights where they were below 8
    bits, float where they were int8 (``exclude=``) -- recompiling and re-measuring the metric after each,
-   until the budget holds, the candidates run out, or ``time_limit_s`` passes (the best artifact so far
-   is returned).
+   until the budget holds, the candidates run out, or ``time_limit_s`` passes (then the first artifact
+   that reached the highest metric is the answer).
+4. Every move of the answer is then undone in turn and stays undone if the metric still meets the budget
+   (or, unmet, the best metric) without it: moves that did not matter cost speed for nothing.
 
 Every step (what moved, metric, latency, size) is written to ``state_path`` (JSON) as it completes; a
 search started again with the same arguments and ``state_path`` replays the finished steps without
@@ -73,25 +77,59 @@ def _latency_ms(fn, x, repeats: int = 5) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def module_harm(art, samples, float_outputs) -> list[tuple[str, float]]:
-    """``[(module path, output SQNR gained (dB) when its activations stay float)]``, most harmful first."""
+def module_harm(art, samples, float_outputs, float_weights: dict | None = None) -> list[tuple[str, float]]:
+    """``[(module path, output SQNR gained (dB) when it runs in float)]``, most harmful first.
+
+    Running a module in float removes three errors, and the proxy bypasses all three on a copy of the
+    reference graph: the rounding of its input activations (the edge into its conv / linear only, other
+    consumers of the same value keep theirs), of its weights (``float_weights``: {conv / linear node name:
+    the float weight convert quantized}), and of its output activations. Without the first two a layer
+    whose own weights or 8-bit input are the problem -- an image model's stem, which reads the quantized
+    picture -- would never rank."""
     from .ir import module_path
     from .qparams import sqnr
     ref = art.reference
-    by_module: dict[str, list] = {}
+    by_module: dict[str, dict] = {}
+
+    def entry(path):
+        return by_module.setdefault(path, {"outputs": set(), "inputs": set()})
+    gemms = []
     for n in ref.graph.nodes:
         if n.target == qd.quantize_per_tensor.default and isinstance(n.args[0], torch.fx.Node):
             path = module_path(_producer(n.args[0]))
             if path:
-                by_module.setdefault(path, []).append(n.name)
+                entry(path)["outputs"].add(n.name)
+        elif n.op == "call_function" and _gemm_input_quantize(n) is not None and module_path(n):
+            gemms.append(n)
+    owned = set().union(*(p["outputs"] for p in by_module.values())) if by_module else set()
+    for n in gemms:  # its weights always; its input's rounding only where no other module owns it (a module
+        # moved to float does not stop its int8 producer from rounding its output: the model input does)
+        e = entry(module_path(n))
+        e["inputs"].add(n.name)
+        if _gemm_input_quantize(n).name not in owned:
+            e.setdefault("own_input", set()).add(n.name)
+
     def score(fn) -> float:
         with torch.no_grad():
             return sum(sqnr(_first(f), _first(fn(x))) for x, f in zip(samples, float_outputs)) / len(samples)
     base = score(ref)
     out = []
-    for path, qnames in by_module.items():
-        out.append((path, round(float(score(_bypassed(ref, set(qnames))) - base), 4)))
+    for path, parts in by_module.items():
+        gm = _bypassed(ref, parts["outputs"], parts["inputs"], float_weights or {}, parts.get("own_input", set()))
+        out.append((path, round(float(score(gm) - base), 4)))
     return sorted(out, key=lambda kv: -kv[1])
+
+
+def _gemm_input_quantize(node):
+    """The quantize node whose dequantized value is ``node``'s input 0, when ``node`` is a conv / linear."""
+    from .passes.pattern import op_kind
+    if op_kind(node) not in ("conv2d", "conv1d", "linear") or not node.args:
+        return None
+    dq = node.args[0]
+    if not (isinstance(dq, torch.fx.Node) and dq.target == qd.dequantize_per_tensor.default
+            and isinstance(dq.args[0], torch.fx.Node) and dq.args[0].target == qd.quantize_per_tensor.default):
+        return None
+    return dq.args[0]
 
 
 def _producer(node):
@@ -110,20 +148,50 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _bypassed(ref, qnames: set):
-    """A copy of the reference graph where the named quantize nodes' dequantize users read the float value."""
+def _bypassed(ref, qnames: set, gemms: set = frozenset(), float_weights: dict | None = None,
+              unrounded_inputs: set = frozenset()):
+    """A copy of the reference graph where the named quantize nodes' dequantize users read the float value,
+    the conv / linear nodes named in ``gemms`` read their float weights (where ``float_weights`` has them)
+    and those in ``unrounded_inputs`` their input 0 unrounded."""
     import copy
+
+    from .ir import add_constant
     gm = copy.deepcopy(ref)
     for n in list(gm.graph.nodes):
         if n.name in qnames:
             for dq in list(n.users):
                 dq.replace_all_uses_with(n.args[0])
+        if n.name in unrounded_inputs:
+            q = _gemm_input_quantize(n)
+            if q is not None:
+                n.update_arg(0, q.args[0])
+        if n.name in gemms:
+            w = (float_weights or {}).get(n.name)
+            if w is not None and len(n.args) > 1 and _weight_shape(gm, n.args[1]) == tuple(w.shape):
+                n.update_arg(1, add_constant(gm, f"{n.name}_float_weight", w, n))
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
 
 
+def _weight_shape(gm, node) -> tuple | None:
+    """Shape of the weight a dequantize node of the reference graph produces (its integer constant's)."""
+    from .ir import get_attr_value
+    src = node.args[0] if isinstance(node, torch.fx.Node) and node.args else None
+    if isinstance(src, torch.fx.Node) and src.op == "get_attr":
+        return tuple(get_attr_value(gm, src).shape)
+    return None
+
+
 # -- the search -------------------------------------------------------------------------------------
+def _output_sqnr(fn, samples, float_outputs) -> float:
+    """Mean output SQNR (dB) against float on ``samples`` (each step records it beside the metric)."""
+    from .qparams import sqnr
+    with torch.no_grad():
+        return float(sum(sqnr(_first(f), _first(fn(x))) for x, f in zip(samples, float_outputs)) / len(samples))
+
+
+
 def _load_state(path: str | None, key: dict) -> dict:
     if path and os.path.exists(path):
         with open(path) as f:
@@ -160,7 +228,7 @@ def _overrides(moved: list[list], weight_bits: int | None, options: dict) -> dic
 
 def search(model, example_inputs, backend, calibration, budget: AccuracyBudget, **options):
     """The fastest-to-find artifact meeting ``budget`` (see the module docstring); ``art.report.budget``
-    holds the steps: what moved, metric, latency (ms, one example input), size (bytes)."""
+    holds the steps: what moved, metric, latency (ms, one example input), size (bytes), int8 share of MACs."""
     from tqdm.auto import tqdm
 
     from . import pipeline
@@ -179,17 +247,23 @@ def search(model, example_inputs, backend, calibration, budget: AccuracyBudget, 
         _save_state(budget.state_path, state)
     target = state["float_metric"] - budget.max_drop
 
-    def build(moved: list):
+    def build(moved: list, float_weights: dict | None = None):
         opts = pipeline.Options.parse(_overrides(moved, bits, options))
-        return pipeline.compile_model(model, example_inputs, backend, opts, calibration, verify=False, progress=False)
+        return pipeline.compile_model(model, example_inputs, backend, opts, calibration, verify=False, progress=False,
+                                      float_weights=float_weights)
+
+    samples = list(budget.data)[:budget.proxy_samples]
+    with torch.no_grad():
+        f_out = [model(x) for x in samples]
 
     def measure(moved: list) -> dict:
         for rec in state["steps"]:
             if rec["moved"] == moved:
                 return rec  # finished before an interruption: replayed, not recompiled
         art = build(moved)
-        rec = {"moved": moved, "metric": float(metric(art)), "latency_ms": _latency_ms(art, x0),
-               "size_bytes": _size(art)}
+        rec = {"moved": moved, "metric": float(metric(art)), "sqnr_db": _output_sqnr(art, samples, f_out),
+               "latency_ms": _latency_ms(art, x0), "size_bytes": _size(art),
+               "int8_mac_share": art.report.summary()["int8_mac_share"]}
         state["steps"].append(rec)
         _save_state(budget.state_path, state)
         return rec
@@ -197,15 +271,13 @@ def search(model, example_inputs, backend, calibration, budget: AccuracyBudget, 
     moved: list = []
     rec = measure(moved)
     if rec["metric"] < target and "ranking" not in state:
-        samples = list(budget.data)[:budget.proxy_samples]
-        with torch.no_grad():
-            f_out = [model(x) for x in samples]
-        state["ranking"] = module_harm(build(moved), samples, f_out)
+        weights: dict = {}
+        state["ranking"] = module_harm(build(moved, weights), samples, f_out, weights)
         _save_state(budget.state_path, state)
-    best = (rec, moved)
     bar = tqdm(total=budget.max_steps, desc="accuracy budget", disable=budget.progress is False if
                budget.progress is not None else None, leave=False)
     candidates = [p for p, _ in state.get("ranking", [])]
+    best = (rec, moved)
     while rec["metric"] < target and candidates and len(moved) < budget.max_steps:
         if budget.time_limit_s is not None and time.perf_counter() - t0 > budget.time_limit_s:
             break
@@ -214,16 +286,25 @@ def search(model, example_inputs, backend, calibration, budget: AccuracyBudget, 
         moved = [m for m in moved if m[0] != path] + [[path, to]]
         if to == "int8":
             candidates.insert(1, path)  # may go to float later
-        rec = measure(moved)
-        bar.update(1)
+        rec = measure(moved)  # kept even when it does not help alone: a value's rounding goes only when its
+        bar.update(1)         # producer and its consumer both move, which no single move shows
         if rec["metric"] > best[0]["metric"]:
             best = (rec, moved)
     bar.close()
     final_rec, final_moved = (rec, moved) if rec["metric"] >= target else best
+    goal = min(target, final_rec["metric"])
+    for entry in list(final_moved):  # undo every move the goal holds without: no layer float for nothing
+        if budget.time_limit_s is not None and time.perf_counter() - t0 > budget.time_limit_s:
+            break
+        trial = [m for m in final_moved if m != entry]
+        trial_rec = measure(trial)
+        if trial_rec["metric"] >= goal:
+            final_moved, final_rec = trial, trial_rec
     art = build(final_moved)
     base = state["steps"][0]
     art.report.budget = {"float_metric": state["float_metric"], "target": target, "met": final_rec["metric"] >= target,
                          "moved": final_moved, "metric": final_rec["metric"], "steps": state["steps"],
+                         "int8_mac_share": final_rec.get("int8_mac_share"),
                          "latency_cost_ms": final_rec["latency_ms"] - base["latency_ms"],
                          "size_cost_bytes": final_rec["size_bytes"] - base["size_bytes"]}
     return art

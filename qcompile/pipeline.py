@@ -368,8 +368,10 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
 
 
 def compile_model(model, example_inputs, backend, opts: Options, calibration=None, verify: bool = True,
-                  progress=None, verify_data=None) -> Artifact:
-    """prepare -> accuracy algorithms -> calibrate -> convert -> held-out verification and health."""
+                  progress=None, verify_data=None, float_weights: dict | None = None) -> Artifact:
+    """prepare -> accuracy algorithms -> calibrate -> convert -> held-out verification and health.
+    ``float_weights``: a dict filled with {conv / linear node name: its float weight as convert reads it}
+    (after folding and the algorithms; the accuracy budget's proxy puts them back one layer at a time)."""
     from .health import split_holdout
     if opts.mode == "static" and calibration is None:
         raise CalibrationError("static quantization needs calibration=<iterable of samples> "
@@ -390,4 +392,18 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
     if calibration is not None and opts.mode not in FLOAT_MODES:
         prepared.calibrate(calibration, progress=progress)
     prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0
+    if float_weights is not None:
+        float_weights.update(gemm_weights(prepared.gm))
     return convert_prepared(prepared, verify, held_out, held_out_source)
+
+
+def gemm_weights(gm: fx.GraphModule) -> dict:
+    """{conv / linear node name: a copy of its float weight constant}."""
+    from .ir import get_attr_value
+    from .passes.pattern import op_kind
+    out = {}
+    for n in gm.graph.nodes:
+        if op_kind(n) in ("conv2d", "conv1d", "linear") and len(n.args) > 1 and \
+                isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr":
+            out[n.name] = get_attr_value(gm, n.args[1]).detach().clone()
+    return out
