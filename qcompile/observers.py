@@ -12,7 +12,7 @@ Which observer ``make_observer`` builds for a ``QuantSpec``:
 ============  =======================================================================
 per_tensor    minmax -> MinMaxObserver, moving_average -> MovingAverageMinMaxObserver,
               percentile / mse / entropy -> HistogramObserver(method=spec.observer)
-per_channel   mse -> PerChannelMSEObserver, moving_average ->
+per_channel   mse -> PerChannelMSEObserver, pair_sum -> PerChannelPairSumObserver, moving_average ->
               MovingAveragePerChannelMinMaxObserver, percentile / entropy / minmax ->
               PerChannelMinMaxObserver (a histogram per channel is not worth its memory)
 per_group     mse -> PerGroupMSEObserver, anything else -> PerGroupMinMaxObserver (weights only)
@@ -33,6 +33,7 @@ from .specs import QParams, QuantSpec
 __all__ = [
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver",
     "PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver", "PerChannelMSEObserver",
+    "PerChannelPairSumObserver",
     "PerGroupMinMaxObserver", "PerGroupMSEObserver", "make_observer", "histogram_percentile_range", "histogram_mse_range",
     "histogram_entropy_range", "histogram_mse_costs", "histogram_kl_costs",
 ]
@@ -172,6 +173,39 @@ class PerGroupMinMaxObserver(_RunningMinMaxObserver):
     """
 
     granularities = ("per_group",)
+
+
+class PerChannelPairSumObserver(Observer):
+    """Per-channel symmetric weights for kernels that add two u8 x s8 products in int16 before widening
+    (``vpmaddubsw``: fbgemm's depthwise conv does it even on VNNI CPUs, docs/x86-kernels.md). The scale makes
+    any two same-sign codes of a channel sum to at most 128 in magnitude, so a pair of products stays within
+    255 * 128 = 32640 <= 32767 whichever taps the kernel pairs. That is the guarantee 7-bit codes give
+    (2 * 64), at a finer step unless a channel's two largest same-sign weights are equal: a 3x3 filter
+    whose centre tap dominates keeps nearly 8 bits."""
+
+    granularities = ("per_channel",)
+    PAIR_LIMIT = 127  # real-valued pair sum; each code rounds by <= 0.5, so integer pairs stay <= 128
+
+    def __init__(self, spec: QuantSpec, name: str = "<unnamed>"):
+        super().__init__(spec, name)
+        if not spec.symmetric or not spec.signed:
+            raise ConfigError(f"{name!r}: the pair_sum observer is for symmetric signed weights, got {spec.describe()}")
+        self.register_buffer("weight", None)
+
+    def _observe(self, x: Tensor) -> None:
+        if not -x.dim() <= self.spec.axis < x.dim():
+            raise CalibrationError(f"observer at {self.name!r}: per-channel axis {self.spec.axis} "
+                                   f"does not exist in a tensor of shape {tuple(x.shape)}")
+        self._check_finite(*torch.aminmax(x))
+        self.weight = x.clone()
+
+    def _calculate(self) -> QParams:
+        w = self.weight.movedim(self.spec.axis, 0).reshape(self.weight.shape[self.spec.axis], -1)
+        k = min(2, w.shape[1])
+        pair = torch.maximum(w.clamp(min=0).topk(k, dim=1).values.sum(1), (-w).clamp(min=0).topk(k, dim=1).values.sum(1))
+        half_range = (self.spec.quant_max - self.spec.quant_min) / 2.0  # compute_qparams: scale = amax / half_range
+        amax = torch.maximum(pair * (half_range / self.PAIR_LIMIT), w.abs().amax(1))  # never clips a weight
+        return compute_qparams(-amax, amax, self.spec)
 
 
 class PerChannelMSEObserver(Observer):
@@ -548,6 +582,8 @@ def make_observer(spec: QuantSpec, name: str = "<unnamed>") -> Observer:
     if spec.granularity == "per_channel":
         if spec.observer == "mse":
             return PerChannelMSEObserver(spec, name)
+        if spec.observer == "pair_sum":
+            return PerChannelPairSumObserver(spec, name)
         if spec.observer == "moving_average":
             return MovingAveragePerChannelMinMaxObserver(spec, name)
         return PerChannelMinMaxObserver(spec, name)

@@ -12,10 +12,12 @@ from typing import Literal, Union
 import torch
 
 Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
-ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy"]
+ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum")
+# "pair_sum" (per-channel weights): any two same-sign codes of a channel sum to at most 128 in magnitude, so a
+# kernel adding two u8 x s8 products in int16 cannot saturate (qcompile.observers.PerChannelPairSumObserver)
 _INT_DTYPES = {torch.int8: True, torch.uint8: False, torch.int32: True, torch.int16: True}
 
 

@@ -416,3 +416,29 @@ def test_per_group_mse_search_beats_minmax_and_keeps_group_shape():
     assert isinstance(make_observer(QuantSpec(dtype=torch.int8, bits=4, granularity="per_group", group_size=64,
                                               observer="mse")), PerGroupMSEObserver)
     assert errs["mse"] < 0.95 * errs["minmax"]  # 0.927 measured
+
+
+def test_pair_sum_observer_bounds_every_same_sign_pair_and_beats_7bit_codes():
+    from qcompile.observers import PerChannelPairSumObserver
+    from qcompile.specs import QuantSpec
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 1, 3, 3, generator=g) * 0.1
+    w[:, 0, 1, 1] = torch.where(torch.arange(32) % 2 == 0, 1.0, -1.0)  # a dominant centre tap of either sign
+    w[5] = 0.0  # a dead channel
+    w[6, 0, 0, 0], w[6, 0, 1, 1] = 1.0, 1.0  # two equal largest taps: nothing finer than 7 bits is safe
+    spec = QuantSpec(dtype=torch.int8, bits=8, symmetric=True, granularity="per_channel", axis=0, observer="pair_sum")
+    obs = make_observer(spec)
+    assert isinstance(obs, PerChannelPairSumObserver)
+    obs(w)
+    qp = obs.calculate_qparams()
+    s = qp.scale.view(-1, 1, 1, 1)
+    q = torch.round(w / s).clamp(-128, 127).flatten(1)
+    pair = torch.maximum(q.clamp(min=0).topk(2, 1).values.sum(1), (-q).clamp(min=0).topk(2, 1).values.sum(1))
+    assert int(pair.max()) <= 128 and int(pair[6]) == 128  # 63.5 + 63.5 both round up: the allowance used
+    assert torch.equal((q.flatten(1) * s.flatten(0)[:, None]).reshape_as(w)[5], w[5])  # the dead channel stays 0
+    s7 = (w.abs().flatten(1).amax(1) / 63.5).clamp_min(1e-12).view(-1, 1, 1, 1)
+    err = lambda sc: (torch.round(w / sc) * sc - w).pow(2).flatten(1).sum(1)  # noqa: E731
+    live = [i for i in range(32) if i not in (5, 6)]
+    assert float(err(s)[live].sum()) < 0.5 * float(err(s7)[live].sum())  # > 3 dB finer on dominant-tap filters
+    with pytest.raises(ConfigError, match="pair_sum"):
+        make_observer(QuantSpec(dtype=torch.uint8, granularity="per_channel", axis=0, observer="pair_sum"))

@@ -33,8 +33,11 @@ class X86Options:
       Measured on ResNet-18 (docs/x86-kernels.md): full-range u8 activations with 8-bit weights agree
       with the reference graph within one step, and give ~3.6 dB more SQNR than reduce_range.
     max_weight_bits: cap on weight bits; None picks by CPU: 8 with VNNI (exact int32 dot products),
-      7 without (AVX2 u8 x s8 pair sums saturate int16; u8 x s7 cannot). Depthwise convs always use 7:
-      fbgemm's depthwise kernel saturates even on VNNI (docs/x86-kernels.md).
+      7 without (AVX2 u8 x s8 pair sums saturate int16; u8 x s7 cannot). Depthwise convs: fbgemm's kernel
+      adds u8 x s8 pairs in int16 even on VNNI (docs/x86-kernels.md), so their per-channel 8-bit weights
+      take the "pair_sum" range -- any two same-sign codes of a channel sum to <= 128, which cannot
+      saturate and is finer than the 7-bit codes used before (EfficientNet-Lite2's first depthwise conv
+      had cost 23.5 dB of logit SQNR alone); with max_weight_bits set or another observer asked, 7 bits.
     channels_last: quantize 4-D inputs in channels-last layout, the layout the int8 conv kernels use.
     exact_quantize: quantize float values entering int8 regions with the reference graph's own op
       (round(x * (1/scale)), bit-exact with the reference). Default False: ``torch.quantize_per_tensor``,
@@ -122,10 +125,14 @@ class X86Backend(TableBackend):
     def weight_spec(self, w: WeightSpec, row, node) -> QuantSpec:
         gran = w.granularity if w.granularity in row.weight_granularities else "per_tensor"
         bits = min(w.bits, self.options.max_weight_bits or (8 if cpu_has_vnni() else 7))
-        if _is_depthwise(node):  # fbgemm's depthwise kernel saturates int16 pair sums at u8 x s8 (measured)
-            bits = min(bits, 7)
+        observer = w.observer
+        if _is_depthwise(node):  # fbgemm's depthwise kernel adds u8 x s8 pairs in int16, even on VNNI (measured)
+            if bits == 8 and gran == "per_channel" and w.observer == "minmax" and self.options.max_weight_bits is None:
+                observer = "pair_sum"  # 8-bit codes whose same-sign pairs cannot saturate: finer than 7 bits
+            else:
+                bits = min(bits, 7)
         return QuantSpec(dtype=torch.int8, bits=bits, symmetric=True,
-                         granularity=gran, axis=0 if gran == "per_channel" else None, observer=w.observer)
+                         granularity=gran, axis=0 if gran == "per_channel" else None, observer=observer)
 
     # -- lowering and running -------------------------------------------------------------------------
     def lower(self, reference, example_inputs, mode: str) -> Lowered:
