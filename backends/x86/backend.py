@@ -127,7 +127,8 @@ class X86Backend(TableBackend):
         bits = min(w.bits, self.options.max_weight_bits or (8 if cpu_has_vnni() else 7))
         observer = w.observer
         if _is_depthwise(node):  # fbgemm's depthwise kernel adds u8 x s8 pairs in int16, even on VNNI (measured)
-            if bits == 8 and gran == "per_channel" and w.observer == "minmax" and self.options.max_weight_bits is None:
+            if w.bits == 8 and gran == "per_channel" and w.observer == "minmax" and self.options.max_weight_bits is None:
+                bits = 8  # on AVX2 too: the pair bound is what the 7-bit cap is for
                 observer = "pair_sum"  # 8-bit codes whose same-sign pairs cannot saturate: finer than 7 bits
             else:
                 bits = min(bits, 7)
