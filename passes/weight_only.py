@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from qcompile import meta
 from qcompile import annotation as A
-from qcompile.gptq import ConvGeometry, FoldedHessian, GPTQConfig, gptq_or_rtn
+from qcompile.gptq import ConvGeometry, FoldedHessian, GPTQConfig, breaks_pair_bound, gptq_or_rtn
 from qcompile.ir import get_attr_value
 from qcompile.ops import op_kind
 from qcompile.specs import NF4Spec, QuantSpec
@@ -144,6 +144,10 @@ class GPTQRounding:
                 w_node = nodes[layer.weight]
                 w = get_attr_value(gm, w_node).detach().float()
                 q, params, stats[layer.name] = gptq_or_rtn(w, hessians[layer.tap_key], layer.spec, self.config)
+                if params is not None and breaks_pair_bound(q, params, layer.spec):
+                    stats[layer.name] = {**stats[layer.name], "algorithm": "rtn", "reason": "kept round-to-nearest: "
+                                         "GPTQ put two same-sign codes past the int16 pair bound"}
+                    params = None
                 if params is None:  # round-to-nearest generalizes better here: convert rounds the float weight
                     continue
                 for mod in (gm, runner):

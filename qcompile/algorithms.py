@@ -1,7 +1,7 @@
 """Accuracy-recovery algorithms run on the prepared graph before calibration (``compile(algorithm=...)``).
 
-``algorithm`` is ``None`` (the defaults, :func:`default_set`: bias correction in static mode, plus
-learned rounding for <= 4-bit weights; nothing in the other modes), one name, a config object, or a list
+``algorithm`` is ``None`` (the defaults, :func:`default_set`: exact 8-bit image inputs and bias correction
+in static mode, plus learned rounding for <= 4-bit weights; nothing in the other modes), one name, a config object, or a list
 of them. ``"rtn"`` (or ``[]``) turns every default off: plain round-to-nearest PTQ. ``"recommended"``
 expands to the defaults plus cross-layer equalization (:func:`defaults`) and can be combined with other
 names. Equalization is not a default: with per-channel weights it measured worse on both real models
@@ -11,16 +11,19 @@ correction helped both (84.7 -> 87.8 % top-1 agreement; 0.999962 -> 0.999972).
 =================  ==========================================================  =====================
 name               what                                                        pass
 =================  ==========================================================  =====================
+"exact_input"      an image input's 8-bit pixel lattice quantized exactly      passes/input_lattice.py
 "smoothquant"      SmoothQuant: LayerNorm -> linear outliers into the weights  passes/smoothquant.py
 "equalize"         cross-layer equalization + high-bias absorption            passes/equalize.py
 "gptq"             GPTQ weight rounding (kept per layer only where it wins)    passes/weight_only.py
 "adaround"         learned rounding (AdaRound), layer-wise reconstruction     passes/adaround.py
+"greedy_rounding"  steepest-descent flips on AdaRound's objective (cheap)     passes/adaround.py
 "bias_correction"  empirical bias correction of the weights' rounding shift    passes/bias_correction.py
 "rtn"              round-to-nearest (nothing to run; spelled for clarity)      --
 =================  ==========================================================  =====================
 
 They run in the order of this table whatever order they are given in. The report's
-``algorithms`` entry says what each did.
+``algorithms`` entry says what each did. "exact_input" is applied by ``compile`` on the captured graph
+(it needs the calibration inputs before capture); ``prepare`` / ``calibrate`` cannot apply it.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import time
 from . import meta
 from .errors import ConfigError
 
-ORDER = ("smoothquant", "equalize", "gptq", "adaround", "bias_correction", "rtn")
+ORDER = ("exact_input", "smoothquant", "equalize", "gptq", "adaround", "greedy_rounding", "bias_correction", "rtn")
+ROUNDINGS = ("gptq", "adaround", "greedy_rounding")
 RECOMMENDED = "recommended"
 DATA_FREE = ("rtn",)
 REPORT_KEY = meta.ALGORITHMS.name  # the key's string, for older callers
@@ -40,9 +44,11 @@ def _config_name(a) -> str | None:
     if isinstance(a, GPTQConfig):
         return "gptq"
     try:
-        from .passes.adaround import AdaRoundConfig
+        from .passes.adaround import AdaRoundConfig, GreedyRoundingConfig
         if isinstance(a, AdaRoundConfig):
             return "adaround"
+        if isinstance(a, GreedyRoundingConfig):
+            return "greedy_rounding"
     except ImportError:  # pragma: no cover
         pass
     return a if isinstance(a, str) and (a in ORDER or a == RECOMMENDED) else None
@@ -58,10 +64,11 @@ def normalize(algorithm) -> dict | None:
         name = _config_name(a)
         if name is None:
             raise ConfigError(f"algorithm must be one of {ORDER}, a qcompile.gptq.GPTQConfig, a "
-                              f"qcompile.passes.adaround.AdaRoundConfig, or a list of them; got {a!r}")
+                              f"qcompile.passes.adaround.AdaRoundConfig / GreedyRoundingConfig, or a list of them; "
+                              f"got {a!r}")
         out[name] = None if isinstance(a, str) else a
-    if "gptq" in out and "adaround" in out:
-        raise ConfigError("algorithm: choose one weight rounding, 'gptq' or 'adaround', not both")
+    if sum(r in out for r in ROUNDINGS) > 1:
+        raise ConfigError(f"algorithm: choose one weight rounding of {ROUNDINGS}, not several")
     return {k: out[k] for k in (RECOMMENDED,) + ORDER if k in out}
 
 
@@ -72,18 +79,19 @@ def resolve(algorithm, mode: str, weight_bits: int | None) -> dict:
     chosen = normalize(algorithm) or {}
     if RECOMMENDED in chosen:
         chosen = {**defaults(mode, weight_bits), **{k: v for k, v in chosen.items() if k != RECOMMENDED}}
-    if "gptq" in chosen:
-        chosen.pop("adaround", None)  # an explicit GPTQ replaces the recommended learned rounding
+    if "gptq" in chosen or "greedy_rounding" in chosen:
+        chosen.pop("adaround", None)  # an explicit rounding replaces the recommended learned rounding
     return {k: chosen[k] for k in ORDER if k in chosen}
 
 
 def default_set(mode: str, weight_bits: int | None) -> dict:
-    """What ``algorithm=None`` runs: bias correction in static mode (cheap: one pass over the calibration
+    """What ``algorithm=None`` runs: exact 8-bit image inputs (free where the input is not an 8-bit pixel
+    lattice: nothing is inserted) and bias correction in static mode (cheap: one pass over the calibration
     data; it helped on every real model measured), plus learned rounding for <= 4-bit weights (what makes
     them usable); nothing in dynamic / weight-only mode."""
     if mode != "static":
         return {}
-    chosen = {"bias_correction": None}
+    chosen = {"exact_input": None, "bias_correction": None}
     if weight_bits is not None and weight_bits <= 4:
         chosen["adaround"] = None
     return {k: chosen[k] for k in ORDER if k in chosen}
@@ -128,11 +136,15 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
     reference = None
     for name, cfg in chosen.items():
         t0 = time.perf_counter()
+        if name == "exact_input":  # applied at capture (pipeline.exact_input_passes); reported here
+            if meta.EXACT_INPUT.get(gm):
+                report[name] = meta.EXACT_INPUT.get(gm)
+            continue
         if name == "smoothquant":
             report[name] = _smoothquant(prepared, samples)
         elif name == "equalize":
             report[name] = _equalize(gm, samples)
-        elif name in ("gptq", "adaround"):
+        elif name in ROUNDINGS:
             nodes = {n.name: n for n in gm.graph.nodes}
             reference = {nodes[layer.weight].target: get_attr_value(gm, nodes[layer.weight]).detach().clone()
                          for layer in weighted_layers(gm)}
@@ -141,7 +153,7 @@ def run(prepared, samples, chosen: dict, progress=None) -> dict:
             from .passes.bias_correction import BiasCorrection
             report[name] = {"corrected_layers": len(BiasCorrection(reference)(gm, samples))}
         timings[f"{name}_s"] = time.perf_counter() - t0
-        if name in ("gptq", "adaround"):
+        if name in ROUNDINGS:
             timings["weight_rounding_s"] = timings[f"{name}_s"]
     meta.ALGORITHMS.set(gm, {**meta.ALGORITHMS.get(gm, {}), **report})
     return report
@@ -180,6 +192,9 @@ def _round(gm, samples, name, cfg, progress) -> dict:
         from .gptq import GPTQConfig
         from .passes.weight_only import GPTQRounding
         stats = GPTQRounding(cfg or GPTQConfig())(gm, samples)
+    elif name == "greedy_rounding":
+        from .passes.adaround import GreedyRounding, GreedyRoundingConfig
+        stats = GreedyRounding(cfg or GreedyRoundingConfig(), progress=progress)(gm, samples)
     else:
         from .passes.adaround import AdaRound, AdaRoundConfig
         stats = AdaRound(cfg or AdaRoundConfig(), progress=progress)(gm, samples)

@@ -25,6 +25,9 @@ FLOAT_OUTPUT = "float: model output"  # int8 inputs / weights, float compute so 
 # e.g. the ExecuTorch backend's depthwise convs before hardswish: backends/executorch/depthwise.py)
 FLOAT_FEEDS_FLOAT = "float: output feeds float ops"
 PASSTHROUGH = "n/a"  # placeholders, parameters, outputs
+# the float multiply-add (and pad) putting an image input's pixel lattice on the integers 0..255, so the
+# first conv's int8 input is exact (passes/input_lattice.py): float by design, not a fallback
+FLOAT_EXACT_INPUT = "float: exact 8-bit input"
 
 
 @dataclass(frozen=True)

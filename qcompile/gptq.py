@@ -273,6 +273,18 @@ def quadratic_error(w: Tensor, q: Tensor, hess) -> tuple[float, float]:
     return err, max(sig, 1e-30)
 
 
+def breaks_pair_bound(q: Tensor, qp, spec) -> bool:
+    """True when ``spec`` asks for the "pair_sum" range (x86 depthwise: two u8 x s8 products are added in
+    int16) and the rounded weight ``q`` has two same-sign codes in a channel summing past 128 in magnitude.
+    Learned rounding moves a code up where round-to-nearest would go down, so it can reach 129."""
+    if getattr(spec, "observer", None) != "pair_sum":
+        return False
+    codes = torch.round(q.detach().float().reshape(q.shape[0], -1) / qp.scale.float().reshape(-1, 1))
+    k = min(2, codes.shape[1])
+    pair = torch.maximum(codes.clamp(min=0).topk(k, 1).values.sum(1), (-codes).clamp(min=0).topk(k, 1).values.sum(1))
+    return bool((pair > 128).any())
+
+
 def rtn_grouped(w: Tensor, groups: int, spec) -> Tensor:
     """Round-to-nearest of a conv / linear weight of any rank (per conv group, like :func:`gptq_grouped`)."""
     w2 = w.detach().float().reshape(w.shape[0], -1)

@@ -101,6 +101,8 @@ WEIGHT_ROUNDING = Key("qcompile_weight_rounding", "graph", dict, "passes.weight_
                       "(layer -> rounding stats)", "api (report.weight_rounding)")
 ALGORITHMS = Key("qcompile_algorithms", "graph", dict, "qcompile.algorithms (name -> summary)",
                  "api (report.algorithms)")
+EXACT_INPUT = Key("qcompile_exact_input", "graph", dict, "passes.input_lattice (lattice, nodes / skipped)",
+                  "passes.input_lattice.MarkExactInput, algorithms")
 SMOOTHQUANT = Key("qcompile_smoothquant", "graph", dict, "passes.smoothquant (groups / skipped)", "algorithms")
 SMOOTHQUANT_SCALES = Key("qcompile_smoothquant_scales", "graph", dict,
                          "passes.smoothquant (LayerNorm node -> s: its value is x / s)", "sensitivity (layer SQNR)")

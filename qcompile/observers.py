@@ -10,7 +10,7 @@ Set ``observer.name`` (graph node name / module path) so errors say where calibr
 Which observer ``make_observer`` builds for a ``QuantSpec``:
 
 ============  =======================================================================
-per_tensor    minmax -> MinMaxObserver, moving_average -> MovingAverageMinMaxObserver,
+per_tensor    minmax -> MinMaxObserver, moving_average -> MovingAverageMinMaxObserver, unit_scale -> UnitScaleObserver,
               percentile / mse / entropy -> HistogramObserver(method=spec.observer)
 per_channel   mse -> PerChannelMSEObserver, pair_sum -> PerChannelPairSumObserver, moving_average ->
               MovingAveragePerChannelMinMaxObserver, percentile / entropy / minmax ->
@@ -33,7 +33,7 @@ from .specs import QParams, QuantSpec
 __all__ = [
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver",
     "PerChannelMinMaxObserver", "MovingAveragePerChannelMinMaxObserver", "PerChannelMSEObserver",
-    "PerChannelPairSumObserver",
+    "PerChannelPairSumObserver", "UnitScaleObserver",
     "PerGroupMinMaxObserver", "PerGroupMSEObserver", "make_observer", "histogram_percentile_range", "histogram_mse_range",
     "histogram_entropy_range", "histogram_mse_costs", "histogram_kl_costs",
 ]
@@ -173,6 +173,22 @@ class PerGroupMinMaxObserver(_RunningMinMaxObserver):
     """
 
     granularities = ("per_group",)
+
+
+class UnitScaleObserver(MinMaxObserver):
+    """Scale 1 and an integer zero point, for values that are already integers (an image's pixel lattice
+    after passes/input_lattice.py): every value is quantized exactly. The values seen are centred in the
+    256-level window. Falls back to min / max when the spec does not hold 256 affine levels or the values
+    seen span more than 256 integers."""
+
+    def _calculate(self) -> QParams:
+        lo, hi = round(float(self.min_val)), round(float(self.max_val))
+        qmin, qmax = self.spec.quant_min, self.spec.quant_max
+        if self.spec.symmetric or qmax - qmin != 255 or hi - lo > 255:
+            return super()._calculate()
+        zp = qmin - lo + (255 - (hi - lo)) // 2
+        return QParams(scale=torch.ones(()), zero_point=torch.tensor(zp, dtype=torch.int64),
+                       quant_min=qmin, quant_max=qmax, dtype=self.spec.dtype)
 
 
 class PerChannelPairSumObserver(Observer):
@@ -578,6 +594,8 @@ def make_observer(spec: QuantSpec, name: str = "<unnamed>") -> Observer:
             return MinMaxObserver(spec, name)
         if spec.observer == "moving_average":
             return MovingAverageMinMaxObserver(spec, name)
+        if spec.observer == "unit_scale":
+            return UnitScaleObserver(spec, name)
         return HistogramObserver(spec, name, method=spec.observer)
     if spec.granularity == "per_channel":
         if spec.observer == "mse":

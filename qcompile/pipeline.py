@@ -358,7 +358,7 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
     few = algorithms.too_few_for_default(opts.algorithm, chosen, calibration)
     if few:
         chosen.pop("bias_correction")
-        meta.ALGORITHMS.set(prepared.gm, few)  # the report says why the default did not run
+        meta.ALGORITHMS.set(prepared.gm, {**meta.ALGORITHMS.get(prepared.gm, {}), **few})  # says why it did not run
     if not chosen or not algorithms.needs_data(chosen):
         return
     if calibration is None:
@@ -385,6 +385,7 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
         calibration = reiterable(calibration) if opts.mode not in FLOAT_MODES else \
             list(calibration) if iter(calibration) is calibration else calibration  # read more than once
     calibration, held_out, held_out_source = split_holdout(calibration, verify_data)
+    opts = exact_input_passes(opts, calibration)
     prepared = prepare(model, example_inputs, backend, opts)
     del prepared._pending_algorithms  # run here, before calibration (float modes calibrate nothing)
     run_algorithms(prepared, calibration, opts, progress)
@@ -395,6 +396,32 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
     if float_weights is not None:
         float_weights.update(gemm_weights(prepared.gm))
     return convert_prepared(prepared, verify, held_out, held_out_source)
+
+
+def exact_input_passes(opts: Options, calibration) -> Options:
+    """``opts`` with passes/input_lattice.py's two passes hooked in when "exact_input" is among the algorithms
+    and the calibration samples' single 4-D input lies on an 8-bit pixel lattice (asked for by name and not
+    applicable, the report says why)."""
+    from . import algorithms
+    from .passes import input_lattice
+    if opts.mode != "static" or calibration is None:
+        return opts
+    if "exact_input" not in algorithms.resolve(opts.algorithm, opts.mode, None):
+        return opts
+    named = "exact_input" in (algorithms.normalize(opts.algorithm) or {})
+    samples = []
+    for i, s in enumerate(calibration):
+        if i >= input_lattice.MAX_SAMPLES:
+            break
+        x = s if isinstance(s, torch.Tensor) else s[0] if isinstance(s, (tuple, list)) and len(s) == 1 else None
+        samples.append(x)
+    lattice, why = input_lattice.detect(samples)
+    if lattice is None and not named:
+        return opts
+    hooks = dict(opts.passes)
+    hooks["after_capture"] = [input_lattice.AlignInputLattice(lattice, why)] + list(hooks.get("after_capture", ()))
+    hooks["after_annotate"] = list(hooks.get("after_annotate", ())) + [input_lattice.MarkExactInput()]
+    return dataclasses.replace(opts, passes=hooks)
 
 
 def gemm_weights(gm: fx.GraphModule) -> dict:

@@ -12,12 +12,14 @@ from typing import Literal, Union
 import torch
 
 Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
-ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum"]
+ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum", "unit_scale"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
-OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum")
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum", "unit_scale")
 # "pair_sum" (per-channel weights): any two same-sign codes of a channel sum to at most 128 in magnitude, so a
-# kernel adding two u8 x s8 products in int16 cannot saturate (qcompile.observers.PerChannelPairSumObserver)
+# kernel adding two u8 x s8 products in int16 cannot saturate (qcompile.observers.PerChannelPairSumObserver).
+# "unit_scale" (per-tensor activations): scale 1, zero point at the bottom of the range, for values already
+# on the integers 0..255 (exact 8-bit inputs, passes/input_lattice.py; qcompile.observers.UnitScaleObserver)
 _INT_DTYPES = {torch.int8: True, torch.uint8: False, torch.int32: True, torch.int16: True}
 
 

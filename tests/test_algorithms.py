@@ -119,6 +119,69 @@ def test_learned_rounding_lowers_the_layer_reconstruction_error_below_round_to_n
     torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)  # on the grid
 
 
+def test_greedy_rounding_descends_the_output_error_and_stays_on_the_grid():
+    """Smooth inputs (each input channel's 9 taps see nearly the same value, as an image stem's do): the
+    output sees the sum of a kernel's rounding errors, which round-to-nearest leaves to chance."""
+    from qcompile.passes.adaround import greedy_weight
+    from qcompile.passes.convert import weight_qparams
+    from qcompile.specs import QuantSpec
+    torch.manual_seed(0)
+    w = torch.randn(32, 27)
+    x = torch.randn(4000, 3, 1).expand(4000, 3, 9).reshape(4000, 27) + 0.1 * torch.randn(4000, 27)
+    spec = QuantSpec(torch.int8, 8, True, granularity="per_channel", axis=0)
+    qp = weight_qparams(w, spec)
+    q, info = greedy_weight(w, (x.T @ x)[None], qp)
+    s = qp.scale[:, None]
+    rtn = torch.clamp(torch.round(w / s), qp.quant_min, qp.quant_max) * s
+    err = lambda wq: float(((x @ (w - wq).T) ** 2).mean())  # noqa: E731
+    assert err(q) < 0.2 * err(rtn) and info["flips"] > 0  # 133 -> 14 measured
+    torch.testing.assert_close(q / s, (q / s).round(), rtol=0, atol=1e-4)  # on the grid
+    assert float(((q - rtn) / s).abs().max()) <= 1.0 + 1e-4  # each weight to its other neighbour at most
+    white = torch.randn(4000, 27)
+    qw, _ = greedy_weight(w, (white.T @ white)[None], qp)
+    err_w = lambda wq: float(((white @ (w - wq).T) ** 2).mean())  # noqa: E731
+    assert err_w(qw) <= err_w(rtn)  # steepest descent from round-to-nearest: never above it on its own rows
+
+
+def test_greedy_rounding_in_compile_beats_round_to_nearest_on_image_like_inputs():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+
+    def smooth(n):  # images: neighbouring pixels alike
+        return nn.functional.interpolate(torch.randn(n, 3, 4, 4), size=(16, 16), mode="bilinear", align_corners=False)
+    cal, t = [smooth(4) for _ in range(8)], smooth(8)
+    kw = dict(backend="x86", calibration=cal, verify=False, progress=False, weights=WeightSpec(bits=4))  # weights dominate
+    rtn = qcompile.compile(m, (t,), algorithm="rtn", **kw)
+    greedy = qcompile.compile(m, (t,), algorithm=["greedy_rounding"], **kw)
+    rep = greedy.report.algorithms["greedy_rounding"]
+    assert rep["layers"] == 3 and rep["kept"] >= 2  # kept where it won on the calibration half it did not fit
+    with torch.no_grad():
+        assert sqnr(m(t), greedy(t)) > sqnr(m(t), rtn(t)) + 3
+    with pytest.raises(ConfigError, match="one weight rounding"):
+        qcompile.compile(m, (t,), algorithm=["greedy_rounding", "gptq"], **kw)
+
+
+def test_learned_rounding_never_breaks_the_x86_depthwise_pair_bound():
+    from qcompile.gptq import breaks_pair_bound
+    from qcompile.passes.convert import weight_qparams
+    from qcompile.specs import QuantSpec
+    spec = QuantSpec(torch.int8, 8, True, granularity="per_channel", axis=0, observer="pair_sum")
+    w = torch.tensor([[0.5, 0.5, 0.1], [1.0, -0.2, 0.0]])
+    qp = weight_qparams(w, spec)  # channel 0: two equal taps at 63.5 codes each
+    s = qp.scale[:, None]
+    assert not breaks_pair_bound(torch.round(w / s) * s, qp, spec)
+    up = torch.ceil(w / s) * s
+    up[0, 2] = torch.round(w[0, 2] / s[0, 0]) * s[0, 0]
+    assert breaks_pair_bound(up + torch.tensor([[s[0, 0], 0.0, 0.0], [0.0, 0.0, 0.0]]), qp, spec)  # 65 + 64
+    assert not breaks_pair_bound(up, qp, replace_observer(spec, "minmax"))  # only the pair_sum range is bound
+
+
+def replace_observer(spec, observer):
+    from dataclasses import replace
+    return replace(spec, observer=observer)
+
+
 @pytest.mark.slow
 def test_recommended_algorithms_and_plain_ptq_by_default():
     torch.manual_seed(0)
@@ -243,8 +306,8 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     assert not qcompile.compile(m, (t,), algorithm=[], **kw).report.algorithms
     assert not qcompile.compile(m, (t,), backend="x86", mode="dynamic", verify=False).report.algorithms
     from qcompile.algorithms import resolve
-    assert list(resolve(None, "static", 4)) == ["adaround", "bias_correction"]
-    assert list(resolve("recommended", "static", 8)) == ["equalize", "bias_correction"]
+    assert list(resolve(None, "static", 4)) == ["exact_input", "adaround", "bias_correction"]
+    assert list(resolve("recommended", "static", 8)) == ["exact_input", "equalize", "bias_correction"]
 
 
 def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
