@@ -40,6 +40,8 @@ ROWS = {
     "bias_correction": dict(algorithm=["bias_correction"]),
     "gptq": dict(algorithm=["gptq"]),
     "adaround": dict(algorithm=["adaround"]),
+    "greedy": dict(algorithm=["greedy_rounding"]),
+    "default + greedy": dict(algorithm=["exact_input", "greedy_rounding", "bias_correction"]),
     "recommended": dict(algorithm="recommended"),
     "w4a8 plain": dict(algorithm="rtn", weights=W4),
     "w4a8 default": dict(algorithm=None, weights=W4),
