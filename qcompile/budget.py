@@ -87,7 +87,6 @@ def module_harm(art, samples, float_outputs, float_weights: dict | None = None) 
     whose own weights or 8-bit input are the problem -- an image model's stem, which reads the quantized
     picture -- would never rank."""
     from .ir import module_path
-    from .qparams import sqnr
     ref = art.reference
     by_module: dict[str, dict] = {}
 
@@ -109,14 +108,11 @@ def module_harm(art, samples, float_outputs, float_weights: dict | None = None) 
         if _gemm_input_quantize(n).name not in owned:
             e.setdefault("own_input", set()).add(n.name)
 
-    def score(fn) -> float:
-        with torch.no_grad():
-            return sum(sqnr(_first(f), _first(fn(x))) for x, f in zip(samples, float_outputs)) / len(samples)
-    base = score(ref)
+    base = _output_sqnr(ref, samples, float_outputs)
     out = []
     for path, parts in by_module.items():
         gm = _bypassed(ref, parts["outputs"], parts["inputs"], float_weights or {}, parts.get("own_input", set()))
-        out.append((path, round(float(score(gm) - base), 4)))
+        out.append((path, round(_output_sqnr(gm, samples, float_outputs) - base, 4)))
     return sorted(out, key=lambda kv: -kv[1])
 
 
@@ -189,7 +185,6 @@ def _output_sqnr(fn, samples, float_outputs) -> float:
     from .qparams import sqnr
     with torch.no_grad():
         return float(sum(sqnr(_first(f), _first(fn(x))) for x, f in zip(samples, float_outputs)) / len(samples))
-
 
 
 def _load_state(path: str | None, key: dict) -> dict:
