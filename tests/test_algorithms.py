@@ -306,8 +306,8 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     assert not qcompile.compile(m, (t,), algorithm=[], **kw).report.algorithms
     assert not qcompile.compile(m, (t,), backend="x86", mode="dynamic", verify=False).report.algorithms
     from qcompile.algorithms import resolve
-    assert list(resolve(None, "static", 4)) == ["exact_input", "adaround", "bias_correction"]
-    assert list(resolve("recommended", "static", 8)) == ["exact_input", "equalize", "bias_correction"]
+    assert list(resolve(None, "static", 4)) == ["adaround", "bias_correction"]
+    assert list(resolve("recommended", "static", 8)) == ["equalize", "bias_correction"]
 
 
 def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
