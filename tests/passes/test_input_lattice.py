@@ -92,16 +92,8 @@ def test_first_conv_reads_the_input_exactly_and_backends_agree(backend):
 
 def _values(gm, x) -> dict:
     """Every node's value when ``gm`` runs on ``x``."""
-    from torch.fx.interpreter import Interpreter
-    out = {}
-
-    class Record(Interpreter):
-        def run_node(self, n):
-            out[n.name] = super().run_node(n)
-            return out[n.name]
-    with torch.no_grad():
-        Record(gm).run(x)
-    return out
+    from qcompile.ir import record_values
+    return record_values(gm, (x,), [n.name for n in gm.graph.nodes])
 
 
 def test_inputs_off_the_lattice_are_left_alone_and_a_named_request_says_why():
