@@ -12,6 +12,9 @@
  *   sum_k (a - za)(b - zb) = sum_k a (b - 128) + (128 - zb) rowA[m] - za colB[n],  colB = sum_k (b - zb)
  *   out = clamp(nearbyint(total * mult) + zo, 0, 255),  mult = scale_a * scale_b / scale_out
  *
+ * qc_u8_bmm_f32 writes total * mult as fp32 instead (mult = scale_a * scale_b): Q.K^T, whose consumers (the
+ * score scale, the mask, softmax) are float, keeps its scores unrounded.
+ *
  * Built at install time with the NF4 kernel (setup.py); qcompile/kernels.py calls it through ctypes and
  * falls back to torch._int_mm per slice where it is missing or the CPU lacks AVX-512 VNNI.
  */
@@ -33,17 +36,18 @@ typedef struct {
     const uint8_t *a, *b;
     const int64_t *a_off, *b_off;  /* per-batch element offsets */
     int64_t sam, sak, sbk, sbn;   /* element strides */
-    uint8_t *out;                  /* [B, M, N] contiguous */
+    void *out;                     /* [B, M, N] contiguous, uint8 or (out_f32) float */
     int64_t b0, b1, M, K, N;
     int32_t za, zb, zo;
     float mult;
+    int out_f32;
     int status;
 } bmm_job_t;
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void slice(const bmm_job_t *j, const uint8_t *a, const uint8_t *b, uint8_t *out, uint8_t *ap, int8_t *bp,
+static void slice(const bmm_job_t *j, const uint8_t *a, const uint8_t *b, void *out, uint8_t *ap, int8_t *bp,
                   int32_t *row_a, int32_t *col_b, int64_t M4, int64_t K4, int64_t N64) {
     const int64_t M = j->M, K = j->K, N = j->N;
     /* pack A: [M4][K4] uint8, zero padded; row sums over the real k */
@@ -123,9 +127,13 @@ static void slice(const bmm_job_t *j, const uint8_t *a, const uint8_t *b, uint8_
                     const __m512i cb = _mm512_maskz_loadu_epi32(mask, col_b + n);
                     __m512i t = _mm512_sub_epi32(_mm512_add_epi32(acc[r][c], ra), _mm512_mullo_epi32(_mm512_set1_epi32(za), cb));
                     __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(t), mult);
+                    if (j->out_f32) {
+                        _mm512_mask_storeu_ps((float *)out + (m0 + r) * N + n, mask, y);
+                        continue;
+                    }
                     __m512i q = _mm512_add_epi32(_mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zo);
                     q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
-                    _mm512_mask_cvtepi32_storeu_epi8(out + (m0 + r) * N + n, mask, q);
+                    _mm512_mask_cvtepi32_storeu_epi8((uint8_t *)out + (m0 + r) * N + n, mask, q);
                 }
             }
         }
@@ -142,17 +150,17 @@ static void *bmm_run(void *arg) {
         j->status = -2;
     } else {
         for (int64_t i = j->b0; i < j->b1; i++)
-            slice(j, j->a + j->a_off[i], j->b + j->b_off[i], j->out + i * j->M * j->N, ap, bp, row_a, col_b, M4,
-                  K4, N64);
+            slice(j, j->a + j->a_off[i], j->b + j->b_off[i],
+                  j->out_f32 ? (void *)((float *)j->out + i * j->M * j->N) : (void *)((uint8_t *)j->out + i * j->M * j->N),
+                  ap, bp, row_a, col_b, M4, K4, N64);
     }
     free(ap); free(bp); free(row_a); free(col_b);
     return NULL;
 }
 
-/* Returns 0 on success, -1 when the CPU lacks the ISA or arguments are bad, -2 when memory ran out. */
-int qc_u8_bmm(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak, const uint8_t *b,
-              const int64_t *b_off, int64_t sbk, int64_t sbn, uint8_t *out, int64_t B, int64_t M, int64_t K,
-              int64_t N, int32_t za, int32_t zb, float mult, int32_t zo, int nthreads) {
+static int bmm(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak, const uint8_t *b,
+               const int64_t *b_off, int64_t sbk, int64_t sbn, void *out, int out_f32, int64_t B, int64_t M,
+               int64_t K, int64_t N, int32_t za, int32_t zb, float mult, int32_t zo, int nthreads) {
     if (!qc_bmm_isa() || B < 1 || M < 1 || K < 1 || N < 1 || K > (1 << 20)) return -1;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > BMM_MAX_THREADS) nthreads = BMM_MAX_THREADS;
@@ -162,7 +170,7 @@ int qc_u8_bmm(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak, 
     int started[BMM_MAX_THREADS] = {0};
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = (bmm_job_t){a, b, a_off, b_off, sam, sak, sbk, sbn, out, B * t / nthreads, B * (t + 1) / nthreads,
-                              M, K, N, za, zb, zo, mult, 0};
+                              M, K, N, za, zb, zo, mult, out_f32, 0};
         if (t > 0) started[t] = pthread_create(&tid[t], NULL, bmm_run, &jobs[t]) == 0;
     }
     bmm_run(&jobs[0]);
@@ -173,4 +181,18 @@ int qc_u8_bmm(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak, 
         if (jobs[t].status) status = jobs[t].status;
     }
     return status;
+}
+
+/* Returns 0 on success, -1 when the CPU lacks the ISA or arguments are bad, -2 when memory ran out. */
+int qc_u8_bmm(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak, const uint8_t *b,
+              const int64_t *b_off, int64_t sbk, int64_t sbn, uint8_t *out, int64_t B, int64_t M, int64_t K,
+              int64_t N, int32_t za, int32_t zb, float mult, int32_t zo, int nthreads) {
+    return bmm(a, a_off, sam, sak, b, b_off, sbk, sbn, out, 0, B, M, K, N, za, zb, mult, zo, nthreads);
+}
+
+/* As qc_u8_bmm with an fp32 result: out[b] = ((A[b] - za) @ (B[b] - zb)) * mult, mult = scale_a * scale_b. */
+int qc_u8_bmm_f32(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak, const uint8_t *b,
+                  const int64_t *b_off, int64_t sbk, int64_t sbn, float *out, int64_t B, int64_t M, int64_t K,
+                  int64_t N, int32_t za, int32_t zb, float mult, int nthreads) {
+    return bmm(a, a_off, sam, sak, b, b_off, sbk, sbn, out, 1, B, M, K, N, za, zb, mult, 0, nthreads);
 }

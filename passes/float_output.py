@@ -10,6 +10,11 @@ float output, one kernel instead of GEMM + requantize + dequantize.
 Measured on ``nn.TransformerEncoder`` (d=384, 6 layers, batch 8 x 128, x86 static): SQNR against float
 40.4 -> 41.8 dB, min cosine 0.99994 -> 0.99996 (dynamic int8: 41.8 dB, 0.99997).
 
+``matmuls=True`` (x86) applies the same to activation x activation ``matmul`` groups: attention's Q.K^T feeds
+the score scale, the mask and softmax, all float, so its scores leave the int8 kernel as fp32 instead of
+being rounded to a uint8 grid that has to span every head's largest score (measured on the conformance
+transformers below, see docs/backends/x86.md).
+
 The pass runs after annotation. A linear group (``linear`` or ``linear -> relu``) whose output reaches only
 float ops — directly or through int8 shape-only ops (view, permute, ...) that then become float as well —
 loses its output spec and keeps its int8 status (``float_consumers=False`` skips this). A group that feeds the
@@ -29,6 +34,8 @@ REASON = ("int8 input and weights, int8 GEMM with an fp32 output: every consumer
 OUTPUT_REASON = "feeds the model output: int8 input and weights, int8 GEMM with an fp32 output (quantize_outputs=False)"
 SHAPE_KINDS = frozenset({"reshape", "permute", "flatten", "unflatten", "unsqueeze", "squeeze", "select"})
 ANCHORS = frozenset({"linear"})
+MATMUL_REASON = ("int8 operands, int8 batched GEMM with an fp32 output: every consumer is float (e.g. the scores "
+                 "of Q.K^T before softmax), so the result is not requantized")
 
 
 def _float_consumers(node: fx.Node, chain: list) -> bool:
@@ -57,12 +64,13 @@ class FloatOutputLinears(Pass):
 
     requires = frozenset({"annotated"})
 
-    def __init__(self, float_consumers: bool = True):
+    def __init__(self, float_consumers: bool = True, matmuls: bool = False):
         self.float_consumers = float_consumers
+        self.anchors = ANCHORS | ({"matmul"} if matmuls else set())
 
     def _group(self, node: fx.Node, by_name: dict) -> list | None:
         ann, group = A.get_annotation(node), A.get_group(node)
-        if ann is None or op_kind(node) not in ANCHORS or ann.group != node.name:
+        if ann is None or op_kind(node) not in self.anchors or ann.group != node.name:
             return None
         nodes = [by_name[n] for n in group.nodes] if group is not None else [node]
         if len(nodes) > 2 or (len(nodes) == 2 and op_kind(nodes[1]) != "relu"):
@@ -87,8 +95,9 @@ class FloatOutputLinears(Pass):
             if not self.float_consumers or status != A.INT8 or ann_out.output_spec is None or \
                     not _float_consumers(nodes[-1], chain):
                 continue
+            reason = MATMUL_REASON if op_kind(node) == "matmul" else REASON
             for n in nodes:
-                A.set_annotation(n, A.get_annotation(n).with_(output_spec=None, reason=REASON))
+                A.set_annotation(n, A.get_annotation(n).with_(output_spec=None, reason=reason))
             for n in chain:
                 A.set_annotation(n, A.get_annotation(n).with_(
                     output_spec=None, input_specs={}, status=A.FLOAT_FEEDS_FLOAT,

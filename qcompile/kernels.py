@@ -49,6 +49,10 @@ def _lib():
                                   ctypes.c_int32, ctypes.c_float, ctypes.c_int32, c_int]
         lib.qc_u8_bmm.restype = c_int
         lib.qc_bmm_isa.restype = c_int
+    if hasattr(lib, "qc_u8_bmm_f32"):
+        lib.qc_u8_bmm_f32.argtypes = [p, p, i64, i64, p, p, i64, i64, p, i64, i64, i64, i64, ctypes.c_int32,
+                                      ctypes.c_int32, ctypes.c_float, c_int]
+        lib.qc_u8_bmm_f32.restype = c_int
     if hasattr(lib, "qc_wo_int8_linear"):
         lib.qc_wo_int8_linear.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int8_linear.restype = c_int
@@ -288,22 +292,28 @@ def _batch_offsets(t: torch.Tensor):
     return (ctypes.c_int64 * len(offsets))(*offsets), len(offsets)
 
 
-def u8_bmm(a: torch.Tensor, b: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor | None:
+def u8_bmm(a: torch.Tensor, b: torch.Tensor, scale: float | None, zero_point: int = 0) -> torch.Tensor | None:
     """quint8 ``a [..., M, K] @ b [..., K, N]`` requantized to quint8 (scale, zero_point) by the VNNI kernel,
-    reading both operands in place (any strides); None where the kernel cannot run (the caller falls back)."""
-    if not u8_bmm_available() or a.dtype != torch.quint8 or b.dtype != torch.quint8 or a.shape[:-2] != b.shape[:-2]:
+    or (``scale=None``) as fp32 ``(a - za) @ (b - zb) * scale_a * scale_b``, reading both operands in place
+    (any strides); None where the kernel cannot run (the caller falls back)."""
+    f32 = scale is None
+    if not u8_bmm_available() or a.dtype != torch.quint8 or b.dtype != torch.quint8 or a.shape[:-2] != b.shape[:-2] \
+            or (f32 and not hasattr(_lib(), "qc_u8_bmm_f32")):
         return None
     *batch, m, k = a.shape
     n = b.shape[-1]
     (a_off, batches), (b_off, _) = _batch_offsets(a), _batch_offsets(b)
-    out = torch.empty(*batch, m, n, dtype=torch.uint8)
-    mult = a.q_scale() * b.q_scale() / scale
+    out = torch.empty(*batch, m, n, dtype=torch.float32 if f32 else torch.uint8)
+    mult = a.q_scale() * b.q_scale() / (1.0 if f32 else scale)
     base_a = a.data_ptr() - a.storage_offset()  # data_ptr points at the first element; offsets include it
     base_b = b.data_ptr() - b.storage_offset()
-    status = _lib().qc_u8_bmm(base_a, a_off, a.stride(-2), a.stride(-1), base_b, b_off,
-                              b.stride(-2), b.stride(-1), out.data_ptr(), batches, m, k, n,
-                              a.q_zero_point(), b.q_zero_point(), mult, int(zero_point),
-                              KERNEL_THREADS or torch.get_num_threads())
+    operands = (base_a, a_off, a.stride(-2), a.stride(-1), base_b, b_off, b.stride(-2), b.stride(-1), out.data_ptr(),
+                batches, m, k, n, a.q_zero_point(), b.q_zero_point(), mult)
+    threads = KERNEL_THREADS or torch.get_num_threads()
+    if f32:
+        status = _lib().qc_u8_bmm_f32(*operands, threads)
+    else:
+        status = _lib().qc_u8_bmm(*operands, int(zero_point), threads)
     if status != 0:
         return None
-    return torch._make_per_tensor_quantized_tensor(out, scale, int(zero_point))
+    return out if f32 else torch._make_per_tensor_quantized_tensor(out, scale, int(zero_point))

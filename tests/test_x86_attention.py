@@ -24,6 +24,24 @@ def test_int8_matmul_is_the_reference_requantized_within_one_step():
             assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, (kernel.__name__, sa, za, zb)
 
 
+def test_int8_matmul_with_an_fp32_output_is_the_dequantized_product():
+    """scale=None: no requantize, the int32 product times scale_a * scale_b as fp32 (Q.K^T before softmax)."""
+    from qcompile.backends.x86.rules import int8_matmul, int8_matmul_int_mm
+    from qcompile.kernels import u8_bmm, u8_bmm_available
+    g = torch.Generator().manual_seed(0)
+    kernels = [int8_matmul_int_mm, int8_matmul] + ([u8_bmm] if u8_bmm_available() else [])
+    for (sa, sb), (za, zb) in zip((((2, 3, 16, 8), (2, 3, 8, 12)), ((2, 3, 17, 9), (2, 3, 9, 70))),
+                                  ((128, 128), (37, 200))):
+        a = torch.quantize_per_tensor(torch.randn(*sa, generator=g), 0.02, za, torch.quint8)
+        b = torch.quantize_per_tensor(torch.randn(*sb[:-2], sb[-1], sb[-2], generator=g), 0.03, zb,
+                                      torch.quint8).transpose(-2, -1)
+        ref = a.dequantize().double() @ b.dequantize().double()
+        for kernel in kernels:
+            out = kernel(a, b, None)
+            assert out.dtype == torch.float32 and out.shape == ref.shape, kernel.__name__
+            assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), kernel.__name__
+
+
 def test_the_batched_kernel_runs_where_the_cpu_has_avx512_vnni():
     from qcompile.kernels import nf4_kernel_info, u8_bmm_available
     flags = open("/proc/cpuinfo").read()
@@ -100,11 +118,15 @@ def test_torch_transformer_encoder_attention_runs_int8_on_x86():
     mm = [r for r in art.report.rows if r.op == "matmul"]
     assert len(mm) == 4 and all(r.status == "int8" and "int8_matmul" in r.kernel for r in mm)
     assert [r.status for r in art.report.rows if r.op == "softmax"] == ["float: unsupported by backend"] * 2
+    # Q.K^T feeds the float score scale and softmax: its scores leave the kernel as fp32 (no uint8 grid);
+    # P.V feeds the int8 out-projection: requantized
+    assert ["fp32 output" in r.kernel for r in mm] == [True, False, True, False]
     views = [r for r in art.report.rows if r.op in ("unflatten", "unsqueeze", "squeeze", "select")]
     assert views and all(r.status == "int8" for r in views)  # int8 from the in-projection to Q, K, V
     assert art.report.verify["within_one_step"] >= 0.99
     with torch.no_grad():
         x = torch.randn(3, 16, 64, generator=g)
         assert sqnr(model(x), art(x)) > 30
+        assert sqnr(art.reference(x), art(x)) > 50
     dyn = qcompile.compile(model, (cal[0],), backend="x86", mode="dynamic")  # float modes keep the fused op
     assert any(r.op == "scaled_dot_product_attention" for r in dyn.report.rows)

@@ -104,7 +104,7 @@ class X86Backend(TableBackend):
 
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
         if mode not in ("dynamic", "weight_only"):  # attention as matmul / softmax / matmul: Q.K^T and P.V run int8
-            return [DecomposeSDPA()], [FloatOutputLinears(self.options.float_output_linears)]
+            return [DecomposeSDPA()], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
         if mode != "dynamic":
             return [], []
         specs = self.float_mode_table(mode).specs  # LSTM / GRU: one op each, with a list of weights (no pattern row)

@@ -194,17 +194,18 @@ def same_op(m: Match):
     return Emitted(Value(out, True, scale, zp), f"{node.target.__name__} (int8)")
 
 
-def int8_matmul(a, b, scale: float, zero_point: int):
-    """quint8 ``a [..., M, K] @ b [..., K, N]`` -> quint8. On AVX-512 VNNI CPUs qcompile's own batched kernel
-    (``csrc/int8_bmm.c``: every slice in one call, operands read in place, requantized in the same pass);
-    elsewhere :func:`int8_matmul_int_mm`."""
+def int8_matmul(a, b, scale: float | None, zero_point: int = 0):
+    """quint8 ``a [..., M, K] @ b [..., K, N]`` -> quint8, or fp32 when ``scale`` is None (every consumer
+    is float: no requantize). On AVX-512 VNNI CPUs qcompile's own batched kernel (``csrc/int8_bmm.c``: every
+    slice in one call, operands read in place, requantized in the same pass); elsewhere
+    :func:`int8_matmul_int_mm`."""
     out = u8_bmm(a, b, scale, zero_point)
     return out if out is not None else int8_matmul_int_mm(a, b, scale, zero_point)
 
 
-def int8_matmul_int_mm(a, b, scale: float, zero_point: int):
+def int8_matmul_int_mm(a, b, scale: float | None, zero_point: int = 0):
     """The portable path: int8 x int8 -> int32 per batch slice (``torch._int_mm``, exact), zero points
-    removed with row / column sums, one float requantize.
+    removed with row / column sums, one float requantize (none when ``scale`` is None: fp32 result).
     ``u ^ 0x80`` viewed as int8 is ``u - 128``: the codes shift to signed and the zero points with them."""
     za, zb = a.q_zero_point() - 128, b.q_zero_point() - 128
     ai = (a.contiguous().int_repr() ^ 128).view(torch.int8)  # int_repr of a strided view is a slow
@@ -222,7 +223,7 @@ def int8_matmul_int_mm(a, b, scale: float, zero_point: int):
     if za and zb:
         acc += k * za * zb
     y = acc.reshape(*batch, m, n).float() * (a.q_scale() * b.q_scale())
-    return torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
+    return y if scale is None else torch.quantize_per_tensor(y, scale, zero_point, torch.quint8)
 
 
 def _matmul_kernel() -> str:
@@ -230,8 +231,23 @@ def _matmul_kernel() -> str:
             "qcompile int8_matmul (torch._int_mm per batch slice, int32 exact: no AVX-512 VNNI or no C extension)")
 
 
-matmul = _binary(int8_matmul, _matmul_kernel)
+_matmul_requantized = _binary(int8_matmul, _matmul_kernel)
 
+
+def matmul(m: Match):
+    """matmul(dq a, dq b) -> q  ->  int8_matmul(qa, qb); left without an output quantize
+    (passes/float_output.py: Q.K^T feeding the float score scale / mask / softmax), the same kernel writes fp32."""
+    if m.user is not None and m.user.target in _Q:
+        return _matmul_requantized(m)
+    lw, node = m.ctx, m.nodes[0]
+    a, b = (lw.quantized_input(x) for x in node.args[:2])
+    if a is None or b is None:
+        return "both inputs must be quantized tensors"
+    out = lw.call(int8_matmul, (a.node, b.node, None), node)
+    return Emitted(Value(out), _matmul_kernel().replace("int32 exact", "int32 exact, fp32 output, no requantize"))
+
+
+matmul.float_output = True
 
 _LOWER = {  # support-table row -> rewrite; each group is dequantize -> ops -> quantize in the reference graph
     "matmul": matmul,                    # matmul(dq a, dq b) -> q  ->  int8_matmul(qa, qb)
