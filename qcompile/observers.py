@@ -11,8 +11,9 @@ Which observer ``make_observer`` builds for a ``QuantSpec``:
 
 ============  =======================================================================
 per_tensor    minmax -> MinMaxObserver, moving_average -> MovingAverageMinMaxObserver, unit_scale -> UnitScaleObserver,
-              percentile / mse / entropy -> HistogramObserver(method=spec.observer)
-per_channel   mse -> PerChannelMSEObserver, pair_sum -> PerChannelPairSumObserver, moving_average ->
+              percentile / mse / entropy / auto -> HistogramObserver(method=spec.observer) ("auto": the
+              method is chosen per tensor after calibration by qcompile.range_choice; "mse" until then)
+per_channel   mse / auto -> PerChannelMSEObserver, pair_sum -> PerChannelPairSumObserver, moving_average ->
               MovingAveragePerChannelMinMaxObserver, percentile / entropy / minmax ->
               PerChannelMinMaxObserver (a histogram per channel is not worth its memory)
 per_group     mse -> PerGroupMSEObserver, anything else -> PerGroupMinMaxObserver (weights only)
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CalibrationError, ConfigError
-from .qparams import compute_qparams, reduce_minmax, representable_range
+from .qparams import compute_qparams, fake_quantize, reduce_minmax, representable_range
 from .specs import QParams, QuantSpec
 
 __all__ = [
@@ -38,7 +39,8 @@ __all__ = [
     "histogram_entropy_range", "histogram_mse_costs", "histogram_kl_costs",
 ]
 
-HISTOGRAM_METHODS = ("percentile", "mse", "entropy")
+HISTOGRAM_METHODS = ("percentile", "mse", "entropy", "auto")
+RANGE_METHODS = ("mse", "minmax", "percentile", "entropy")  # what "auto" chooses among (the first until chosen)
 _MIN_BIN_WIDTH = 1e-12
 
 
@@ -66,7 +68,11 @@ class Observer(nn.Module):
         self.name = name
         self.num_batches = 0
 
+    _replay = None  # qcompile.range_choice: "float" passes x through, a QParams fake-quantizes it; no observing
+
     def forward(self, x):
+        if self._replay is not None:
+            return x if isinstance(self._replay, str) else fake_quantize(x, self._replay)
         with torch.no_grad():
             self._observe(self._prepare(x))
         self.num_batches += 1
@@ -507,7 +513,9 @@ class HistogramObserver(Observer):
     The bins sit on a lattice ``hist_min + k * bin_width``. When a batch falls outside, the range is
     extended by whole old bins and the bin width multiplied by an integer factor, so old counts
     merge exactly into new bins (no re-sampling blur, memory stays ``bins`` counts). The range
-    always contains 0. ``method``: "percentile" (``spec.percentile``, each tail), "mse" or "entropy".
+    always contains 0. ``method``: "percentile" (``spec.percentile``, each tail), "mse", "entropy" or "auto"
+    (``chosen``, set by qcompile.range_choice, among RANGE_METHODS; "mse" until then). ``range_for(m)`` gives
+    the range any of RANGE_METHODS would pick from the same histogram.
     """
 
     def __init__(self, spec: QuantSpec, name: str = "<unnamed>", method: str | None = None,
@@ -517,6 +525,8 @@ class HistogramObserver(Observer):
         if method not in HISTOGRAM_METHODS:
             raise ConfigError(f"HistogramObserver method must be one of {HISTOGRAM_METHODS}, got {method!r}")
         self.method = method
+        self.chosen: str | None = None
+        self.elements = 0  # elements of the largest batch seen (range_choice's cost estimate)
         self.bins = bins
         self.hist_min = 0.0
         self.bin_width = 0.0
@@ -524,6 +534,7 @@ class HistogramObserver(Observer):
         self.register_buffer("histogram", None)
         self.register_buffer("min_val", None)
         self.register_buffer("max_val", None)
+        self.channel_amax: Tensor | None = None  # per channel (dim 1 of 4-D, else the last dim) abs-max
 
     @property
     def hist_max(self) -> float:
@@ -541,8 +552,15 @@ class HistogramObserver(Observer):
             self.min_val, self.max_val = torch.minimum(self.min_val, mn), torch.maximum(self.max_val, mx)
             self._grow(min(float(mn), 0.0), max(float(mx), 0.0))
         self._accumulate(x, float(mn), float(mx))
-        if self.method != "percentile":
-            self.zero_count += float(x.numel() - int(torch.count_nonzero(x)))
+        self.zero_count += float(x.numel() - int(torch.count_nonzero(x)))
+        self.elements = max(self.elements, x.numel())
+        if x.dim() >= 2:
+            dim = 1 if x.dim() == 4 else x.dim() - 1
+            amax = x.abs().transpose(0, dim).reshape(x.shape[dim], -1).amax(1)
+            if self.channel_amax is None or self.channel_amax.shape != amax.shape:
+                self.channel_amax = amax if self.channel_amax is None else None
+            else:
+                self.channel_amax = torch.maximum(self.channel_amax, amax)
 
     def _grow(self, lo: float, hi: float) -> None:
         """Extend the lattice to cover [lo, hi]: shift by ``j`` old bins, merge ``r`` bins into one."""
@@ -570,14 +588,50 @@ class HistogramObserver(Observer):
         counts = torch.histc(x, bins=self.bins, min=lo32, max=hi32)
         self.histogram += counts.to(torch.float64)
 
-    def _range(self) -> tuple[float, float]:
+    @property
+    def effective_method(self) -> str:
+        return (self.chosen or RANGE_METHODS[0]) if self.method == "auto" else self.method
+
+    def outlier_channels(self, ratio: float = 8.0) -> list[int]:
+        """Channels (dim 1 of a 4-D activation, else the last dim) whose abs-max is > ``ratio`` x the median
+        channel's, largest first."""
+        a = self.channel_amax
+        if a is None or a.numel() < 8:
+            return []
+        med = float(a.median())
+        if med <= 0:
+            return []
+        idx = torch.nonzero(a > ratio * med).flatten()
+        return idx[a[idx].argsort(descending=True)].tolist()
+
+    def clipped_channels(self, channels: list[int], method: str | None = None) -> list[int]:
+        """Those of ``channels`` whose abs-max lies beyond the range ``method`` (default: in force) gives."""
+        if not channels or self.channel_amax is None:
+            return []
+        lo, hi = self.range_for(method or self.effective_method)
+        return [c for c in channels if float(self.channel_amax[c]) > max(-lo, hi) * (1 + 1e-6)]
+
+    def range_for(self, method: str) -> tuple[float, float]:
         args = (self.histogram, self.hist_min, self.bin_width)
         data = (float(self.min_val), float(self.max_val))
-        if self.method == "percentile":
+        if method == "minmax":
+            return data
+        if method == "percentile":
             return histogram_percentile_range(*args, self.spec.percentile, *data)
-        if self.method == "mse":
+        if method == "mse":
             return histogram_mse_range(*args, self.spec, *data, zero_count=self.zero_count)
-        return histogram_entropy_range(*args, self.spec, *data, zero_count=self.zero_count)
+        if method == "entropy":
+            return histogram_entropy_range(*args, self.spec, *data, zero_count=self.zero_count)
+        raise ConfigError(f"unknown range method {method!r} (one of {RANGE_METHODS})")
+
+    def qparams_for(self, method: str) -> QParams:
+        if self.num_batches == 0:
+            return self.calculate_qparams()  # the error naming the observer
+        lo, hi = self.range_for(method)
+        return compute_qparams(torch.tensor(lo), torch.tensor(hi), self.spec)
+
+    def _range(self) -> tuple[float, float]:
+        return self.range_for(self.effective_method)
 
     def _calculate(self) -> QParams:
         lo, hi = self._range()
@@ -598,7 +652,7 @@ def make_observer(spec: QuantSpec, name: str = "<unnamed>") -> Observer:
             return UnitScaleObserver(spec, name)
         return HistogramObserver(spec, name, method=spec.observer)
     if spec.granularity == "per_channel":
-        if spec.observer == "mse":
+        if spec.observer in ("mse", "auto"):  # no per-channel choice: MSE
             return PerChannelMSEObserver(spec, name)
         if spec.observer == "pair_sum":
             return PerChannelPairSumObserver(spec, name)
@@ -606,7 +660,7 @@ def make_observer(spec: QuantSpec, name: str = "<unnamed>") -> Observer:
             return MovingAveragePerChannelMinMaxObserver(spec, name)
         return PerChannelMinMaxObserver(spec, name)
     if spec.granularity == "per_group":
-        return (PerGroupMSEObserver if spec.observer == "mse" else PerGroupMinMaxObserver)(spec, name)
+        return (PerGroupMSEObserver if spec.observer in ("mse", "auto") else PerGroupMinMaxObserver)(spec, name)
     raise ConfigError(f"{name!r}: per_token specs are quantized dynamically at run time; "
                       f"there is nothing to calibrate (do not insert an observer)")
 

@@ -391,11 +391,34 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
     run_algorithms(prepared, calibration, opts, progress)
     t0 = time.perf_counter()
     if calibration is not None and opts.mode not in FLOAT_MODES:
-        prepared.calibrate(calibration, progress=progress)
-    prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0
+        calibrate_and_choose(prepared, calibration, progress)
+    prepared._ctx.timings["calibration_s"] = time.perf_counter() - t0 - prepared._ctx.timings.get("range_choice_s", 0.0)
     if float_weights is not None:
         float_weights.update(gemm_weights(prepared.gm))
     return convert_prepared(prepared, verify, held_out, held_out_source)
+
+
+def calibrate_and_choose(prepared: PreparedModel, calibration, progress) -> None:
+    """Calibrate; with ``observer="auto"`` activations also choose each one's calibration method by the output
+    error it gives (qcompile.range_choice), reported as ``report.algorithms["range_choice"]``. The choice is
+    made on the last ``min(4, n // 2)`` samples of a calibration list with the observers calibrated on the
+    others (a range judged on the samples it was fitted to favours clipping: measured), then those samples
+    are calibrated on too. Other iterables: judged on their first samples."""
+    from .range_choice import HOLD_BACK, MAX_SAMPLES, auto_observers, choose_ranges
+    wants = any(getattr(m, "method", None) == "auto" for m in prepared.gm.modules())
+    split = HOLD_BACK and isinstance(calibration, (list, tuple)) and len(calibration) >= 2 and wants
+    k = min(MAX_SAMPLES, len(calibration) // 2) if split else 0
+    prepared.calibrate(calibration[:-k] if split else calibration, progress=progress)
+    if not wants or not auto_observers(prepared.gm):
+        return
+    t0 = time.perf_counter()
+    judged = calibration[-k:] if split else calibration
+    rep = choose_ranges(prepared.gm, _Samples(judged, prepared._ctx.inputs, input_names(prepared.gm)))
+    rep["judged_on"] = f"{k} held-back calibration samples" if split else "calibration samples (in-sample)"
+    meta.ALGORITHMS.set(prepared.gm, {**meta.ALGORITHMS.get(prepared.gm, {}), "range_choice": rep})
+    prepared._ctx.timings["range_choice_s"] = time.perf_counter() - t0
+    if split:
+        prepared.calibrate(calibration[-k:], progress=progress)
 
 
 def exact_input_passes(opts: Options, calibration) -> Options:
