@@ -2,7 +2,7 @@
 
 For each model of bench/conformance_models.py (random seeded weights, 4 calibration samples, as the
 conformance suite), static int8 with every activation observer given: ``mse`` (the default), ``auto``
-(qcompile.range_choice: per tensor, by the output error on held-back calibration samples), ``minmax``,
+(qcompile.passes.range_choice: per tensor, by the output error on held-back calibration samples), ``minmax``,
 ``percentile``, ``entropy``. SQNR of the first output over 8 held-out inputs (energy over all of them), so one
 unlucky input does not decide. Accuracy only: no latency is measured.
 

@@ -12,7 +12,7 @@ Which observer ``make_observer`` builds for a ``QuantSpec``:
 ============  =======================================================================
 per_tensor    minmax -> MinMaxObserver, moving_average -> MovingAverageMinMaxObserver, unit_scale -> UnitScaleObserver,
               percentile / mse / entropy / auto -> HistogramObserver(method=spec.observer) ("auto": the
-              method is chosen per tensor after calibration by qcompile.range_choice; "mse" until then)
+              method is chosen per tensor after calibration by qcompile.passes.range_choice; "mse" until then)
 per_channel   mse / auto -> PerChannelMSEObserver, pair_sum -> PerChannelPairSumObserver, moving_average ->
               MovingAveragePerChannelMinMaxObserver, percentile / entropy / minmax ->
               PerChannelMinMaxObserver (a histogram per channel is not worth its memory)
@@ -68,7 +68,7 @@ class Observer(nn.Module):
         self.name = name
         self.num_batches = 0
 
-    _replay = None  # qcompile.range_choice: "float" passes x through, a QParams fake-quantizes it; no observing
+    _replay = None  # qcompile.passes.range_choice: "float" passes x through, a QParams fake-quantizes it; no observing
 
     def forward(self, x):
         if self._replay is not None:
@@ -514,7 +514,7 @@ class HistogramObserver(Observer):
     extended by whole old bins and the bin width multiplied by an integer factor, so old counts
     merge exactly into new bins (no re-sampling blur, memory stays ``bins`` counts). The range
     always contains 0. ``method``: "percentile" (``spec.percentile``, each tail), "mse", "entropy" or "auto"
-    (``chosen``, set by qcompile.range_choice, among RANGE_METHODS; "mse" until then). ``range_for(m)`` gives
+    (``chosen``, set by qcompile.passes.range_choice, among RANGE_METHODS; "mse" until then). ``range_for(m)`` gives
     the range any of RANGE_METHODS would pick from the same histogram.
     """
 

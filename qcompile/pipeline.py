@@ -400,11 +400,11 @@ def compile_model(model, example_inputs, backend, opts: Options, calibration=Non
 
 def calibrate_and_choose(prepared: PreparedModel, calibration, progress) -> None:
     """Calibrate; with ``observer="auto"`` activations also choose each one's calibration method by the output
-    error it gives (qcompile.range_choice), reported as ``report.algorithms["range_choice"]``. The choice is
+    error it gives (passes/range_choice.py), reported as ``report.algorithms["range_choice"]``. The choice is
     made on the last ``min(4, n // 2)`` samples of a calibration list with the observers calibrated on the
     others (a range judged on the samples it was fitted to favours clipping: measured), then those samples
     are calibrated on too. Other iterables: judged on their first samples."""
-    from .range_choice import HOLD_BACK, MAX_SAMPLES, auto_observers, choose_ranges
+    from .passes.range_choice import HOLD_BACK, MAX_SAMPLES, auto_observers, choose_ranges
     wants = any(getattr(m, "method", None) == "auto" for m in prepared.gm.modules())
     split = HOLD_BACK and isinstance(calibration, (list, tuple)) and len(calibration) >= 2 and wants
     k = min(MAX_SAMPLES, len(calibration) // 2) if split else 0

@@ -17,7 +17,7 @@ ObserverKind = Literal["minmax", "moving_average", "percentile", "mse", "entropy
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy", "pair_sum", "unit_scale", "auto")
 # "auto" (per-tensor activations): one histogram, and the range of whichever of minmax / percentile / mse /
-# entropy gives the smallest model-output error on calibration data (qcompile.range_choice); "mse" until chosen.
+# entropy gives the smallest model-output error on calibration data (qcompile.passes.range_choice); "mse" until chosen.
 # "pair_sum" (per-channel weights): any two same-sign codes of a channel sum to at most 128 in magnitude, so a
 # kernel adding two u8 x s8 products in int16 cannot saturate (qcompile.observers.PerChannelPairSumObserver).
 # "unit_scale" (per-tensor activations): scale 1, zero point at the bottom of the range, for values already

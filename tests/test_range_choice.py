@@ -1,4 +1,4 @@
-"""observer="auto": the calibration method per tensor by the model-output error it gives (qcompile.range_choice)."""
+"""observer="auto": the calibration method per tensor by the model-output error it gives (qcompile.passes.range_choice)."""
 import torch
 from torch import nn
 
@@ -67,7 +67,7 @@ def _tail_data(seed, n=12):
 def test_the_choice_is_a_local_optimum_of_the_output_error_at_least_as_good_as_every_uniform_method():
     """Brute force over the judged samples: the chosen assignment's output error is <= every uniform
     assignment's, and no single tensor's other range lowers it by the 1 % a sweep step needs."""
-    from qcompile.range_choice import MIN_GAIN, _error, _Replay, auto_observers, choose_ranges
+    from qcompile.passes.range_choice import MIN_GAIN, _error, _Replay, auto_observers, choose_ranges
     from qcompile.observers import Observer, RANGE_METHODS
     torch.manual_seed(0)
     model = _TwoPaths().eval()
@@ -117,7 +117,7 @@ def test_compile_judges_on_held_back_calibration_samples():
 
 
 def test_judging_leaves_statistics_weights_and_the_users_model_alone():
-    from qcompile.range_choice import auto_observers, choose_ranges
+    from qcompile.passes.range_choice import auto_observers, choose_ranges
     torch.manual_seed(0)
     model = _TwoPaths().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

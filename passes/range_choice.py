@@ -40,7 +40,9 @@ import time
 import torch
 from torch import fx
 
-from .observers import RANGE_METHODS, HistogramObserver, Observer
+from qcompile.observers import RANGE_METHODS, HistogramObserver, Observer
+
+from .bias_correction import quantized_layers, rounded_weight
 
 HOLD_BACK = True
 MIN_GAIN = 0.01  # a sweep step is kept when it lowers the calibration output error by >= 1 %
@@ -81,7 +83,6 @@ class _Replay:
     objects are put back on exit; nothing is changed in place)."""
 
     def __init__(self, gm: fx.GraphModule, samples: list):
-        from .passes.bias_correction import quantized_layers, rounded_weight
         self.gm, self.samples = gm, samples
         self.observers = [m for m in gm.modules() if isinstance(m, Observer)]
         self.rounded = {}
