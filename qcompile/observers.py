@@ -554,7 +554,7 @@ class HistogramObserver(Observer):
         self._accumulate(x, float(mn), float(mx))
         self.zero_count += float(x.numel() - int(torch.count_nonzero(x)))
         self.elements = max(self.elements, x.numel())
-        if x.dim() >= 2:
+        if self.method == "auto" and x.dim() >= 2:  # outlier channels, reported by range_choice
             dim = 1 if x.dim() == 4 else x.dim() - 1
             amax = x.abs().transpose(0, dim).reshape(x.shape[dim], -1).amax(1)
             if self.channel_amax is None or self.channel_amax.shape != amax.shape:
