@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qcompile.ir import fill_fake_val
+
 aten = torch.ops.aten
 _STRING_PADDING = {aten.conv2d.padding: (aten.conv2d.default, 2), aten.conv1d.padding: (aten.conv1d.default, 1)}
 
@@ -22,14 +24,6 @@ _DEFAULTS = (None, None, None, 1, "valid", 1, 1)
 def _per_dim(v, dims: int) -> list:
     v = [v] if isinstance(v, int) else list(v)
     return v * dims if len(v) == 1 else v
-
-
-def _fill_val(node: fx.Node) -> None:
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
-    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
-    if mode is not None:
-        with mode:
-            node.meta["val"] = node.target(*vals)
 
 
 def _same_padding(weight_val, dilation, dims: int) -> tuple[list, list]:
@@ -66,7 +60,7 @@ def rewrite_string_padding(gm: fx.GraphModule) -> bool:
                 with gm.graph.inserting_before(node):
                     x = gm.graph.call_function(aten.constant_pad_nd.default, (x, pad_arg, 0.0))
                 x.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-                _fill_val(x)
+                fill_fake_val(x)
                 pads = [0] * dims
         else:
             continue

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import fx
 
-from qcompile.ir import add_constant
+from qcompile.ir import add_constant, fill_fake_val
 
 from .infra import Pass, PassResult
 
@@ -51,16 +51,6 @@ def why_not(args: dict) -> str | None:
     return None
 
 
-def _fake(node: fx.Node, target, args) -> None:
-    """Fill ``node.meta['val']`` by running ``target`` on the inputs' fake tensors."""
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
-    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
-    if mode is None:
-        return
-    with mode:
-        node.meta["val"] = target(*vals)
-
-
 class DecomposeSDPA(Pass):
     """Write every exact-decomposable SDPA node out as matmul / mul / softmax / matmul (see module doc)."""
 
@@ -88,7 +78,7 @@ class DecomposeSDPA(Pass):
         def emit(target, *args):
             n = gm.graph.call_function(target, tuple(args))
             n.meta.update(meta)
-            _fake(n, target, args)
+            fill_fake_val(n)
             return n
 
         kt = emit(aten.transpose.int, a["k"], -2, -1)

@@ -25,7 +25,7 @@ from torch import fx
 
 from qcompile import annotation as A
 from qcompile import meta
-from qcompile.ir import add_constant, get_attr_value, replace_weight_bias
+from qcompile.ir import add_constant, fill_fake_val, get_attr_value, replace_weight_bias
 from qcompile.specs import QuantSpec
 
 from .infra import Pass, PassResult
@@ -193,26 +193,13 @@ class AlignInputLattice(Pass):
         replace_weight_bias(gm, conv, w2.to(w.dtype), b2.to(w.dtype), "exact_input")
         for n in (mul, add) + ((pad,) if pad is not None and pad is not x else ()):
             n.meta.update({k: conv.meta[k] for k in ("nn_module_stack", "stack_trace") if k in conv.meta})
-        _fill_vals(gm, [n for n in (pad, mul, add) if n is not None])
+        for n in (pad, mul, add):
+            if n is not None:
+                fill_fake_val(n, gm)
         meta.EXACT_INPUT.set(gm, {**lat.describe(), "input": x.name})
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
-
-
-def _fill_vals(gm, nodes) -> None:
-    """meta['val'] of inserted nodes (later passes read shapes from it)."""
-    for n in nodes:
-        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in n.args]
-        if any(isinstance(a, fx.Node) and a.op == "get_attr" for a in n.args):
-            vals = [get_attr_value(gm, a) if isinstance(a, fx.Node) and a.op == "get_attr" else v
-                    for a, v in zip(n.args, vals)]
-        mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
-        if mode is None:
-            continue
-        with mode:
-            vals = [mode.from_tensor(v) if isinstance(v, torch.Tensor) and not hasattr(v, "fake_mode") else v for v in vals]
-            n.meta["val"] = n.target(*vals)
 
 
 def _aligned_nodes(gm: fx.GraphModule) -> tuple[list[fx.Node], fx.Node | None]:

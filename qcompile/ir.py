@@ -86,6 +86,23 @@ def erase_dead_params(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
+def fill_fake_val(node: fx.Node, gm: fx.GraphModule | None = None) -> None:
+    """Set ``node.meta['val']`` of an inserted call_function node by running its target on its arguments'
+    fake values (later passes read shapes from it). With ``gm``, a get_attr argument contributes its real
+    tensor, converted to the graph's fake mode. Left unset when no argument carries a fake value."""
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args]
+    if gm is not None:
+        vals = [get_attr_value(gm, a) if isinstance(a, fx.Node) and a.op == "get_attr" else v
+                for a, v in zip(node.args, vals)]
+    mode = next((v.fake_mode for v in vals if hasattr(v, "fake_mode")), None)
+    if mode is None:
+        return
+    with mode:
+        vals = [mode.from_tensor(v) if isinstance(v, torch.Tensor) and not hasattr(v, "fake_mode") else v
+                for v in vals]
+        node.meta["val"] = node.target(*vals)
+
+
 def record_values(gm: fx.GraphModule, flat_args, names) -> dict:
     """Run ``gm`` on ``flat_args`` (no grad) and return ``{node name: value}`` for the nodes in ``names``."""
     wanted, seen = set(names), {}
