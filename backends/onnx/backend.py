@@ -38,7 +38,9 @@ class OnnxOptions:
     act_dtype: "uint8" (ORT's native U8S8 on x86) or "int8" (ORT rewrites it to uint8 on x86).
     weight_reduce_range: 7-bit weights (ORT's reduce_range, for AVX2 CPUs without VNNI).
     weight_narrow: symmetric int8 weights in [-127, 127] (TensorRT's and ORT's convention) instead of [-128, 127].
-    quantize_attention: int8 activation x activation matmuls (QLinearMatMul).
+    quantize_attention: static mode writes scaled_dot_product_attention out (passes/decompose_sdpa.py) and runs
+      activation x activation matmuls int8: Q.K^T as MatMulIntegerToFloat (fp32 scores for the float softmax),
+      P.V as QLinearMatMul. False keeps SDPA fused and every such matmul float.
     dynamic_attention: mode="dynamic" also quantizes activation x activation matmuls at run time (ORT fuses
       them into DynamicQuantizeMatMul). Off by default: on MiniLM (seq 128, batch 8) it is no faster (86.0 vs
       83.8 ms) and the min sentence cosine falls from 0.9906 to 0.9895, under the 0.99 bar.
@@ -104,8 +106,13 @@ class OnnxBackend(TableBackend):
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
         if mode in ("dynamic", "weight_only"):
             return [], []
+        from qcompile.passes.decompose_sdpa import DecomposeSDPA
         from qcompile.passes.float_output import FloatOutputLinears
-        return [], [FloatOutputLinears(self.options.float_output_linears)]
+        if not self.options.quantize_attention:
+            return [], [FloatOutputLinears(self.options.float_output_linears)]
+        # attention written out as matmul / softmax / matmul, so Q.K^T and P.V run as QDQ MatMuls (ORT: QLinearMatMul,
+        # or MatMulIntegerToFloat for Q.K^T whose consumers - scale, mask, softmax - are float)
+        return [DecomposeSDPA()], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
 
     def float_mode_table(self, mode: str) -> ModeTable:
         """dynamic / weight_only: the claimed linears (embeddings) compute and return float (see modes.py)."""

@@ -16,6 +16,7 @@ from qcompile import annotation as A
 import _zoo as zoo
 from qcompile.errors import ConfigError, StrictFallbackError, UnsupportedError
 from qcompile.ir import module_path
+from qcompile.qparams import sqnr
 
 ort = pytest.importorskip("onnxruntime")
 from qcompile.backends.onnx.backend import OnnxBackend  # noqa: E402
@@ -164,7 +165,8 @@ def test_bert_encoder_matches_reference(bert):
     assert v["sqnr_vs_reference_db"] > 35, v
     assert v["onnx_opset"] == 20 and v["dynamic_batch"]      # Gelu-20 (ORT fuses it); LayerNormalization-17
     ops = v["ort_int8_ops"]
-    assert ops["MatMulIntegerToFloat"] == 12 and ops["QLinearMatMul"] == 4, ops
+    # 12 linears + 2 Q.K^T (fp32 scores for the float softmax) write fp32; the 2 P.V matmuls requantize
+    assert ops["MatMulIntegerToFloat"] == 14 and ops["QLinearMatMul"] == 2, ops
     rows = {r.name: r for r in art.report.rows}
     residual = [n for n in art.reference.graph.nodes if n.target == torch.ops.aten.add.Tensor
                 and [u.target for u in n.users] == [torch.ops.aten.layer_norm.default]]
@@ -178,6 +180,32 @@ def test_bert_encoder_matches_reference(bert):
     ids, mask = calib[2]
     out = art(torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]]))     # batch 3 on a batch-2 capture
     assert out.shape == (3, 32, 128)
+
+
+def test_sdpa_attention_runs_int8_on_onnxruntime():
+    """nn.TransformerEncoder attends with SDPA: static ONNX writes it out (passes/decompose_sdpa.py) so Q.K^T and
+    P.V are QDQ MatMuls ORT fuses: Q.K^T feeds the float scale / softmax, so it is MatMulIntegerToFloat (fp32
+    scores), P.V feeds the int8 out-projection, so it is QLinearMatMul. quantize_attention=False keeps SDPA."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 16, 64, generator=g) for _ in range(4)]
+    art = _compile(model, (cal[0],), cal)
+    mm = [r for r in art.report.rows if r.op == "matmul"]
+    assert len(mm) == 4 and all(r.status == A.INT8 for r in mm), [(r.name, r.status) for r in mm]
+    assert [r.kernel for r in mm] == ["MatMulIntegerToFloat", "QLinearMatMul"] * 2
+    assert not any(r.op == "scaled_dot_product_attention" for r in art.report.rows)
+    v = art.report.verify
+    assert v["ort_int8_ops"]["QLinearMatMul"] == 2 and v["within_one_step"] >= 0.99, v
+    assert art.report.share("macs") == 1.0
+    x = torch.randn(3, 16, 64, generator=g)
+    with torch.no_grad():
+        assert sqnr(model(x), art(x)) > 30
+        assert sqnr(art.run_reference(x), art(x)) > 50
+    fused = _compile(model, (cal[0],), cal, backend_options={"quantize_attention": False})
+    rows = [r for r in fused.report.rows if r.op == "scaled_dot_product_attention"]
+    assert len(rows) == 2 and all(r.status.startswith("float") and r.reason for r in rows)
 
 
 class _Mlp(nn.Module):
