@@ -8,7 +8,8 @@
 * ``view`` becomes ``reshape``: with the copies gone (and whatever layout a backend picks, channels-last
   or NHWC), a view of a transposed tensor (ShuffleNet's channel shuffle) must still be computable —
   ``reshape`` is a view where the strides allow it and a copy where they do not, the same values;
-* constant-weight ``addmm`` / ``mm`` / ``matmul`` -> ``linear`` (canonical_linear.py).
+* constant-weight ``addmm`` / ``mm`` / ``matmul`` -> ``linear`` (canonical_linear.py);
+* a zero pad before a conv -> the conv's padding where it is symmetric, a pad of nothing removed (fold_pad.py).
 
 An in-place op on a graph input, a constant or a view of another tensor keeps its mutation (rewriting it
 would change what other aliases see); the copies are then kept too.
@@ -25,6 +26,7 @@ from qcompile import meta
 from .canonical_linear import CanonicalLinear
 from .const_fold import fold_constants
 from .conv_padding import rewrite_string_padding
+from .fold_pad import fold_pads
 from .infra import Pass, PassResult
 
 aten = torch.ops.aten
@@ -115,6 +117,7 @@ class Normalize(Pass):
             modified |= fold_constants(gm)
         modified |= CanonicalLinear()(gm).modified
         modified |= rewrite_string_padding(gm)
+        modified |= fold_pads(gm)  # TF-style explicit zero padding -> the conv's own padding (fold_pad.py)
         if modified:
             gm.recompile()
         return PassResult(gm, modified)
