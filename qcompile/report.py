@@ -148,13 +148,18 @@ def _fmt(v):
 
 
 def _macs(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
-    """(weight elements, multiply-accumulates) of a conv / linear / matmul node."""
+    """(weight elements, multiply-accumulates) of a conv / linear / matmul / attention node."""
     kind = op_kind(node)
+    if node.target == torch.ops.aten.scaled_dot_product_attention.default:  # Q.K^T (L x S x E) + P.V (L x S x Ev) per batch x head
+        q, k, v = (concrete_shape(a) if isinstance(a, fx.Node) else None for a in node.args[:3])
+        if not (q and k and v):
+            return 0, 0
+        return 0, math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
     out = concrete_shape(node)
-    if out is None or kind not in ("conv1d", "conv2d", "linear", "matmul", "conv_transpose2d"):
+    if out is None or kind not in ("conv1d", "conv2d", "linear", "matmul", "bmm", "conv_transpose2d"):
         return 0, 0
     out_numel = math.prod(out)
-    if kind == "matmul":
+    if kind in ("matmul", "bmm"):
         a = concrete_shape(node.args[0])
         return 0, out_numel * (a[-1] if a else 0)
     w = node.args[1]

@@ -206,6 +206,8 @@ def test_sdpa_attention_runs_int8_on_onnxruntime():
     fused = _compile(model, (cal[0],), cal, backend_options={"quantize_attention": False})
     rows = [r for r in fused.report.rows if r.op == "scaled_dot_product_attention"]
     assert len(rows) == 2 and all(r.status.startswith("float") and r.reason for r in rows)
+    # the fused attention's MACs count as float work in the report: 2 layers x B=2 x L=S=16 x (16 + 16) x E=64
+    assert sum(r.macs for r in rows) == 2 * 2 * 16 * 16 * (64 + 64) and fused.report.share("macs") < 0.95
 
 
 class _Mlp(nn.Module):
