@@ -71,15 +71,44 @@ def node_macs(node: fx.Node) -> int:
     return gemm_macs(op, node.args, _shape(node)) if op in GEMM_OPS else 0
 
 
+def live_nodes(graph: fx.Graph) -> set:
+    """Nodes whose value reaches the graph's output. A GEMM whose result nobody reads (Hugging Face BERT's
+    pooler when the wrapper returns the last hidden state) is work no tool needs to do: torch.export keeps
+    it, qcompile's pipeline and eager forward hooks disagree on it, so no count includes it."""
+    out = [n for n in graph.nodes if n.op == "output"]
+    live, todo = set(out), list(out)
+    while todo:
+        for inp in todo.pop().all_input_nodes:
+            if inp not in live:
+                live.add(inp)
+                todo.append(inp)
+    return live
+
+
 def graph_macs(gm: fx.GraphModule) -> int:
-    """Total GEMM MACs of a graph whose nodes carry ``meta['val']`` (torch.export / edge graphs)."""
-    return sum(node_macs(n) for n in gm.graph.nodes)
+    """GEMM MACs of the live nodes of a graph whose nodes carry ``meta['val']`` (torch.export / edge graphs)."""
+    live = live_nodes(gm.graph)
+    return sum(node_macs(n) for n in gm.graph.nodes if n in live)
 
 
 def float_total(model, args) -> int:
-    """The denominator: GEMM MACs of the float model, on its torch.export graph (no decomposition)."""
+    """The denominator: GEMM MACs of the float model, on its torch.export graph (no decomposition), live nodes
+    only (see ``live_nodes``)."""
     ep = torch.export.export(model, tuple(args))
     return graph_macs(ep.graph_module)
+
+
+def dead_gemm_modules(model, args) -> set:
+    """Paths of the modules (e.g. ``model.pooler.dense``) whose GEMMs are dead in the float export graph: a
+    count made by forward hooks on the eager model skips them (see ``live_nodes``)."""
+    ep = torch.export.export(model, tuple(args))
+    live, dead = live_nodes(ep.graph_module.graph), set()
+    for n in ep.graph_module.graph.nodes:
+        if n not in live and node_macs(n):
+            stack = n.meta.get("nn_module_stack") or {}
+            if stack:
+                dead.add(list(stack.values())[-1][0])
+    return dead
 
 
 # -- ONNX ---------------------------------------------------------------------------------------------
@@ -107,9 +136,15 @@ def onnx_int8_macs(model) -> tuple[int, int]:
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
     producer = {o: n for n in g.node for o in n.output}
+    live, todo = set(), [o.name for o in g.output]
+    while todo:  # nodes whose outputs reach a graph output (see live_nodes)
+        p = producer.get(todo.pop())
+        if p is not None and id(p) not in live:
+            live.add(id(p))
+            todo.extend(i for i in p.input if i)
     int8 = total = 0
     for n in g.node:
-        if n.op_type not in _ONNX_CONV | _ONNX_MM:
+        if n.op_type not in _ONNX_CONV | _ONNX_MM or id(n) not in live:
             continue
         a_i, w_i = _ONNX_IO.get(n.op_type, (0, 1))
         a, w, out = shapes.get(n.input[a_i]), shapes.get(n.input[w_i]), shapes.get(n.output[0])

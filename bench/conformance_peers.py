@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from conformance_macs import GEMM_OPS, ShapeRecorder, gemm_macs, node_macs, onnx_int8_macs, op_short
+from conformance_macs import (GEMM_OPS, ShapeRecorder, dead_gemm_modules, gemm_macs, live_nodes, node_macs,
+                             onnx_int8_macs, op_short)
 
 
 @dataclass
@@ -73,10 +74,10 @@ def _ao_int8_macs(gm: fx.GraphModule, args) -> int:
     rec = ShapeRecorder(gm)
     with torch.no_grad():
         rec.run(*args)
-    mods, total = dict(gm.named_modules()), 0
+    mods, total, live = dict(gm.named_modules()), 0, live_nodes(gm.graph)
     for n in gm.graph.nodes:
         out = rec.shapes.get(n)
-        if out is None:
+        if out is None or n not in live:
             continue
         if n.op == "call_module":
             m = mods[n.target]
@@ -137,9 +138,9 @@ def _dq_gemm_macs(gm: fx.GraphModule, args) -> int:
     rec = ShapeRecorder(gm)
     with torch.no_grad():
         rec.run(*args)
-    total = 0
+    total, live = 0, live_nodes(gm.graph)
     for n in gm.graph.nodes:
-        if n.op != "call_function" or op_short(n.target) not in GEMM_OPS or rec.shapes.get(n) is None:
+        if n.op != "call_function" or op_short(n.target) not in GEMM_OPS or rec.shapes.get(n) is None or n not in live:
             continue
         a = _act_index(n)
         if not (_is_dq(n.args[a]) and (len(n.args) < a + 2 or _is_dq(n.args[a + 1]))):
@@ -157,10 +158,11 @@ class _MetaShape:
 def _x86_dynamic(model, held):
     import torch.ao.nn.quantized.dynamic as nnqd
     from torch.ao.quantization import quantize_dynamic
+    dead = dead_gemm_modules(model, held)  # run in eager, but their output is never read
     q = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
     macs = []
     hooks = [m.register_forward_hook(lambda m, i, o: macs.append(o.numel() * m.in_features))
-             for m in q.modules() if isinstance(m, nnqd.Linear)]
+             for name, m in q.named_modules() if isinstance(m, nnqd.Linear) and name not in dead]
     with torch.no_grad():
         out = q(*held)
     for h in hooks:

@@ -66,6 +66,28 @@ def test_mac_formula_counts_linear_conv_and_attention():
     assert float_total(Tiny(), (torch.randn(2, 3, 5, 5),)) == expected
 
 
+def test_dead_gemms_count_for_no_tool():
+    """A linear whose output nobody reads (BERT's pooler behind a last-hidden-state wrapper) runs in eager
+    (forward hooks see it) and stays in the torch.export graph, but qcompile's graph drops it: no count has it."""
+    import torch
+    from conformance_macs import dead_gemm_modules, float_total
+    from conformance_peers import _x86_dynamic
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.pooler = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.body(x)
+            self.pooler(h[:, 0])                    # computed, then dropped
+            return h
+    x = (torch.randn(2, 5, 8),)
+    model = Pooled().eval()
+    assert float_total(model, x) == 2 * 5 * 8 * 8 and dead_gemm_modules(model, x) == {"pooler"}
+    assert _x86_dynamic(model, x).int8_macs == 2 * 5 * 8 * 8
+
+
 def test_report_summary_counts_failures_as_losses():
     from conformance_report import render, summary
     ok = {"model": "a", "backend": "x86", "mode": "static", "compiles": True, "runs": True, "loads": True,
