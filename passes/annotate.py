@@ -5,7 +5,7 @@ every other node is marked float with the reason. Observer insertion and convert
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -14,7 +14,8 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.config import QConfig, resolve
 from qcompile.errors import ConfigError
-from qcompile.specs import SharedSpec
+from qcompile.ir import get_attr_value
+from qcompile.specs import SharedSpec, WeightSpec
 from qcompile.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport
 
 from .fuse import REJECTIONS
@@ -37,6 +38,53 @@ def _is_float_tensor(arg) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
+_GEMMS = frozenset({"conv1d", "conv2d", "conv_transpose2d", "linear", "matmul"})
+
+
+def _reads_model_input(x: fx.Node) -> bool:
+    """Whether a path of non-GEMM ops (pad, permute, normalisation...) leads from a graph input to ``x``."""
+    seen, todo = set(), [x]
+    while todo:
+        n = todo.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return True
+        if n.op == "call_function" and op_kind(n) not in _GEMMS:
+            todo.extend(n.all_input_nodes)
+    return False
+
+
+def sensitive_conv(gm: fx.GraphModule, anchor: fx.Node) -> str | None:
+    """Why a conv is one whose weights ``WeightSpec.sensitive_bits`` keeps wider, or None."""
+    if op_kind(anchor) not in ("conv1d", "conv2d"):
+        return None
+    w = anchor.args[1]
+    value = get_attr_value(gm, w) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    groups = anchor.args[6] if len(anchor.args) > 6 else anchor.kwargs.get("groups", 1)
+    if isinstance(value, torch.Tensor) and int(groups) > 1 and value.shape[1] == 1:
+        return "depthwise conv"
+    if isinstance(anchor.args[0], fx.Node) and _reads_model_input(anchor.args[0]):
+        return "first layer (reads the model input)"
+    return None
+
+
+def _sensitive_weights(gm, anchor, mc, config) -> tuple[WeightSpec | None, str | None]:
+    """(the weight spec of ``anchor``, the report's note when ``sensitive_bits`` widened it)."""
+    w = mc.weights
+    if w is None or w is not config.weights or w.dtype != "int" or w.sensitive_bits is None or \
+            w.bits >= w.sensitive_bits:
+        return w, None  # a per-module config, or nothing to widen
+    why = sensitive_conv(gm, anchor)
+    if why is None:
+        return w, None
+    gran = "per_channel" if w.granularity == "per_group" else w.granularity
+    wide = replace(w, bits=w.sensitive_bits, granularity=gran, group_size=None)
+    return wide, (f"{A.WIDER_WEIGHTS} {w.sensitive_bits} bits, not {w.bits}: {why} "
+                  f"(WeightSpec(sensitive_bits=None) gives it {w.bits})")
+
+
 class Annotate(Pass):
     requires, ensures = frozenset({"normalized"}), frozenset({"annotated"})
     def __init__(self, table: list[OpSupport], config: QConfig, specs: SpecMaker, backend_name: str,
@@ -45,6 +93,7 @@ class Annotate(Pass):
         self.config, self.specs, self.backend, self.notes = config, specs, backend_name, notes or {}
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        self._gm = gm
         quantized: set[str] = set()  # nodes whose output is int8
         for node in gm.graph.nodes:
             if node.op != "call_function" or A.get_annotation(node) is not None:
@@ -89,14 +138,16 @@ class Annotate(Pass):
                                "its range, e.g. a transformer residual stream, may not suit int8)")
         act_spec = self.specs.act(mc.activations)
         inputs = {i: act_spec for i in row.act_args}
+        widened = None
         if row.weight_arg is not None:
             w = anchor.args[row.weight_arg]
             if not (isinstance(w, fx.Node) and w.op == "get_attr"):
                 return self._float(nodes, A.FLOAT_UNSUPPORTED, f"{row.name}: weight is not a constant")
-            inputs[row.weight_arg] = self.specs.weight(mc.weights, row, anchor)
+            wspec, widened = _sensitive_weights(self._gm, anchor, mc, self.config)
+            inputs[row.weight_arg] = self.specs.weight(wspec, row, anchor)
         output = SharedSpec(acts[0].name) if row.kind == SHARED else \
             {ANCHOR: row.fixed or act_spec, PROPAGATE: act_spec, FIXED: row.fixed}[row.kind]
-        status, reason = A.INT8, row.note
+        status, reason = A.INT8, "; ".join(r for r in (row.note, widened) if r) or None
         if not self.config.quantize_outputs and any(u.op == "output" for u in out.users):
             output, status = None, A.FLOAT_OUTPUT
             reason = "feeds the model output: int8 inputs/weights, float compute and output (quantize_outputs=False)"

@@ -16,6 +16,7 @@ GROUP_KEY = meta.GROUP.name
 
 # Status of a node in the coverage report.
 INT8 = "int8"
+WIDER_WEIGHTS = "weights kept at"  # starts the note of an int8 group whose weights WeightSpec.sensitive_bits widened
 FLOAT_UNSUPPORTED = "float: unsupported by backend"
 FLOAT_EXCLUDED = "float: excluded by user"
 FLOAT_NOT_CAPTURED = "float: not captured"

@@ -207,7 +207,8 @@ def build_rows(gm: fx.GraphModule) -> list[Row]:
             params = weight  # a weight that is not a stored constant (a graph input)
         rows.append(Row(node.name, op_kind(node) or name, module_path(node),
                         ann.status if ann else A.FLOAT_UNSUPPORTED,
-                        (ann.reason if ann else "not annotated") if not ann or ann.status != A.INT8 else "",
+                        (ann.reason if ann else "not annotated") if not ann or ann.status != A.INT8 else
+                        "; ".join(p for p in (ann.reason or "").split("; ") if p.startswith(A.WIDER_WEIGHTS)),
                         ann.pattern or "" if ann and ann.status == A.INT8 else "", params, macs, _source(node),
                         _row_inputs(node, names)))
         names.add(node.name)

@@ -171,7 +171,14 @@ class QParams:
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """User-facing weight configuration; the backend turns it into a QuantSpec."""
+    """User-facing weight configuration; the backend turns it into a QuantSpec.
+
+    sensitive_bits: with ``bits`` below it (integer weights), the convs that low-bit weights break -- depthwise
+      convs (9-25 weights per output channel, no averaging of the rounding error) and the first conv (reads
+      the model input) -- keep this many bits, as AdaRound / BRECQ / AIMET's W4A8 results keep the first
+      layer at 8 bits; their weights are a small share of a network's bytes. The report names each such
+      layer. None: every layer gets ``bits``. A per-module config (``module_names`` / ``module_types``)
+      always wins."""
 
     bits: int = 8
     granularity: Granularity = "per_channel"
@@ -180,6 +187,7 @@ class WeightSpec:
     observer: ObserverKind = "minmax"
     dtype: str = "int"  # "int" or "nf4" (weight-only; 4-bit, per_group, group_size 64 by default)
     double_quant: bool = True  # nf4 only: quantize the per-group absmax scales to 8 bits (QLoRA)
+    sensitive_bits: int | None = 8
 
     def __post_init__(self):
         if self.dtype not in ("int", "nf4"):
@@ -193,6 +201,8 @@ class WeightSpec:
             raise ValueError(f"WeightSpec granularity must be per_tensor/per_channel/per_group, got {self.granularity!r}")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"WeightSpec bits must be in 2..8, got {self.bits}")
+        if self.sensitive_bits is not None and not 2 <= self.sensitive_bits <= 8:
+            raise ValueError(f"WeightSpec sensitive_bits must be None or in 2..8, got {self.sensitive_bits}")
 
 
 @dataclass(frozen=True)

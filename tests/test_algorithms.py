@@ -353,3 +353,40 @@ def test_bias_correction_and_equalization_read_a_4d_linear_input_by_its_last_dim
         assert shift(corrected) < 0.5 * shift(plain)
     eq = qcompile.compile(m, (t,), algorithm="equalize", **kw)
     assert eq.report.algorithms["equalize"]["pairs"] == 1  # up -> relu -> down
+
+
+def _weight_ranges(art) -> dict:
+    """{module path: (quant_min, quant_max)} of each conv / linear weight in the reference graph."""
+    from qcompile.ir import module_path
+    out = {}
+    for n in art.reference.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+            dq = n.args[1]
+            if isinstance(dq, torch.fx.Node) and "dequantize" in str(dq.target):
+                out[module_path(n)] = tuple(int(v) for v in dq.args[-3:-1])
+    return out
+
+
+def test_low_bit_weights_keep_8_bits_in_the_first_and_depthwise_convs():
+    """WeightSpec(bits=4): the stem conv and the depthwise conv keep 8-bit weights (sensitive_bits), named in
+    the report; sensitive_bits=None and a per-module config override it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                      nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(32, 10)).eval()
+    cal, t = [torch.randn(4, 3, 16, 16) for _ in range(4)], torch.randn(8, 3, 16, 16)
+    kw = dict(backend="x86", calibration=cal, verify=False, algorithm="rtn")
+    art = qcompile.compile(m, (t,), weights=WeightSpec(bits=4), **kw)
+    ranges = _weight_ranges(art)
+    assert set(ranges) == {"0", "2", "4", "8"}
+    assert ranges["0"][1] - ranges["0"][0] >= 254 and ranges["2"][1] - ranges["2"][0] >= 254, ranges
+    assert ranges["4"] == ranges["8"] == (-8, 7), ranges
+    reasons = {r.module: r.reason for r in art.report.rows if r.op == "conv2d"}
+    assert "first layer" in reasons["0"] and "depthwise" in reasons["2"] and "kept at 8 bits" not in reasons["4"]
+    flat = qcompile.compile(m, (t,), weights=WeightSpec(bits=4, sensitive_bits=None), **kw)
+    assert set(_weight_ranges(flat).values()) == {(-8, 7)}
+    own = qcompile.compile(m, (t,), config=qcompile.QConfig(weights=WeightSpec(bits=4), module_names={
+        "2": qcompile.ModuleConfig(weights=WeightSpec(bits=4))}), **kw)
+    assert _weight_ranges(own)["2"] == (-8, 7) and _weight_ranges(own)["0"] != (-8, 7)  # the user's choice wins
+    with pytest.raises(ValueError, match="sensitive_bits"):
+        WeightSpec(bits=4, sensitive_bits=12)

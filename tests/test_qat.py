@@ -274,7 +274,7 @@ def test_other_backends_convert_the_qat_model(net, backend):
             qcompile.prepare_qat(net, (torch.zeros(4, 3, 8, 8),), backend=backend, weights=qcompile.WeightSpec(bits=3))
     # 4-bit weights train and convert (onnx: int8-container codes, see test_onnx; executorch: below)
     qat = qcompile.prepare_qat(net, (torch.randn(4, 3, 8, 8),), backend=backend, quantize_outputs=True,
-                               weights=qcompile.WeightSpec(bits=4))
+                               weights=qcompile.WeightSpec(bits=4, sensitive_bits=None))  # every layer 4-bit
     _train(qat, _batches(4, seed=10))
     art = qcompile.convert(qat)
     x = torch.cat([b[0] for b in _batches(2, seed=11)])
@@ -344,7 +344,7 @@ def _digits_case(digits, granularity, learn_scale, backend="x86"):
     torch.manual_seed(0)
     model, data = digits
     x_tr, _, x_te, y_te = data
-    weights = qcompile.WeightSpec(bits=4, granularity=granularity)
+    weights = qcompile.WeightSpec(bits=4, granularity=granularity, sensitive_bits=None)  # the first conv 4-bit too
     float_acc = accuracy(model, x_te, y_te)
     ptq = qcompile.compile(model, (x_te[:8],), calibration=[x_tr[i:i + 64] for i in range(0, 512, 64)],
                            weights=weights, progress=False, backend=backend, algorithm="rtn")  # plain PTQ

@@ -400,7 +400,7 @@ def mobile_4bit():
     model = _mobile_model()
     x = _images(1, seed=123)[0]
     art = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
-                           weights=WeightSpec(bits=4), quantize_outputs=True,
+                           weights=WeightSpec(bits=4, sensitive_bits=None), quantize_outputs=True,  # all 4-bit
                            backend_options={"float_depthwise": False})  # every conv int8, depthwise included
     return art, model, x
 

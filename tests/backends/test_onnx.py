@@ -295,8 +295,8 @@ def test_low_bit_weights_run_in_int8_kernels():
     m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16), nn.ReLU(),
                       nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).eval()
     x = torch.randn(8, 3, 8, 8)
-    art = qcompile.compile(m, (x,), backend="onnx", calibration=[x], weights=qcompile.WeightSpec(bits=4),
-                           quantize_outputs=True)
+    art = qcompile.compile(m, (x,), backend="onnx", calibration=[x],
+                           weights=qcompile.WeightSpec(bits=4, sensitive_bits=None), quantize_outputs=True)
     kernels = {r.name: r.kernel for r in art.report.rows if r.kernel}
     assert [kernels[k] for k in ("conv2d", "conv2d_1", "linear")] == ["QLinearConv", "QLinearConv", "QGemm"]
     codes = [t for _, t in art.reference.named_buffers() if t.dtype == torch.int8 and t.dim() > 1]
