@@ -80,7 +80,8 @@ def _sensitive_weights(gm, anchor, mc, config) -> tuple[WeightSpec | None, str |
     if why is None:
         return w, None
     gran = "per_channel" if w.granularity == "per_group" else w.granularity
-    wide = replace(w, bits=w.sensitive_bits, granularity=gran, group_size=None)
+    wide = replace(w, bits=w.sensitive_bits, granularity=gran, group_size=None,
+                   observer=None if w.default_observer else w.observer)  # the default for the wider bits
     return wide, (f"{A.WIDER_WEIGHTS} {w.sensitive_bits} bits, not {w.bits}: {why} "
                   f"(WeightSpec(sensitive_bits=None) gives it {w.bits})")
 

@@ -178,13 +178,17 @@ class WeightSpec:
       the model input) -- keep this many bits, as AdaRound / BRECQ / AIMET's W4A8 results keep the first
       layer at 8 bits; their weights are a small share of a network's bytes. The report names each such
       layer. None: every layer gets ``bits``. A per-module config (``module_names`` / ``module_types``)
-      always wins."""
+      always wins.
+    observer: how each weight scale is chosen. None (default): "mse" (the scale, per channel, with the least
+      squared rounding error over 100 shrink factors of the abs-max) for per-channel integer weights of 4 bits or
+      fewer, where a 16-level grid stretched to the largest weight wastes most of its levels
+      (EfficientNet-Lite2 w4a8, x86: 57.1 -> 65.3 % agreement); "minmax" otherwise."""
 
     bits: int = 8
     granularity: Granularity = "per_channel"
     symmetric: bool = True
     group_size: int | None = None
-    observer: ObserverKind = "minmax"
+    observer: ObserverKind | None = None
     dtype: str = "int"  # "int" or "nf4" (weight-only; 4-bit, per_group, group_size 64 by default)
     double_quant: bool = True  # nf4 only: quantize the per-group absmax scales to 8 bits (QLoRA)
     sensitive_bits: int | None = 8
@@ -203,6 +207,10 @@ class WeightSpec:
             raise ValueError(f"WeightSpec bits must be in 2..8, got {self.bits}")
         if self.sensitive_bits is not None and not 2 <= self.sensitive_bits <= 8:
             raise ValueError(f"WeightSpec sensitive_bits must be None or in 2..8, got {self.sensitive_bits}")
+        object.__setattr__(self, "default_observer", self.observer is None)  # not a field: replace() re-chooses
+        if self.observer is None:
+            low = self.dtype == "int" and self.bits <= 4 and self.granularity == "per_channel"
+            object.__setattr__(self, "observer", "mse" if low else "minmax")
 
 
 @dataclass(frozen=True)

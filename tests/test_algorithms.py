@@ -390,3 +390,25 @@ def test_low_bit_weights_keep_8_bits_in_the_first_and_depthwise_convs():
     assert _weight_ranges(own)["2"] == (-8, 7) and _weight_ranges(own)["0"] != (-8, 7)  # the user's choice wins
     with pytest.raises(ValueError, match="sensitive_bits"):
         WeightSpec(bits=4, sensitive_bits=12)
+
+
+def test_low_bit_per_channel_weights_choose_their_scale_by_mse():
+    """WeightSpec's observer default: "mse" for per-channel integer weights of <= 4 bits (the 16-level grid
+    stretched to the largest weight wastes most levels), "minmax" otherwise; an explicit choice is kept, and the
+    layers sensitive_bits widens get the default of their own bits."""
+    from dataclasses import replace
+    assert WeightSpec(bits=4).observer == "mse" and WeightSpec(bits=3).observer == "mse"
+    assert WeightSpec().observer == WeightSpec(bits=4, group_size=128).observer == "minmax"
+    assert WeightSpec(dtype="nf4").observer == WeightSpec(bits=4, granularity="per_tensor").observer == "minmax"
+    assert WeightSpec(bits=4, observer="minmax").observer == "minmax"
+    assert replace(WeightSpec(bits=4), bits=8, observer=None).observer == "minmax"
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2048, 64)).eval()
+    with torch.no_grad():  # trained weights are heavy-tailed: min/max spends the 16 levels on a few large ones
+        m[0].weight.copy_(torch.distributions.Laplace(0.0, 0.05).sample((64, 2048)))
+    x = torch.randn(32, 2048)
+    kw = dict(backend="x86", calibration=[x], verify=False, algorithm="rtn")
+    mse = qcompile.compile(m, (x,), weights=WeightSpec(bits=4), **kw)
+    mm = qcompile.compile(m, (x,), weights=WeightSpec(bits=4, observer="minmax"), **kw)
+    with torch.no_grad():
+        assert sqnr(m(x), mse(x)) > sqnr(m(x), mm(x)) + 2  # 16.2 vs 13.1 dB measured
