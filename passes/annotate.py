@@ -14,7 +14,7 @@ from torch import fx
 from qcompile import annotation as A
 from qcompile.config import QConfig, resolve
 from qcompile.errors import ConfigError
-from qcompile.ir import get_attr_value
+from qcompile.ir import is_depthwise_conv
 from qcompile.specs import SharedSpec, WeightSpec
 from qcompile.support import ANCHOR, FIXED, PROPAGATE, SHARED, OpSupport
 
@@ -60,10 +60,7 @@ def sensitive_conv(gm: fx.GraphModule, anchor: fx.Node) -> str | None:
     """Why a conv is one whose weights ``WeightSpec.sensitive_bits`` keeps wider, or None."""
     if op_kind(anchor) not in ("conv1d", "conv2d"):
         return None
-    w = anchor.args[1]
-    value = get_attr_value(gm, w) if isinstance(w, fx.Node) and w.op == "get_attr" else None
-    groups = anchor.args[6] if len(anchor.args) > 6 else anchor.kwargs.get("groups", 1)
-    if isinstance(value, torch.Tensor) and int(groups) > 1 and value.shape[1] == 1:
+    if is_depthwise_conv(gm, anchor):
         return "depthwise conv"
     if isinstance(anchor.args[0], fx.Node) and _reads_model_input(anchor.args[0]):
         return "first layer (reads the model input)"

@@ -16,6 +16,17 @@ def get_attr_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return obj
 
 
+def is_depthwise_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ``conv1d`` / ``conv2d`` with more than one group and one input channel per group (constant weight)."""
+    if node.op != "call_function" or node.target not in (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default):
+        return False
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    w = node.args[1]
+    if int(groups) <= 1 or not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return False
+    return get_attr_value(gm, w).shape[1] == 1
+
+
 def is_param(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 

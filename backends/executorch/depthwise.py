@@ -13,20 +13,13 @@ from __future__ import annotations
 from torch import fx
 
 from qcompile import annotation as A
-from qcompile.ir import get_attr_value
+from qcompile.ir import is_depthwise_conv
 from qcompile.passes.infra import Pass, PassResult
 from qcompile.ops import op_kind
 
 REASON = ("depthwise conv whose consumers are all float: int8 input and weights, fp32 compute and output (no "
           "requantize-then-dequantize; XNNPACK's fp32 depthwise is faster than its int8 one on x86); "
           "backend_options={'float_depthwise': False} keeps it int8")
-
-
-def _is_depthwise(gm: fx.GraphModule, anchor: fx.Node) -> bool:
-    if op_kind(anchor) != "conv2d" or len(anchor.args) < 7 or int(anchor.args[6]) <= 1:
-        return False
-    w = anchor.args[1]
-    return isinstance(w, fx.Node) and w.op == "get_attr" and get_attr_value(gm, w).shape[1] == 1
 
 
 def _consumes_int8(user: fx.Node, producer: fx.Node) -> bool:
@@ -43,7 +36,8 @@ class FloatDepthwiseOutput(Pass):
         by_name = {n.name: n for n in gm.graph.nodes}
         for anchor in [n for n in gm.graph.nodes if n.op == "call_function"]:
             ann, fused = A.get_annotation(anchor), A.get_group(anchor)
-            if ann is None or ann.status != A.INT8 or ann.group != anchor.name or not _is_depthwise(gm, anchor):
+            if ann is None or ann.status != A.INT8 or ann.group != anchor.name or op_kind(anchor) != "conv2d" \
+                    or not is_depthwise_conv(gm, anchor):
                 continue
             group = [by_name[name] for name in fused.nodes] if fused is not None else [anchor]
             out = group[-1]
