@@ -21,6 +21,14 @@ _NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _DEFAULTS = (None, None, None, 1, "valid", 1, 1)
 
 
+def conv_arguments(node: fx.Node) -> dict:
+    """Every argument of a conv node by name (``_NAMES``), defaults filled in."""
+    a = dict(zip(_NAMES, _DEFAULTS))
+    a.update(zip(_NAMES, node.args))
+    a.update(node.kwargs)
+    return a
+
+
 def _per_dim(v, dims: int) -> list:
     v = [v] if isinstance(v, int) else list(v)
     return v * dims if len(v) == 1 else v
@@ -43,9 +51,7 @@ def rewrite_string_padding(gm: fx.GraphModule) -> bool:
         if node.op != "call_function" or node.target not in _STRING_PADDING:
             continue
         target, dims = _STRING_PADDING[node.target]
-        a = dict(zip(_NAMES, _DEFAULTS))
-        a.update(zip(_NAMES, node.args))
-        a.update(node.kwargs)
+        a = conv_arguments(node)
         x, w, b, padding, groups = a["input"], a["weight"], a["bias"], a["padding"], a["groups"]
         stride, dilation = _per_dim(a["stride"], dims), _per_dim(a["dilation"], dims)
         w_val = w.meta.get("val") if isinstance(w, fx.Node) else None

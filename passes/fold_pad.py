@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .conv_padding import _NAMES, _per_dim, conv_arguments
+
 aten = torch.ops.aten
 _CONVS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
 
@@ -45,14 +47,13 @@ def _zero_pad(node: fx.Node) -> list | None:
 
 
 def _conv_args(conv: fx.Node, dims: int) -> list:
-    defaults = (None, None, None, [1] * dims, [0] * dims, [1] * dims, 1)
-    args = list(conv.args) + list(defaults[len(conv.args):])
-    for i, name in enumerate(("input", "weight", "bias", "stride", "padding", "dilation", "groups")):
-        if name in conv.kwargs:
-            args[i] = conv.kwargs[name]
-    padding = args[4]
-    args[4] = [padding] * dims if isinstance(padding, int) else list(padding) * (dims if len(padding) == 1 else 1)
-    return args
+    """The seven conv2d.default arguments, stride / padding / dilation as per-dim lists."""
+    a = conv_arguments(conv)
+    padding = [0] * dims if a["padding"] == "valid" else a["padding"]
+    if isinstance(padding, str):
+        return [a[n] for n in _NAMES]  # "same": conv_padding rewrites it first; left alone here
+    return [a["input"], a["weight"], a["bias"], _per_dim(a["stride"], dims), _per_dim(padding, dims),
+            _per_dim(a["dilation"], dims), a["groups"]]
 
 
 def _foldable_into(user: fx.Node, pad_node: fx.Node, per_dim: list) -> bool:
