@@ -379,7 +379,8 @@ def test_low_bit_weights_keep_8_bits_in_the_first_and_depthwise_convs():
     art = qcompile.compile(m, (t,), weights=WeightSpec(bits=4), **kw)
     ranges = _weight_ranges(art)
     assert set(ranges) == {"0", "2", "4", "8"}
-    assert ranges["0"][1] - ranges["0"][0] >= 254 and ranges["2"][1] - ranges["2"][0] >= 254, ranges
+    # wider than 4 bits: 8 on VNNI CPUs, the x86 backend's 7-bit cap on AVX2-only ones
+    assert ranges["0"][1] - ranges["0"][0] >= 126 and ranges["2"][1] - ranges["2"][0] >= 126, ranges
     assert ranges["4"] == ranges["8"] == (-8, 7), ranges
     reasons = {r.module: r.reason for r in art.report.rows if r.op == "conv2d"}
     assert "first layer" in reasons["0"] and "depthwise" in reasons["2"] and "kept at 8 bits" not in reasons["4"]
