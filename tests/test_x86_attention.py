@@ -1,4 +1,5 @@
 """Static int8 attention on x86: Q.K^T and P.V as int8 x int8 -> int32 (torch._int_mm per batch slice)."""
+import pytest
 import torch
 
 import qcompile
@@ -49,12 +50,12 @@ def test_the_batched_kernel_runs_where_the_cpu_has_avx512_vnni():
     assert u8_bmm_available() == (has and nf4_kernel_info()["available"])
 
 
-def test_attention_matmuls_run_int8_and_match_the_reference():
+def test_attention_matmuls_run_int8_when_asked_and_match_the_reference():
     torch.manual_seed(0)
     model = zoo.bert_encoder_shaped(vocab=100, hidden=64, layers=2, heads=4, intermediate=128).eval()
     g = torch.Generator().manual_seed(1)
     cal = [torch.randint(0, 100, (2, 16), generator=g) for _ in range(4)]
-    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal, backend_options={"attention": "int8"})
     mm = [r for r in art.report.rows if r.op == "matmul"]
     assert len(mm) == 4 and all(r.status == "int8" and "int8_matmul" in r.kernel for r in mm)
     assert art.report.summary()["int8_mac_share"] == 1.0
@@ -107,14 +108,15 @@ def test_sdpa_with_dropout_or_gqa_stays_fused_with_a_reason():
     assert "grouped-query" in why_not({**args, "enable_gqa": True})
 
 
-def test_torch_transformer_encoder_attention_runs_int8_on_x86():
-    """nn.TransformerEncoder attends with SDPA: static x86 writes it out and runs Q.K^T and P.V in int8."""
+def test_torch_transformer_encoder_attention_runs_int8_on_x86_when_asked():
+    """nn.TransformerEncoder attends with SDPA: with attention="int8" static x86 writes it out and runs Q.K^T
+    and P.V in int8."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
     model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
     g = torch.Generator().manual_seed(1)
     cal = [torch.randn(2, 16, 64, generator=g) for _ in range(4)]
-    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal, backend_options={"attention": "int8"})
     mm = [r for r in art.report.rows if r.op == "matmul"]
     assert len(mm) == 4 and all(r.status == "int8" and "int8_matmul" in r.kernel for r in mm)
     assert [r.status for r in art.report.rows if r.op == "softmax"] == ["float: unsupported by backend"] * 2
@@ -130,3 +132,34 @@ def test_torch_transformer_encoder_attention_runs_int8_on_x86():
         assert sqnr(art.reference(x), art(x)) > 50
     dyn = qcompile.compile(model, (cal[0],), backend="x86", mode="dynamic")  # float modes keep the fused op
     assert any(r.op == "scaled_dot_product_attention" for r in dyn.report.rows)
+
+
+def test_attention_is_float_by_default_named_in_the_report_and_its_projections_write_fp32():
+    """X86Options.attention="float" (the default): SDPA stays fused and fp32, an eager attention's Q.K^T / P.V
+    matmuls are not quantized, every such row says why and how to get int8; the linears stay int8, and those
+    feeding the attention write fp32 (no requantize for a float consumer)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    sdpa_model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    eager_model = zoo.bert_encoder_shaped(vocab=100, hidden=64, layers=2, heads=4, intermediate=128).eval()
+    g = torch.Generator().manual_seed(1)
+    cases = ((sdpa_model, [torch.randn(2, 16, 64, generator=g) for _ in range(4)], "scaled_dot_product_attention", 2),
+             (eager_model, [torch.randint(0, 100, (2, 16), generator=g) for _ in range(4)], "matmul", 4))
+    for model, cal, op, count in cases:
+        art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+        attn = [r for r in art.report.rows if r.op == op]
+        assert len(attn) == count and all(r.status == "float: unsupported by backend" for r in attn), op
+        assert all("x86 runs attention in fp32 by default" in r.reason and "'attention': 'int8'" in r.reason
+                   for r in attn)
+        assert not any(r.op == "matmul" and r.status == "int8" for r in art.report.rows)
+        linears = [r for r in art.report.rows if r.op == "linear"]
+        assert linears and all(r.status == "int8" for r in linears)
+        assert any("fp32 output" in r.kernel for r in linears)
+        assert art.report.verify["within_one_step"] >= 0.99
+        with torch.no_grad():
+            x = cal[0]
+            assert sqnr(model(x), art(x)) > 30
+            assert sqnr(art.reference(x), art(x)) > 50
+    with pytest.raises(qcompile.ConfigError, match="attention must be 'float' or 'int8'"):
+        qcompile.compile(sdpa_model, (cases[0][1][0],), backend="x86", calibration=cases[0][1],
+                         backend_options={"attention": "bf16"})

@@ -56,7 +56,14 @@ class X86Options:
       projection and second FFN linear feeding the residual add; a classifier head with
       quantize_outputs=False) runs as one int8 GEMM with an fp32 result instead of GEMM + requantize +
       dequantize (passes/float_output.py). d=384 x 6 encoder: 40.4 -> 41.8 dB against float. A linear
-      feeding the model output (quantize_outputs=False) always runs this kernel (it used to run in fp32)."""
+      feeding the model output (quantize_outputs=False) always runs this kernel (it used to run in fp32).
+    attention: static mode: "float" (default) runs attention in fp32 -- scaled_dot_product_attention stays
+      fused, and activation x activation matmuls (an eager attention's Q.K^T, P.V) are not quantized; the
+      linears around it stay int8, the Q / K / V projections writing fp32. "int8": SDPA written out
+      (passes/decompose_sdpa.py) and Q.K^T / P.V run on the int8 batched kernel (VNNI; torch._int_mm
+      otherwise), Q.K^T with an fp32 result. Measured on the Zen 4 (docs/backends/x86.md): int8 attention was
+      1.38-1.65x slower than fp32 attention at small (d=64) and long (seq 512) shapes, within 4 % either way
+      at d=384, seq 16-256, and 0.1-0.8 dB further from float on every shape."""
 
     engine: str = "auto"
     act_reduce_range: bool = False
@@ -66,19 +73,21 @@ class X86Options:
     embedding_weights: str = "int8"
     weight_only_activations: str = "bf16"
     float_output_linears: bool = True
+    attention: str = "float"
 
 
 class X86Backend(TableBackend):
     name = "x86"
     Options = X86Options
     rule_help = "fn(match) -> rules.Emitted | reason string (match.ctx: the Lowerer; backends/x86/rules.py)"
-    static_notes = support.NOTES
     mode_capabilities = {"static": support.CAPABILITIES, **support.MODE_CAPABILITIES}
 
     def check_options(self) -> None:
         if self.options.weight_only_activations not in ("bf16", "fp32"):
             raise ConfigError(f"x86 backend: weight_only_activations must be 'bf16' or 'fp32', "
                               f"got {self.options.weight_only_activations!r}")
+        if self.options.attention not in ("float", "int8"):
+            raise ConfigError(f"x86 backend: attention must be 'float' or 'int8', got {self.options.attention!r}")
         if self.options.engine != "auto" and self.options.engine not in torch.backends.quantized.supported_engines:
             raise ConfigError(f"x86 backend: engine {self.options.engine!r} is not in this torch build "
                               f"({torch.backends.quantized.supported_engines})")
@@ -91,7 +100,15 @@ class X86Backend(TableBackend):
 
     # -- what the backend supports (data for TableBackend) ------------------------------------------
     def support_table(self):
-        return support.TABLE
+        if self.options.attention == "int8":
+            return support.TABLE
+        return [row for row in support.TABLE if row.name != support.ACT_MATMUL]
+
+    @property
+    def static_notes(self) -> dict:
+        if self.options.attention == "int8":
+            return support.NOTES
+        return {**support.NOTES, **support.ATTENTION_FLOAT_NOTES}
 
     def float_mode_table(self, mode: str) -> ModeTable:
         """dynamic / weight_only: the claimed linears (embeddings) compute in float, see dynamic.py / weight_only.py."""
@@ -103,7 +120,10 @@ class X86Backend(TableBackend):
             lambda a: None, functools.partial(weight_only.weight_spec, embedding=self.options.embedding_weights)))
 
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
-        if mode not in ("dynamic", "weight_only"):  # attention as matmul / softmax / matmul: Q.K^T and P.V run int8
+        if mode not in ("dynamic", "weight_only"):
+            if self.options.attention == "float":  # SDPA fused, in fp32; the linears feeding it write fp32
+                return [], [FloatOutputLinears(self.options.float_output_linears)]
+            # attention as matmul / softmax / matmul: Q.K^T and P.V run int8
             return [DecomposeSDPA()], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
         if mode != "dynamic":
             return [], []

@@ -80,6 +80,15 @@ NOTES = {
     "batch_norm": "batch-norm that does not follow a conv/linear cannot be folded; no int8 kernel",
     "cat": "no shared-qparams int8 cat in this backend yet",
 }
+# X86Options.attention="float" (the default): attention runs in fp32 -- SDPA kept fused, activation x activation
+# matmuls (an eager attention's Q.K^T and P.V) not annotated. Measured (docs/backends/x86.md): int8 Q.K^T / P.V
+# were 1.38-1.41x slower than fp32 attention at d=64, seq 16-64, 1.65x at d=384, seq 512, within 4 % either way
+# at d=384, seq 16-256, and 0.1-0.8 dB further from float everywhere.
+_ATTENTION_FLOAT = ("kept float: x86 runs attention in fp32 by default (int8 Q.K^T / P.V measured no faster "
+                    "here, and less accurate: docs/backends/x86.md); backend_options={'attention': 'int8'} runs "
+                    "them int8")
+ATTENTION_FLOAT_NOTES = {"matmul": _ATTENTION_FLOAT, "scaled_dot_product_attention": _ATTENTION_FLOAT}
+ACT_MATMUL = "matmul"  # the support row of activation x activation matmuls (dropped when attention is float)
 
 CAPABILITIES = Capabilities(
     act_dtypes=("uint8",), act_symmetric=(False, True), act_bits=(8, 7), act_granularities=("per_tensor",),
