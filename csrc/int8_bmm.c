@@ -22,7 +22,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
-#include <pthread.h>
 
 #define BMM_MAX_THREADS 64
 
@@ -166,20 +165,17 @@ static int bmm(const uint8_t *a, const int64_t *a_off, int64_t sam, int64_t sak,
     if (nthreads > BMM_MAX_THREADS) nthreads = BMM_MAX_THREADS;
     if (nthreads > B) nthreads = (int)B;
     bmm_job_t jobs[BMM_MAX_THREADS];
-    pthread_t tid[BMM_MAX_THREADS];
-    int started[BMM_MAX_THREADS] = {0};
-    for (int t = 0; t < nthreads; t++) {
+    for (int t = 0; t < nthreads; t++)
         jobs[t] = (bmm_job_t){a, b, a_off, b_off, sam, sak, sbk, sbn, out, B * t / nthreads, B * (t + 1) / nthreads,
                               M, K, N, za, zb, zo, mult, out_f32, 0};
-        if (t > 0) started[t] = pthread_create(&tid[t], NULL, bmm_run, &jobs[t]) == 0;
-    }
-    bmm_run(&jobs[0]);
-    int status = jobs[0].status;
-    for (int t = 1; t < nthreads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else bmm_run(&jobs[t]);
+    /* torch's own OpenMP team (built with -fopenmp against the libgomp torch loaded, as csrc/wo_gemv.c): no
+     * second set of threads fighting torch's spinning workers for the cores, which the pthreads spawned
+     * here per call used to do. Without OpenMP: the slices run one after the other on this thread. */
+#pragma omp parallel for schedule(static, 1) num_threads(nthreads)
+    for (int t = 0; t < nthreads; t++) bmm_run(&jobs[t]);
+    int status = 0;
+    for (int t = 0; t < nthreads; t++)
         if (jobs[t].status) status = jobs[t].status;
-    }
     return status;
 }
 

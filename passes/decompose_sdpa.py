@@ -17,6 +17,7 @@ import math
 import torch
 from torch import fx
 
+from qcompile import meta
 from qcompile.ir import add_constant, fill_fake_val
 
 from .infra import Pass, PassResult
@@ -52,13 +53,22 @@ def why_not(args: dict) -> str | None:
 
 
 class DecomposeSDPA(Pass):
-    """Write every exact-decomposable SDPA node out as matmul / mul / softmax / matmul (see module doc)."""
+    """Write every exact-decomposable SDPA node out as matmul / mul / softmax / matmul (see module doc).
+    ``keep(q, k, v) -> str | None``: a backend's own reason to leave an SDPA of these shapes fused (x86: an
+    attention too small for its int8 kernel to pay), recorded on the node for the report."""
+
+    def __init__(self, keep=None):
+        self.keep = keep
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
         for node in list(gm.graph.nodes):
             args = sdpa_arguments(node)
             if args is None or why_not(args) is not None:
+                continue
+            reason = self.keep and self.keep(*(args[k].meta["val"] for k in ("q", "k", "v")))
+            if reason:
+                meta.REJECTIONS.set(node, list(meta.REJECTIONS.get(node) or []) + [reason])
                 continue
             with gm.graph.inserting_before(node):
                 out = self._expand(gm, node, args)

@@ -28,6 +28,10 @@ KERNEL_THREADS: int | None = 1
 # few microseconds when they are spinning, more when they sleep. 2 MiB (~100 us of DRAM traffic on two
 # cores) keeps that cost small. bench/bench_linear.py measures both (its "1 kernel thread" rows).
 WO_PARALLEL_BYTES = 2 << 20
+# The batched int8 matmul (csrc/int8_bmm.c) splits its batch slices over torch.get_num_threads() threads (torch's
+# OpenMP team, as the GEMV) from this many multiply-adds per call (~40 us on one Zen 4 core); smaller calls stay
+# on the calling thread, where a parallel region's start would be a visible share of the call.
+BMM_PARALLEL_MACS = 4 << 20
 
 
 @lru_cache(maxsize=1)
@@ -310,6 +314,8 @@ def u8_bmm(a: torch.Tensor, b: torch.Tensor, scale: float | None, zero_point: in
     operands = (base_a, a_off, a.stride(-2), a.stride(-1), base_b, b_off, b.stride(-2), b.stride(-1), out.data_ptr(),
                 batches, m, k, n, a.q_zero_point(), b.q_zero_point(), mult)
     threads = KERNEL_THREADS or torch.get_num_threads()
+    if KERNEL_THREADS == 1 and batches * m * k * n >= BMM_PARALLEL_MACS:
+        threads = torch.get_num_threads()
     if f32:
         status = _lib().qc_u8_bmm_f32(*operands, threads)
     else:

@@ -68,7 +68,8 @@ TRAIN = Key("qcompile_train", "graph", bool, "passes.capture (captured in traini
 # -- annotation (accessors in qcompile.annotation) ------------------------------------------------
 ANNOTATION = Key("qcompile_annotation", "node", Any, "qcompile.annotation.set_annotation", "every pass")
 GROUP = Key("qcompile_group", "node", Any, "qcompile.annotation.set_group (passes.fuse)", "annotate, convert")
-REJECTIONS = Key("qcompile_rejections", "node", list, "passes.fuse (rule: reason for each rejected pattern)",
+REJECTIONS = Key("qcompile_rejections", "node", list, "passes.fuse (rule: reason for each rejected pattern), "
+                 "passes.decompose_sdpa (why an attention stays fused)",
                  "passes.annotate (the float reason)")
 RNN_WEIGHT_SPEC = Key("qcompile_rnn_weight_spec", "node", Any, "passes.dynamic.AnnotateRecurrent (QuantSpec)",
                       "passes.convert")

@@ -46,13 +46,11 @@ def test_the_prepare_pipeline_is_built_once_from_the_backends_data():
     for mode in ("static", "dynamic", "weight_only"):
         a = [type(p).__name__ for p in x86.prepare_passes(x86.default_config(mode), mode)]
         b = [type(p).__name__ for p in onnx.prepare_passes(onnx.default_config(mode), mode)]
-        # static: ONNX writes SDPA out for int8 attention matmuls; x86 keeps attention fp32 unless asked
-        assert ("DecomposeSDPA" in b) == (mode == "static") and "DecomposeSDPA" not in a
-        assert [p for p in b if p != "DecomposeSDPA"] == a[:len(b) - ("DecomposeSDPA" in b)]
-        assert a[len(b) - ("DecomposeSDPA" in b):] == (["AnnotateRecurrent"] if mode == "dynamic" else [])
-        int8 = get_backend("x86", attention="int8")
-        c = [type(p).__name__ for p in int8.prepare_passes(int8.default_config(mode), mode)]
-        assert ("DecomposeSDPA" in c) == (mode == "static") and (mode != "static" or c[:len(b)] == b)
+        # static: both write SDPA out for int8 attention matmuls (x86: where large enough, attention="auto")
+        assert ("DecomposeSDPA" in a) == ("DecomposeSDPA" in b) == (mode == "static")
+        assert a[:len(b)] == b and a[len(b):] == (["AnnotateRecurrent"] if mode == "dynamic" else [])
+        fp32 = get_backend("x86", attention="float")  # x86 with attention always fp32: SDPA stays fused
+        assert "DecomposeSDPA" not in [type(p).__name__ for p in fp32.prepare_passes(fp32.default_config(mode), mode)]
     for cls in (type(x86), type(onnx), type(get_backend("executorch"))):
         assert "prepare_passes" not in vars(cls) and "__init__" not in vars(cls)  # inherited, not copied
 

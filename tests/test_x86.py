@@ -103,7 +103,7 @@ def test_bert_encoder_fallbacks_are_exactly_expected():
     float_ops = {r.op for r in art.report.rows if r.status.startswith("float: unsupported")}
     assert {"layer_norm", "softmax", "gelu", "embedding"} <= float_ops
     assert all(r.status == "int8" for r in art.report.rows if r.op == "linear")
-    attention = [r for r in art.report.rows if r.op == "matmul"]  # float by default (X86Options.attention)
+    attention = [r for r in art.report.rows if r.op == "matmul"]  # 32 tokens: fp32 (X86Options.attention="auto")
     assert attention and all(r.status.startswith("float") and "'attention': 'int8'" in r.reason for r in attention)
     assert art.report.verify["within_one_step"] >= 0.99
     assert art.report.verify["sqnr_vs_float_db"] >= 25.0

@@ -134,10 +134,11 @@ def test_torch_transformer_encoder_attention_runs_int8_on_x86_when_asked():
     assert any(r.op == "scaled_dot_product_attention" for r in dyn.report.rows)
 
 
-def test_attention_is_float_by_default_named_in_the_report_and_its_projections_write_fp32():
-    """X86Options.attention="float" (the default): SDPA stays fused and fp32, an eager attention's Q.K^T / P.V
-    matmuls are not quantized, every such row says why and how to get int8; the linears stay int8, and those
-    feeding the attention write fp32 (no requantize for a float consumer)."""
+def test_short_attention_is_float_by_default_named_in_the_report_and_its_projections_write_fp32():
+    """X86Options.attention="auto" (the default) at 16 tokens, heads of 16 (far below 128 x 64 x 128 per head):
+    SDPA stays fused and fp32, an eager attention's Q.K^T / P.V matmuls are not quantized, every such row says
+    why and how to force int8; the linears stay int8, and those feeding the attention write fp32. The same on
+    every CPU (the size decides before the kernel does). attention="float" says it was asked for."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
     sdpa_model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -146,20 +147,45 @@ def test_attention_is_float_by_default_named_in_the_report_and_its_projections_w
     cases = ((sdpa_model, [torch.randn(2, 16, 64, generator=g) for _ in range(4)], "scaled_dot_product_attention", 2),
              (eager_model, [torch.randint(0, 100, (2, 16), generator=g) for _ in range(4)], "matmul", 4))
     for model, cal, op, count in cases:
-        art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
-        attn = [r for r in art.report.rows if r.op == op]
-        assert len(attn) == count and all(r.status == "float: unsupported by backend" for r in attn), op
-        assert all("x86 runs attention in fp32 by default" in r.reason and "'attention': 'int8'" in r.reason
-                   for r in attn)
-        assert not any(r.op == "matmul" and r.status == "int8" for r in art.report.rows)
-        linears = [r for r in art.report.rows if r.op == "linear"]
-        assert linears and all(r.status == "int8" for r in linears)
-        assert any("fp32 output" in r.kernel for r in linears)
-        assert art.report.verify["within_one_step"] >= 0.99
-        with torch.no_grad():
-            x = cal[0]
-            assert sqnr(model(x), art(x)) > 30
-            assert sqnr(art.reference(x), art(x)) > 50
-    with pytest.raises(qcompile.ConfigError, match="attention must be 'float' or 'int8'"):
+        for option, why in (("auto", "in int8 only where that measured faster"), ("float", "asks for fp32")):
+            art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal,
+                                   backend_options={"attention": option})
+            attn = [r for r in art.report.rows if r.op == op]
+            assert len(attn) == count and all(r.status == "float: unsupported by backend" for r in attn), op
+            assert all(why in r.reason for r in attn), [r.reason for r in attn]
+            if option == "auto":
+                assert all("'attention': 'int8'" in r.reason and ("below 128 x 64 x 128" in r.reason or
+                                                                  "no AVX-512 VNNI" in r.reason) for r in attn)
+            assert not any(r.op == "matmul" and r.status == "int8" for r in art.report.rows)
+            linears = [r for r in art.report.rows if r.op == "linear"]
+            assert linears and all(r.status == "int8" for r in linears)
+            assert any("fp32 output" in r.kernel for r in linears)
+            assert art.report.verify["within_one_step"] >= 0.99
+            with torch.no_grad():
+                x = cal[0]
+                assert sqnr(model(x), art(x)) > 30
+                assert sqnr(art.reference(x), art(x)) > 50
+    with pytest.raises(qcompile.ConfigError, match="attention must be 'auto', 'float' or 'int8'"):
         qcompile.compile(sdpa_model, (cases[0][1][0],), backend="x86", calibration=cases[0][1],
                          backend_options={"attention": "bf16"})
+
+
+def test_long_attention_runs_int8_by_default_where_the_batched_kernel_is_built():
+    """attention="auto" at 128 tokens, heads of 64 (128 x 64 x 128 per head, the threshold): int8 on the
+    AVX-512 VNNI batched kernel where this CPU / build has it, fp32 (with that reason) where it does not."""
+    from qcompile.kernels import u8_bmm_available
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(128, 2, 256, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(1, 128, 128, generator=g) for _ in range(4)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    mm = [r for r in art.report.rows if r.op == "matmul"]
+    sdpa = [r for r in art.report.rows if r.op == "scaled_dot_product_attention"]
+    if u8_bmm_available():
+        assert len(mm) == 2 and not sdpa and all(r.status == "int8" and "batched kernel" in r.kernel for r in mm)
+    else:
+        assert not mm and len(sdpa) == 1 and "no AVX-512 VNNI" in sdpa[0].reason
+    assert art.report.verify["within_one_step"] >= 0.99
+    with torch.no_grad():
+        assert sqnr(model(cal[0]), art(cal[0])) > 30

@@ -157,6 +157,8 @@ NOTES = {
     "softmax": f"XNNPACK's softmax is FP32-only (last dim); {_FP32}",
     "gelu": f"XNNPACK's gelu is FP32-only; {_FP32}",
     "matmul": f"activation x activation matmul: XNNPACK's bmm is FP32-only; {_FP32}",
+    "scaled_dot_product_attention": "XNNPACK has no int8 attention (its bmm and softmax are FP32-only): "
+                                    "attention runs in fp32",
     "layer_norm": "XNNPACK has no layer_norm: it runs on ExecuTorch's portable float kernels",
     "embedding": "XNNPACK has no embedding (gather): it runs on ExecuTorch's portable float kernels",
     "batch_norm": "a batch-norm that does not follow a conv cannot be folded; XNNPACK runs it in fp32 at best",

@@ -1,6 +1,7 @@
 """The x86 backend: support table -> annotations; reference graph -> quantized CPU kernels."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -57,13 +58,13 @@ class X86Options:
       quantize_outputs=False) runs as one int8 GEMM with an fp32 result instead of GEMM + requantize +
       dequantize (passes/float_output.py). d=384 x 6 encoder: 40.4 -> 41.8 dB against float. A linear
       feeding the model output (quantize_outputs=False) always runs this kernel (it used to run in fp32).
-    attention: static mode: "float" (default) runs attention in fp32 -- scaled_dot_product_attention stays
-      fused, and activation x activation matmuls (an eager attention's Q.K^T, P.V) are not quantized; the
-      linears around it stay int8, the Q / K / V projections writing fp32. "int8": SDPA written out
-      (passes/decompose_sdpa.py) and Q.K^T / P.V run on the int8 batched kernel (VNNI; torch._int_mm
-      otherwise), Q.K^T with an fp32 result. Measured on the Zen 4 (docs/backends/x86.md): int8 attention was
-      1.38-1.65x slower than fp32 attention at small (d=64) and long (seq 512) shapes, within 4 % either way
-      at d=384, seq 16-256, and 0.1-0.8 dB further from float on every shape."""
+    attention: static mode: "auto" (default) runs attention's Q.K^T and P.V on the int8 batched kernel where
+      that measured faster -- the AVX-512 VNNI kernel is built and each head's product has at least
+      128 x 64 x 128 multiply-adds -- and in fp32 elsewhere (SDPA kept fused; an eager attention's matmuls not
+      quantized; the Q / K / V projections then write fp32). "int8": always int8 (SDPA written out by
+      passes/decompose_sdpa.py, Q.K^T with an fp32 result). "float": always fp32. Measured on the Zen 4
+      (docs/backends/x86.md), int8 / fp32 attention latency: 1.29 at d=64 seq 16, 1.14 at d=384 seq 32, 0.92
+      at seq 128, 0.89 at seq 512; int8 attention was 0.1-0.8 dB further from float on every shape."""
 
     engine: str = "auto"
     act_reduce_range: bool = False
@@ -73,7 +74,7 @@ class X86Options:
     embedding_weights: str = "int8"
     weight_only_activations: str = "bf16"
     float_output_linears: bool = True
-    attention: str = "float"
+    attention: str = "auto"
 
 
 class X86Backend(TableBackend):
@@ -86,8 +87,9 @@ class X86Backend(TableBackend):
         if self.options.weight_only_activations not in ("bf16", "fp32"):
             raise ConfigError(f"x86 backend: weight_only_activations must be 'bf16' or 'fp32', "
                               f"got {self.options.weight_only_activations!r}")
-        if self.options.attention not in ("float", "int8"):
-            raise ConfigError(f"x86 backend: attention must be 'float' or 'int8', got {self.options.attention!r}")
+        if self.options.attention not in ("auto", "float", "int8"):
+            raise ConfigError(f"x86 backend: attention must be 'auto', 'float' or 'int8', got "
+                              f"{self.options.attention!r}")
         if self.options.engine != "auto" and self.options.engine not in torch.backends.quantized.supported_engines:
             raise ConfigError(f"x86 backend: engine {self.options.engine!r} is not in this torch build "
                               f"({torch.backends.quantized.supported_engines})")
@@ -100,15 +102,17 @@ class X86Backend(TableBackend):
 
     # -- what the backend supports (data for TableBackend) ------------------------------------------
     def support_table(self):
-        if self.options.attention == "int8":
+        att = self.options.attention
+        if att == "int8":
             return support.TABLE
-        return [row for row in support.TABLE if row.name != support.ACT_MATMUL]
+        if att == "float":
+            return [row for row in support.TABLE if row.name != support.ACT_MATMUL]
+        return [dataclasses.replace(row, check=support._matmul_auto_check) if row.name == support.ACT_MATMUL
+                else row for row in support.TABLE]
 
     @property
     def static_notes(self) -> dict:
-        if self.options.attention == "int8":
-            return support.NOTES
-        return {**support.NOTES, **support.ATTENTION_FLOAT_NOTES}
+        return {**support.NOTES, **support.ATTENTION_NOTES[self.options.attention]}
 
     def float_mode_table(self, mode: str) -> ModeTable:
         """dynamic / weight_only: the claimed linears (embeddings) compute in float, see dynamic.py / weight_only.py."""
@@ -123,8 +127,9 @@ class X86Backend(TableBackend):
         if mode not in ("dynamic", "weight_only"):
             if self.options.attention == "float":  # SDPA fused, in fp32; the linears feeding it write fp32
                 return [], [FloatOutputLinears(self.options.float_output_linears)]
-            # attention as matmul / softmax / matmul: Q.K^T and P.V run int8
-            return [DecomposeSDPA()], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
+            # attention as matmul / softmax / matmul: Q.K^T and P.V run int8 ("auto": where large enough)
+            keep = support.sdpa_too_small if self.options.attention == "auto" else None
+            return [DecomposeSDPA(keep)], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
         if mode != "dynamic":
             return [], []
         specs = self.float_mode_table(mode).specs  # LSTM / GRU: one op each, with a list of weights (no pattern row)

@@ -80,14 +80,51 @@ NOTES = {
     "batch_norm": "batch-norm that does not follow a conv/linear cannot be folded; no int8 kernel",
     "cat": "no shared-qparams int8 cat in this backend yet",
 }
-# X86Options.attention="float" (the default): attention runs in fp32 -- SDPA kept fused, activation x activation
-# matmuls (an eager attention's Q.K^T and P.V) not annotated. Measured (docs/backends/x86.md): int8 Q.K^T / P.V
-# were 1.38-1.41x slower than fp32 attention at d=64, seq 16-64, 1.65x at d=384, seq 512, within 4 % either way
-# at d=384, seq 16-256, and 0.1-0.8 dB further from float everywhere.
-_ATTENTION_FLOAT = ("kept float: x86 runs attention in fp32 by default (int8 Q.K^T / P.V measured no faster "
-                    "here, and less accurate: docs/backends/x86.md); backend_options={'attention': 'int8'} runs "
-                    "them int8")
-ATTENTION_FLOAT_NOTES = {"matmul": _ATTENTION_FLOAT, "scaled_dot_product_attention": _ATTENTION_FLOAT}
+# X86Options.attention: "auto" (the default) runs an attention's Q.K^T and P.V in int8 where that is faster --
+# the AVX-512 VNNI batched kernel is built and each head's product is at least INT8_ATTENTION_MIN_MACS
+# (Lq x d x Lk, 128 x 64 x 128) -- and in fp32 elsewhere; "float" always fp32; "int8" always int8. Measured on
+# the Zen 4 (docs/backends/x86.md), two encoder layers, int8 / fp32 attention latency: 1.29 at d=64 seq 16,
+# 1.14 at d=384 seq 32 (heads of 64), 0.92 at seq 128, 0.91 at seq 256, 0.89 at seq 512; int8
+# attention was 0.1-0.8 dB further from float on every shape. Without the VNNI kernel torch._int_mm runs per
+# batch slice, slower than dynamic int8 on the d=384 encoder: fp32 there.
+INT8_ATTENTION_MIN_MACS = 128 * 64 * 128
+_ATTENTION_FLOAT = ("kept float: backend_options={'attention': 'float'} asks for fp32 attention (int8 Q.K^T / P.V "
+                    "are 0.1-0.8 dB further from float and faster only on long sequences: docs/backends/x86.md)")
+_ATTENTION_AUTO = ("kept float: x86 runs attention in int8 only where that measured faster (the AVX-512 VNNI "
+                   "batched kernel, and at least 128 x 64 x 128 multiply-adds per head; docs/backends/x86.md), "
+                   "fp32 elsewhere; backend_options={'attention': 'int8'} forces int8")
+ATTENTION_NOTES = {
+    "float": {"matmul": _ATTENTION_FLOAT, "scaled_dot_product_attention": _ATTENTION_FLOAT},
+    "auto": {"matmul": _ATTENTION_AUTO, "scaled_dot_product_attention": _ATTENTION_AUTO},
+    "int8": {},
+}
+
+
+def attention_too_small(m: int, k: int, n: int) -> str | None:
+    """attention="auto": why an attention product [m, k] x [k, n] per head stays fp32, or None for int8."""
+    from qcompile.kernels import u8_bmm_available
+    if not u8_bmm_available():
+        return "no AVX-512 VNNI batched int8 kernel on this CPU / build (torch._int_mm per slice is slower)"
+    if m * k * n < INT8_ATTENTION_MIN_MACS:
+        return f"{m} x {k} x {n} multiply-adds per head, below 128 x 64 x 128"
+    return None
+
+
+def sdpa_too_small(q, k, v) -> str | None:
+    """DecomposeSDPA's ``keep`` for attention="auto": Q.K^T is [Lq, d] x [d, Lk] per head."""
+    return attention_too_small(q.shape[-2], q.shape[-1], k.shape[-2])
+
+
+def _matmul_auto_check(nodes):
+    """_matmul_check, and for attention="auto" the size / kernel rule."""
+    reason = _matmul_check(nodes)
+    if reason is not None:
+        return reason
+    a, b = (x.meta["val"] for x in nodes[0].args[:2])
+    detail = attention_too_small(a.shape[-2], a.shape[-1], b.shape[-1])
+    return None if detail is None else f"{_ATTENTION_AUTO} ({detail})"
+
+
 ACT_MATMUL = "matmul"  # the support row of activation x activation matmuls (dropped when attention is float)
 
 CAPABILITIES = Capabilities(
