@@ -192,7 +192,7 @@ def test_recommended_algorithms_and_plain_ptq_by_default():
     kw = dict(backend="x86", calibration=cal, weights=WeightSpec(bits=4), verify=False)
     off = qcompile.compile(m, (t,), algorithm="rtn", **kw)  # plain PTQ
     on = qcompile.compile(m, (t,), algorithm="recommended", **kw)
-    assert set(on.report.algorithms) == {"equalize", "adaround", "bias_correction"} and not off.report.algorithms
+    assert set(on.report.algorithms) == {"equalize", "greedy_rounding", "bias_correction"} and not off.report.algorithms
     with torch.no_grad():
         assert sqnr(m(t), on(t)) > sqnr(m(t), off(t)) + 6  # 47.1 vs 28.6 dB measured
     w8 = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False, algorithm=["recommended", "gptq"])
@@ -306,7 +306,7 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     assert not qcompile.compile(m, (t,), algorithm=[], **kw).report.algorithms
     assert not qcompile.compile(m, (t,), backend="x86", mode="dynamic", verify=False).report.algorithms
     from qcompile.algorithms import resolve
-    assert list(resolve(None, "static", 4)) == ["adaround", "bias_correction"]
+    assert list(resolve(None, "static", 4)) == ["greedy_rounding", "bias_correction"]
     assert list(resolve("recommended", "static", 8)) == ["equalize", "bias_correction"]
 
 
