@@ -107,7 +107,7 @@ class X86Backend(TableBackend):
             return support.TABLE
         if att == "float":
             return [row for row in support.TABLE if row.name != support.ACT_MATMUL]
-        return [dataclasses.replace(row, check=support._matmul_auto_check) if row.name == support.ACT_MATMUL
+        return [dataclasses.replace(row, check=support.matmul_auto_check) if row.name == support.ACT_MATMUL
                 else row for row in support.TABLE]
 
     @property

@@ -105,6 +105,8 @@ def attention_too_small(m: int, k: int, n: int) -> str | None:
     from qcompile.kernels import u8_bmm_available
     if not u8_bmm_available():
         return "no AVX-512 VNNI batched int8 kernel on this CPU / build (torch._int_mm per slice is slower)"
+    if not all(isinstance(d, int) for d in (m, k, n)):  # a sequence length left dynamic by capture
+        return f"the product's size ({m} x {k} x {n}) is not fixed at compile time"
     if m * k * n < INT8_ATTENTION_MIN_MACS:
         return f"{m} x {k} x {n} multiply-adds per head, below 128 x 64 x 128"
     return None
@@ -115,7 +117,7 @@ def sdpa_too_small(q, k, v) -> str | None:
     return attention_too_small(q.shape[-2], q.shape[-1], k.shape[-2])
 
 
-def _matmul_auto_check(nodes):
+def matmul_auto_check(nodes):
     """_matmul_check, and for attention="auto" the size / kernel rule."""
     reason = _matmul_check(nodes)
     if reason is not None:
