@@ -110,11 +110,8 @@ class Annotate(Pass):
 
     def _why_not(self, node: fx.Node) -> str:
         kind = op_kind(node)
-        name = kind or getattr(node.target, '__name__', node.target)
-        # notes are keyed by op kind, or for an op no kind covers by its name without the overload
-        # (``scaled_dot_product_attention``)
-        base = self.notes.get(kind) or self.notes.get(str(name).split(".")[0]) or \
-            f"no int8 kernel for {name} in the {self.backend} backend"
+        base = self.notes.get(kind) or f"no int8 kernel for {kind or getattr(node.target, '__name__', node.target)} " \
+                                       f"in the {self.backend} backend"
         rejected = node.meta.get(REJECTIONS)
         return base + (f" ({'; '.join(rejected)})" if rejected else "")
 

@@ -41,6 +41,7 @@ OPS: dict[str, tuple] = {
     "batch_norm": (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default),
     "dropout": (aten.dropout.default,),
     "embedding": (aten.embedding.default,),
+    "scaled_dot_product_attention": (aten.scaled_dot_product_attention.default,),
 }
 _KIND = {op: kind for kind, ops in OPS.items() for op in ops}
 
