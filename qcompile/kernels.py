@@ -135,12 +135,17 @@ def _int16_shape(kind: str, k: int, group_size: int | None = None) -> bool:
     return k % 128 == 0 if kind == "int8" else group_size is not None and group_size % 128 == 0 and k % group_size == 0
 
 
-def wo_threads(weight_bytes: int) -> int:
-    """Threads for one weight-only GEMV call: KERNEL_THREADS, or all of torch's for a weight of at least
-    WO_PARALLEL_BYTES (see there), when KERNEL_THREADS is 1."""
+def kernel_threads(work: int, parallel_from: int) -> int:
+    """Threads for one call of qcompile's kernels: KERNEL_THREADS, or, when that is 1, all of torch's for a call
+    of at least ``parallel_from`` units of work (WO_PARALLEL_BYTES of weight, BMM_PARALLEL_MACS multiply-adds)."""
     if KERNEL_THREADS is None:
         return torch.get_num_threads()
-    return torch.get_num_threads() if KERNEL_THREADS == 1 and weight_bytes >= WO_PARALLEL_BYTES else KERNEL_THREADS
+    return torch.get_num_threads() if KERNEL_THREADS == 1 and work >= parallel_from else KERNEL_THREADS
+
+
+def wo_threads(weight_bytes: int) -> int:
+    """Threads for one weight-only GEMV call (see WO_PARALLEL_BYTES)."""
+    return kernel_threads(weight_bytes, WO_PARALLEL_BYTES)
 
 
 def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
@@ -313,9 +318,7 @@ def u8_bmm(a: torch.Tensor, b: torch.Tensor, scale: float | None, zero_point: in
     base_b = b.data_ptr() - b.storage_offset()
     operands = (base_a, a_off, a.stride(-2), a.stride(-1), base_b, b_off, b.stride(-2), b.stride(-1), out.data_ptr(),
                 batches, m, k, n, a.q_zero_point(), b.q_zero_point(), mult)
-    threads = KERNEL_THREADS or torch.get_num_threads()
-    if KERNEL_THREADS == 1 and batches * m * k * n >= BMM_PARALLEL_MACS:
-        threads = torch.get_num_threads()
+    threads = kernel_threads(batches * m * k * n, BMM_PARALLEL_MACS)
     if f32:
         status = _lib().qc_u8_bmm_f32(*operands, threads)
     else:
