@@ -20,6 +20,13 @@ float ops — directly or through int8 shape-only ops (view, permute, ...) that 
 loses its output spec and keeps its int8 status (``float_consumers=False`` skips this). A group that feeds the
 model output (``quantize_outputs=False``: annotated "float: model output") is int8 compute with a float
 output too on such a backend: its status becomes int8.
+
+Before that, an int8 op that is not a GEMM (``add``, ``relu``, a pooling...) whose every consumer is float runs in
+float instead (``float_consumers=False`` skips this too): in int8 it only rounds its inputs and its result, and
+its result is converted back to float at once. Its producers then see a float consumer, so a linear feeding it
+writes fp32. Phi's parallel block adds the attention output projection and the MLP's second linear before the
+residual add; int8 there rounded both outputs and their sum (conformance Phi, x86, six held-out inputs, in
+docs/backends/x86.md). Ops are visited consumers first, so a chain (``add -> relu -> float``) goes float whole.
 """
 from __future__ import annotations
 
@@ -34,6 +41,10 @@ REASON = ("int8 input and weights, int8 GEMM with an fp32 output: every consumer
 OUTPUT_REASON = "feeds the model output: int8 input and weights, int8 GEMM with an fp32 output (quantize_outputs=False)"
 SHAPE_KINDS = frozenset({"reshape", "permute", "flatten", "unflatten", "unsqueeze", "squeeze", "select"})
 ANCHORS = frozenset({"linear"})
+GEMM_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv_transpose2d", "matmul", "embedding",
+                        "scaled_dot_product_attention"})
+DEMOTE_REASON = ("int8 would only round its inputs and result: every consumer is float, so it runs in float on "
+                 "its producers' float outputs")
 MATMUL_REASON = ("int8 operands, int8 batched GEMM with an fp32 output: every consumer is float (e.g. the scores "
                  "of Q.K^T before softmax), so the result is not requantized")
 
@@ -77,9 +88,27 @@ class FloatOutputLinears(Pass):
             return None
         return nodes
 
+    def _demote_float_fed(self, gm: fx.GraphModule, by_name: dict) -> bool:
+        """Non-GEMM int8 ops (alone in their group) whose every consumer is float run in float, consumers first."""
+        modified = False
+        for node in reversed(list(gm.graph.nodes)):
+            ann, group = A.get_annotation(node), A.get_group(node)
+            if ann is None or ann.status != A.INT8 or ann.group != node.name or op_kind(node) in SHAPE_KINDS:
+                continue
+            if (group is not None and len(group.nodes) > 1) or op_kind(node) in GEMM_KINDS or op_kind(node) is None:
+                continue  # a fused group (conv + add + relu) is one kernel: not split here
+            chain: list = []
+            if ann.output_spec is None or not _float_consumers(node, chain):
+                continue
+            for n in [node] + chain:
+                A.set_annotation(n, A.get_annotation(n).with_(
+                    output_spec=None, input_specs={}, status=A.FLOAT_FEEDS_FLOAT, reason=DEMOTE_REASON))
+            modified = True
+        return modified
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         by_name = {n.name: n for n in gm.graph.nodes}
-        modified = False
+        modified = self.float_consumers and self._demote_float_fed(gm, by_name)
         for node in list(gm.graph.nodes):
             nodes = self._group(node, by_name)
             if nodes is None:

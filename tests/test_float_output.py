@@ -116,3 +116,43 @@ def test_onnx_leaves_them_unrounded():
         with torch.no_grad():
             s[flag] = _sqnr(chain(cal[1]), art(cal[1]))
     assert s[True] > s[False] + 1.0, s
+
+
+class Parallel(nn.Module):
+    """Phi's parallel block: attention and MLP outputs added, then the float residual stream."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln, self.fa, self.fb = nn.LayerNorm(d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.ln(x)
+        return x + (self.fa(h) + self.fb(h))
+
+
+@pytest.mark.parametrize("backend", ["x86", "onnx"])
+def test_int8_add_feeding_only_float_runs_float_and_its_linears_write_fp32(backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Parallel().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 16, 32, generator=g) for _ in range(8)]
+    x = torch.randn(4, 16, 32, generator=g)
+    opts = {"engine": "x86"} if backend == "x86" else {}
+    on = qcompile.compile(model, (cal[0],), backend=backend, calibration=cal, backend_options=opts)
+    off = qcompile.compile(model, (cal[0],), backend=backend, calibration=cal,
+                           backend_options={**opts, "float_output_linears": False})
+    adds = {r.name: r for r in on.report.rows if r.op == "add"}
+    inner = [r for r in adds.values() if r.status == qcompile.annotation.FLOAT_FEEDS_FLOAT]
+    assert len(inner) == 1 and "every consumer is float" in inner[0].reason
+    assert [r.status for r in off.report.rows if r.op == "add"].count("int8") == 1  # the old plan
+    for m in ("fa", "fb"):
+        assert _row(on, m).status == "int8"
+        if backend == "x86":
+            assert _row(on, m).kernel.startswith(KERNEL)
+    with torch.no_grad():
+        ref = model(x)
+        s_on, s_off = _sqnr(ref, on(x)), _sqnr(ref, off(x))
+        assert _sqnr(on.reference(x), on(x)) > 40
+    assert s_on > s_off + 1.0, (s_on, s_off)  # three roundings fewer: both linears' outputs and the sum
