@@ -9,8 +9,8 @@
     executorch  ``XNNPACKQuantizer`` (symmetric, per-channel; dynamic: ``is_dynamic=True``) + PT2E prepare /
                 convert -> ``to_edge_transform_and_lower(XnnpackPartitioner)`` -> ``executorch.runtime``.
 
-Each peer returns ``Peer(out, int8_macs, method)``: its output on the held-out input and the MACs of the
-GEMMs it runs in int8 (conformance_macs formula). Counting int8 GEMMs:
+Each peer returns ``Peer(outs, int8_macs, method)``: its outputs on the held-out inputs and the MACs of the
+GEMMs it runs in int8 (on the first held-out input) (conformance_macs formula). Counting int8 GEMMs:
     torch.ao FX   quantized Conv / Linear modules (static and dynamic) and ``quantized::matmul`` calls;
     PT2E          conv / linear / matmul nodes whose activation and weight inputs are dequantize nodes;
     ORT           integer ops, or Conv / MatMul / Gemm whose data and weight inputs are DequantizeLinear;
@@ -31,7 +31,7 @@ from conformance_macs import (GEMM_OPS, ShapeRecorder, dead_gemm_modules, gemm_m
 
 @dataclass
 class Peer:
-    out: torch.Tensor
+    outs: list
     int8_macs: int
     method: str
 
@@ -46,26 +46,29 @@ def _calibrate(m, calib):
 
 
 # -- x86 ----------------------------------------------------------------------------------------------
-def x86(model, example, calib, held, mode):
+def x86(model, example, calib, helds, mode):
     if mode == "dynamic":
-        return _x86_dynamic(model, held)
+        return _x86_dynamic(model, helds)
     try:
-        return _x86_fx(model, example, calib, held)
+        return _x86_fx(model, example, calib, helds)
     except Exception as fx_error:  # noqa: BLE001 - FX cannot trace most transformers models: PT2E then
-        peer = _x86_pt2e(model, example, calib, held)
+        peer = _x86_pt2e(model, example, calib, helds)
         peer.method += f" (FX: {type(fx_error).__name__})"
         return peer
 
 
-def _x86_fx(model, example, calib, held):
+def _run_all(fn, helds) -> list:
+    with torch.no_grad():
+        return [fn(*h) for h in helds]
+
+
+def _x86_fx(model, example, calib, helds):
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
     prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), example)
     _calibrate(prepared, calib)
     q = convert_fx(prepared)
-    with torch.no_grad():
-        out = q(*held)
-    return Peer(out, _ao_int8_macs(q, held), "torch.ao FX x86")
+    return Peer(_run_all(q, helds), _ao_int8_macs(q, helds[0]), "torch.ao FX x86")
 
 
 def _ao_int8_macs(gm: fx.GraphModule, args) -> int:
@@ -111,7 +114,7 @@ def _skip_partitions_without_outputs(xiq) -> None:
     xiq.find_sequential_partitions = filtered
 
 
-def _x86_pt2e(model, example, calib, held):
+def _x86_pt2e(model, example, calib, helds):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     _skip_partitions_without_outputs(xiq)
@@ -119,9 +122,7 @@ def _x86_pt2e(model, example, calib, held):
     prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
     _calibrate(prepared, calib)
     q = convert_pt2e(prepared)
-    with torch.no_grad():
-        out = q(*held)
-    return Peer(out, _dq_gemm_macs(q, held), "torchao PT2E X86InductorQuantizer (q/dq reference)")
+    return Peer(_run_all(q, helds), _dq_gemm_macs(q, helds[0]), "torchao PT2E X86InductorQuantizer (q/dq reference)")
 
 
 def _act_index(node: fx.Node) -> int:
@@ -155,23 +156,23 @@ class _MetaShape:
         self.shape = tuple(shape) if shape is not None else None
 
 
-def _x86_dynamic(model, held):
+def _x86_dynamic(model, helds):
     import torch.ao.nn.quantized.dynamic as nnqd
     from torch.ao.quantization import quantize_dynamic
-    dead = dead_gemm_modules(model, held)  # run in eager, but their output is never read
+    dead = dead_gemm_modules(model, helds[0])  # run in eager, but their output is never read
     q = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
     macs = []
     hooks = [m.register_forward_hook(lambda m, i, o: macs.append(o.numel() * m.in_features))
              for name, m in q.named_modules() if isinstance(m, nnqd.Linear) and name not in dead]
     with torch.no_grad():
-        out = q(*held)
+        q(*helds[0])
     for h in hooks:
         h.remove()
-    return Peer(out, sum(macs), "torch.ao quantize_dynamic (nn.Linear)")
+    return Peer(_run_all(q, helds), sum(macs), "torch.ao quantize_dynamic (nn.Linear)")
 
 
 # -- ONNX Runtime ---------------------------------------------------------------------------------------
-def onnx(model, example, calib, held, mode, tmp: str):
+def onnx(model, example, calib, helds, mode, tmp: str):
     import onnx as onnx_pkg
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -200,9 +201,9 @@ def onnx(model, example, calib, held, mode, tmp: str):
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         method = "ORT quantize_static (QDQ, per-channel, u8/s8)"
     sess = ort_session(out_path)
-    out = torch.from_numpy(sess.run(None, ort_feeds(sess, held, names))[0])
+    outs = [torch.from_numpy(sess.run(None, ort_feeds(sess, h, names))[0]) for h in helds]
     int8, _ = onnx_int8_macs(onnx_pkg.load(out_path))
-    return Peer(out, int8, method)
+    return Peer(outs, int8, method)
 
 
 def ort_session(path_or_bytes):
@@ -222,16 +223,16 @@ def ort_feeds(sess, args, names=None) -> dict:
 
 
 # -- ExecuTorch ------------------------------------------------------------------------------------------
-def executorch(model, example, calib, held, mode):
+def executorch(model, example, calib, helds, mode):
     try:
-        return _executorch(model, example, calib, held, mode, stock=True)
+        return _executorch(model, example, calib, helds, mode, stock=True)
     except Exception as e:  # noqa: BLE001
-        peer = _executorch(model, example, calib, held, mode, stock=False)
+        peer = _executorch(model, example, calib, helds, mode, stock=False)
         peer.method += f" (stock quantizer: {type(e).__name__}; retried without scalar-to-tensor conversion)"
         return peer
 
 
-def _executorch(model, example, calib, held, mode, stock: bool):
+def _executorch(model, example, calib, helds, mode, stock: bool):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                           get_symmetric_quantization_config)
@@ -251,16 +252,17 @@ def _executorch(model, example, calib, held, mode, stock: bool):
     converted = convert_pt2e(prepared)
     edge = to_edge_transform_and_lower(torch.export.export(converted, example), partitioner=[XnnpackPartitioner()])
     macs = delegated_int8_macs(edge.exported_program().graph_module)
-    out = run_pte(bytes(edge.to_executorch().buffer), held)
-    return Peer(out, macs, f"ExecuTorch XNNPACKQuantizer ({mode}) + XnnpackPartitioner")
+    outs = run_pte(bytes(edge.to_executorch().buffer), helds)
+    return Peer(outs, macs, f"ExecuTorch XNNPACKQuantizer ({mode}) + XnnpackPartitioner")
 
 
-def run_pte(buffer: bytes, args) -> torch.Tensor:
+def run_pte(buffer: bytes, inputs: list) -> list:
+    """The program's first output on each input tuple of ``inputs`` (one load)."""
     from executorch.runtime import Runtime
     program = Runtime.get().load_program(buffer)
     _ALIVE.append((buffer, program))
-    outs = program.load_method("forward").execute([a.contiguous() for a in args])
-    return outs[0]
+    method = program.load_method("forward")
+    return [method.execute([a.contiguous() for a in args])[0] for args in inputs]
 
 
 def delegated_int8_macs(gm: fx.GraphModule) -> int:

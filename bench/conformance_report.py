@@ -163,7 +163,8 @@ def render(rows: list, cmdline: str = "") -> str:
         f"`python bench/conformance.py {cmdline}`.", "",
         "Models are `transformers` architectures built from their config classes with small sizes and random, "
         "seeded weights (bench/conformance_models.py). Static mode calibrates on 4 samples; SQNR is against the "
-        "float model on a held-out input. int8 MACs: MACs of the GEMMs (conv / linear / matmul / attention) run "
+        "float model, pooled over 4 held-out inputs (their total signal over their total noise; on one input of "
+        "these random-weight models it swings by up to 7 dB, on both sides). int8 MACs: MACs of the GEMMs (conv / linear / matmul / attention) run "
         "in int8, over the float model's total GEMM MACs, one formula for both sides (bench/conformance_macs.py); "
         "only GEMMs whose result reaches the output count, on either side (a BERT pooler behind a "
         "last-hidden-state wrapper is work no tool needs to do). "

@@ -85,7 +85,7 @@ def test_dead_gemms_count_for_no_tool():
     x = (torch.randn(2, 5, 8),)
     model = Pooled().eval()
     assert float_total(model, x) == 2 * 5 * 8 * 8 and dead_gemm_modules(model, x) == {"pooler"}
-    assert _x86_dynamic(model, x).int8_macs == 2 * 5 * 8 * 8
+    assert _x86_dynamic(model, [x]).int8_macs == 2 * 5 * 8 * 8
 
 
 def test_report_summary_counts_failures_as_losses():
