@@ -10,6 +10,9 @@ float output, one kernel instead of GEMM + requantize + dequantize.
 Measured on ``nn.TransformerEncoder`` (d=384, 6 layers, batch 8 x 128, x86 static): SQNR against float
 40.4 -> 41.8 dB, min cosine 0.99994 -> 0.99996 (dynamic int8: 41.8 dB, 0.99997).
 
+``convs=True`` (x86, where oneDNN's fp32-output int8 conv is built) applies the same to ``conv2d`` groups: a
+ConvNeXt block's depthwise conv feeds a permute and LayerNorm, a segmentation head's last conv the model output.
+
 ``matmuls=True`` (x86) applies the same to activation x activation ``matmul`` groups: attention's Q.K^T feeds
 the score scale, the mask and softmax, all float, so its scores leave the int8 kernel as fp32 instead of
 being rounded to a uint8 grid that has to span every head's largest score (measured on the conformance
@@ -45,6 +48,8 @@ GEMM_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv_transpose2d", "matmu
                         "scaled_dot_product_attention"})
 DEMOTE_REASON = ("int8 would only round its inputs and result: every consumer is float, so it runs in float on "
                  "its producers' float outputs")
+CONV_REASON = ("int8 input and weights, int8 conv with an fp32 output: every consumer is float, so the result is not "
+               "requantized (one kernel, no rounding of the output)")
 MATMUL_REASON = ("int8 operands, int8 batched GEMM with an fp32 output: every consumer is float (e.g. the scores "
                  "of Q.K^T before softmax), so the result is not requantized")
 
@@ -75,9 +80,9 @@ class FloatOutputLinears(Pass):
 
     requires = frozenset({"annotated"})
 
-    def __init__(self, float_consumers: bool = True, matmuls: bool = False):
+    def __init__(self, float_consumers: bool = True, matmuls: bool = False, convs: bool = False):
         self.float_consumers = float_consumers
-        self.anchors = ANCHORS | ({"matmul"} if matmuls else set())
+        self.anchors = ANCHORS | ({"matmul"} if matmuls else set()) | ({"conv2d"} if convs else set())
 
     def _group(self, node: fx.Node, by_name: dict) -> list | None:
         ann, group = A.get_annotation(node), A.get_group(node)
@@ -124,12 +129,12 @@ class FloatOutputLinears(Pass):
             if not self.float_consumers or status != A.INT8 or ann_out.output_spec is None or \
                     not _float_consumers(nodes[-1], chain):
                 continue
-            reason = MATMUL_REASON if op_kind(node) == "matmul" else REASON
+            reason = {"matmul": MATMUL_REASON, "conv2d": CONV_REASON}.get(op_kind(node), REASON)
             for n in nodes:
                 A.set_annotation(n, A.get_annotation(n).with_(output_spec=None, reason=reason))
             for n in chain:
                 A.set_annotation(n, A.get_annotation(n).with_(
                     output_spec=None, input_specs={}, status=A.FLOAT_FEEDS_FLOAT,
-                    reason="shape-only op on the float output of an int8 linear (every consumer is float)"))
+                    reason="shape-only op on the float output of an int8 GEMM (every consumer is float)"))
             modified = True
         return PassResult(gm, modified)

@@ -156,3 +156,72 @@ def test_int8_add_feeding_only_float_runs_float_and_its_linears_write_fp32(backe
         s_on, s_off = _sqnr(ref, on(x)), _sqnr(ref, off(x))
         assert _sqnr(on.reference(x), on(x)) > 40
     assert s_on > s_off + 1.0, (s_on, s_off)  # three roundings fewer: both linears' outputs and the sum
+
+
+class ConvNeXtish(nn.Module):
+    """Depthwise conv -> permute -> LayerNorm (float) -> back, and a last conv feeding the model output."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw, self.ln, self.head = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c), nn.Conv2d(c, 5, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.ln(self.dw(h).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.head(torch.relu(h))
+
+
+def test_conv_feeding_float_ops_runs_int8_with_fp32_output():
+    from backends.x86.rules import CONV_FLOAT_OUTPUT_KERNEL, conv_float_output_available
+    if not conv_float_output_available():
+        pytest.skip("torch built without oneDNN")
+    torch.manual_seed(0)
+    model = ConvNeXtish().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(6)]
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    on = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    off = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal,
+                           backend_options={"float_output_linears": False})
+    rows = {r.module.split(".")[-1]: r for r in on.report.rows if r.op == "conv2d"}
+    for name in ("dw", "head"):  # dw feeds a permute + LayerNorm; head the model output
+        assert rows[name].status == "int8" and rows[name].kernel.startswith(CONV_FLOAT_OUTPUT_KERNEL), rows[name]
+    assert not rows["stem"].kernel.startswith(CONV_FLOAT_OUTPUT_KERNEL)  # its consumers are int8
+    assert on.report.share("macs") == 1.0
+    with torch.no_grad():
+        ref = model(x)
+        assert _sqnr(on.reference(x), on(x)) > 60  # the kernel computes on the reference's int8 values
+        s_on, s_off = _sqnr(ref, on(x)), _sqnr(ref, off(x))
+    assert s_on > s_off + 0.5, (s_on, s_off)
+
+
+def _dw_codes(art) -> tuple[int, int]:
+    """(largest |code|, largest sum of two same-sign codes of one channel) of the depthwise conv's weights."""
+    from qcompile.ir import get_attr_value
+    (conv,) = [n for n in art.reference.graph.nodes if n.target == torch.ops.aten.conv2d.default
+               and int(n.args[6] if len(n.args) > 6 else 1) > 1]  # the depthwise conv
+    w = get_attr_value(art.reference, conv.args[1].args[0]).reshape(16, -1).int()
+    top = lambda v: v.clamp(min=0).sort(dim=1).values[:, -2:].sum(dim=1)  # noqa: E731
+    return int(w.abs().max()), int(torch.maximum(top(w), top(-w)).max())
+
+
+def test_fp32_output_depthwise_conv_takes_full_range_weights_where_onednn_sums_in_int32():
+    """fbgemm's depthwise kernel needs the pair-sum bound (two same-sign codes <= 128); a depthwise conv on
+    oneDNN's fp32-output kernel with VNNI does not: its codes reach 127 with a second one beside it."""
+    from backends.x86.kernel_choice import cpu_has_vnni
+    from backends.x86.rules import conv_float_output_available
+    torch.manual_seed(0)
+    model = ConvNeXtish().eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randn(2, 3, 16, 16, generator=g) for _ in range(4)]
+    on = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal)
+    off = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal,
+                           backend_options={"float_output_linears": False})
+    pair = _dw_codes(off)
+    assert pair[1] <= 128  # fbgemm's bound (u8 x s8 pairs in int16)
+    full = _dw_codes(on)
+    if conv_float_output_available() and cpu_has_vnni():
+        assert full[0] >= 127 and full[1] > 128, full
+    else:
+        assert full == pair

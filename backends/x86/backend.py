@@ -17,7 +17,8 @@ from qcompile.passes.dynamic import AnnotateRecurrent
 
 from ..base import Lowered
 from ..table import ModeTable, TableBackend
-from . import dynamic, support, weight_only
+from . import dynamic, rules, support, weight_only
+from .conv_weights import FullRangeFloatOutputConvWeights
 from .kernel_choice import EngineChooser, cpu_has_vnni, quantized_engine
 from .lower import Lowerer
 from .rules import RULES
@@ -125,11 +126,15 @@ class X86Backend(TableBackend):
 
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
         if mode not in ("dynamic", "weight_only"):
+            convs = rules.conv_float_output_available()
+            # convs writing fp32 run on oneDNN, exact in int32 with VNNI: their weights need no pair-sum bound
+            full = [FullRangeFloatOutputConvWeights()] if convs and cpu_has_vnni() else []
             if self.options.attention == "float":  # SDPA fused, in fp32; the linears feeding it write fp32
-                return [], [FloatOutputLinears(self.options.float_output_linears)]
+                return [], [FloatOutputLinears(self.options.float_output_linears, convs=convs)] + full
             # attention as matmul / softmax / matmul: Q.K^T and P.V run int8 ("auto": where large enough)
             keep = support.sdpa_too_small if self.options.attention == "auto" else None
-            return [DecomposeSDPA(keep)], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
+            return [DecomposeSDPA(keep)], [FloatOutputLinears(self.options.float_output_linears, matmuls=True,
+                                                              convs=convs)] + full
         if mode != "dynamic":
             return [], []
         specs = self.float_mode_table(mode).specs  # LSTM / GRU: one op each, with a list of weights (no pattern row)

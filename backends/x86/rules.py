@@ -98,8 +98,60 @@ def _linear_prepack(node, qw, bias):
 
 
 def conv2d(m: Match):
+    if m.user is None or m.user.target not in _Q:
+        return _conv2d_float_output(m)
     return _weighted(m, _conv_prepack, {False: qops.conv2d.new, True: qops.conv2d_relu.new},
                      "quantized::conv2d")
+
+
+conv2d.float_output = True  # groups left without an output quantize (passes/float_output.py) lower here too
+
+CONV_FLOAT_OUTPUT_KERNEL = "onednn::qconv2d_pointwise"
+
+
+def conv_float_output_available() -> bool:
+    """oneDNN's int8 conv with an fp32 result (torch.ops.onednn.qconv2d_pointwise) is in this torch build."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def _conv2d_float_output(m: Match):
+    """int8 conv with an fp32 result (oneDNN, what Inductor's x86 int8 path runs): the group's consumers are
+    float, its output is not quantized. The kernel takes the int8 input's codes and writes fp32, bias added and
+    relu fused, with no requantize (one rounding fewer than conv + quantize + dequantize)."""
+    lw, nodes = m.ctx, m.nodes
+    anchor = nodes[0]
+    if not conv_float_output_available():
+        return "this torch build has no oneDNN int8 conv with an fp32 output"
+    operands = _int8_operands(m)
+    if isinstance(operands, str):
+        return operands
+    x, qw = operands
+    if anchor.args[0].args[5] != torch.uint8:
+        return "the fp32-output int8 conv takes uint8 activations"
+    if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        w_scales, w_zps = qw.q_per_channel_scales().float(), qw.q_per_channel_zero_points()
+    else:
+        w_scales = torch.full((qw.shape[0],), qw.q_scale(), dtype=torch.float32)
+        w_zps = torch.full((qw.shape[0],), qw.q_zero_point(), dtype=torch.long)
+    if bool((w_zps != 0).any()):
+        return "the fp32-output int8 conv (oneDNN) takes symmetric weights"
+    stride, padding = list(_arg(anchor, 3, [1, 1])), list(_arg(anchor, 4, [0, 0]))
+    dilation, groups = list(_arg(anchor, 5, [1, 1])), int(_arg(anchor, 6, 1))
+    if isinstance(padding, str) or any(isinstance(v, str) for v in padding):
+        return "string padding: the fp32-output int8 conv takes explicit padding"
+    packed = torch.ops.onednn.qconv_prepack(qw.int_repr(), w_scales, float(x.scale), int(x.zero_point), stride,
+                                           padding, dilation, groups, None)
+    bias = _bias(lw, anchor)
+    relu = len(nodes) > 1 and nodes[1].target in (aten.relu.default, aten.relu_.default)
+    if len(nodes) > 1 and not relu:
+        return "the fp32-output int8 conv fuses relu only"
+    codes = lw.call(torch.Tensor.int_repr, (x.node,), anchor)
+    out = lw.call(torch.ops.onednn.qconv2d_pointwise.default,
+                  (codes, float(x.scale), int(x.zero_point), lw.constant(packed, "packed"),
+                   lw.constant(w_scales, "w_scales"), lw.constant(torch.zeros_like(w_zps), "w_zps"),
+                   None if bias is None else lw.constant(bias, "bias"), stride, padding, dilation, groups, 1.0, 0,
+                   torch.float32, "relu" if relu else "none", [], ""), anchor)
+    return Emitted(Value(out), f"{CONV_FLOAT_OUTPUT_KERNEL} (oneDNN; int8 conv, fp32 output, no requantize)")
 
 
 def conv1d(m: Match):
