@@ -92,6 +92,8 @@ class InsertObservers(Pass):
                 arg = node.args[i] if i < len(node.args) else None
                 if not isinstance(spec, QuantSpec) or not isinstance(arg, fx.Node) or arg.op == "get_attr":
                     continue
+                if spec.dynamic:
+                    continue  # quantized at run time (e.g. executorch's dynamic output GEMM): nothing to observe
                 if arg.op == "call_module" and arg.target in meta.OBSERVED.get(gm, {}):
                     continue  # already an observed value
                 producer = A.get_annotation(arg)

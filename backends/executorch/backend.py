@@ -37,7 +37,11 @@ class ExecuTorchOptions:
         (XNNPACK's x32 transpose), instead of after, as int8 (its slower x8 transpose); see
         lower.channels_last_inputs.
     float_depthwise: a depthwise conv whose consumers are all float keeps int8 input and weights but
-        computes in fp32 with a float output (depthwise.py; on x86 XNNPACK's fp32 depthwise is the faster)."""
+        computes in fp32 with a float output (depthwise.py; on x86 XNNPACK's fp32 depthwise is the faster).
+    dynamic_output_linears: a linear whose output is a model output runs XNNPACK's dynamically quantized GEMM
+        (input quantized per row at run time, int8 weights and compute, fp32 output; output_gemm.py), with
+        quantize_outputs True or False: an int8 output clips values beyond the calibrated range. False: the
+        linear writes int8 (quantize_outputs=True) or runs in fp32 on dequantized weights (False)."""
 
     narrow_weights: bool = True
     num_threads: int | None = None
@@ -45,6 +49,7 @@ class ExecuTorchOptions:
     fold_hardsigmoid: bool = True
     channels_last_inputs: bool = True
     float_depthwise: bool = True
+    dynamic_output_linears: bool = True
 
 
 class ExecuTorchBackend(TableBackend):
@@ -87,8 +92,9 @@ class ExecuTorchBackend(TableBackend):
     def default_config(self, mode: str) -> QConfig:
         if mode == "dynamic":
             return dynamic.default_config()
-        # quantize_outputs: a float-output classifier would run in fp32 outside XNNPACK's int8 kernels
-        # (MobileNetV2 batch 1: 1.07x ExecuTorch's own flow, 1.00x with the output quantized)
+        # quantize_outputs: a float-output conv would run in fp32 on dequantized weights (XNNPACK has no static
+        # int8-input / fp32-output GEMM); a linear feeding a model output runs XNNPACK's dynamically quantized
+        # GEMM either way (dynamic_output_linears, output_gemm.py)
         return QConfig(weights=WeightSpec(bits=8, granularity="per_channel", symmetric=True),
                        activations=ActivationSpec(observer="mse"), quantize_outputs=True)
 
@@ -106,7 +112,9 @@ class ExecuTorchBackend(TableBackend):
         if mode == "dynamic":  # float everywhere but the linears: no gate folding, no depthwise int8
             return [], [dynamic.Bf16GroupScales()]
         before = [FoldHardsigmoid()] if self.options.fold_hardsigmoid else []
-        after = []
+        from .output_gemm import DynamicOutputLinears
+        # a linear feeding the model output: int8 weights and compute, fp32 result (not clipped)
+        after = [DynamicOutputLinears()] if self.options.dynamic_output_linears else []
         if self.options.float_depthwise:
             from .depthwise import FloatDepthwiseOutput
             after.append(FloatDepthwiseOutput())

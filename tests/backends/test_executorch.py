@@ -257,18 +257,31 @@ def test_mobile_cnn_every_conv_and_linear_is_delegated(mobile):
     assert len(gemm) == 6 and v["delegated_conv_linear_share"] == 1.0
     assert all(r.kernel.startswith("XNNPACK") for r in gemm)
     assert all(r.kernel.startswith("XNNPACK int8") for r in gemm if r.status == A.INT8)
-    assert _row(art.report, "linear").status == A.INT8  # quantize_outputs defaults to True on executorch
+    assert _row(art.report, "linear").status == A.INT8  # the classifier feeding the output: a dynamic int8 GEMM
 
 
-def test_float_output_layer_on_request_runs_fp32(mobile):
-    """quantize_outputs=False: the classifier takes int8 inputs, writes float, and XNNPACK (which has no
-    int8-in / float-out GEMM) runs it in fp32 on the dequantized weights -- reported, not hidden."""
+def test_output_linear_is_a_dynamic_int8_gemm_whose_logits_are_not_clipped(mobile):
+    """dynamic_output_linears (default): the classifier runs XNNPACK's dynamically quantized GEMM (int8
+    weights and compute, fp32 output). Without it (quantize_outputs=True) the logits are rounded to the
+    calibrated int8 grid (which clips logits beyond the calibrated range: conformance RegNet, docs)."""
     art, model, x = mobile
-    float_out = qcompile.compile(model, (x,), backend="executorch", calibration=[x], quantize_outputs=False,
-                                 progress=False)
-    row = _row(float_out.report, "linear")
-    assert row.status == A.FLOAT_OUTPUT and "fp32" in row.kernel
-    assert float_out.report.verify["delegated_conv_linear_share"] == 1.0
+    row = _row(art.report, "linear")
+    assert row.status == A.INT8 and "dynamic" in row.kernel, row
+    assert art.report.verify["delegated_conv_linear_share"] == 1.0
+    q = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
+                         algorithm="rtn", backend_options={"dynamic_output_linears": False})
+    qrow = _row(q.report, "linear")
+    assert qrow.status == A.INT8 and "dynamic" not in qrow.kernel
+    held = torch.cat(_images(32, seed=7))  # 320 logits: more than one int8 grid holds
+    with torch.no_grad():
+        ref, dyn, q8 = model(held), art(held), q(held)
+        s_dyn = 10 * torch.log10(ref.pow(2).sum() / (ref - dyn).pow(2).sum())
+        s_q = 10 * torch.log10(ref.pow(2).sum() / (ref - q8).pow(2).sum())
+        r = art.reference(held)
+        s_ref = 10 * torch.log10(r.pow(2).sum() / (r - dyn).pow(2).sum())
+    assert q8.unique().numel() <= 256 < dyn.unique().numel()  # int8 logits sit on one 256-level grid
+    assert s_dyn > s_q, (float(s_dyn), float(s_q))
+    assert s_ref > 30  # the program computes what the reference graph says (per-row dynamic quantize included)
 
 
 def test_mobile_cnn_report_names_what_xnnpack_lacks(mobile):
@@ -421,7 +434,9 @@ def test_mobile_cnn_4bit_weights_delegated_and_within_one_step(mobile_4bit):
     for r in _rows_of(art.report, "conv2d"):
         assert r.kernel == "XNNPACK int8 convolution (4-bit codes stored in int8: XNNPACK has no static " \
                            "low-bit convolution kernel)"
-    assert _row(art.report, "linear").kernel == "XNNPACK int8 linear (4-bit weights packed two per byte: XNNPACK qc4w)"
+    # the classifier feeds the model output: XNNPACK's dynamic GEMM (dynamic_output_linears), on qc4w weights
+    assert _row(art.report, "linear").kernel == ("XNNPACK int8 dynamic linear (qd8: input quantized per row at run "
+                                                 "time) (4-bit weights packed two per byte: XNNPACK qc4w)")
     # stem 16x3x3x3 + depthwise 16x1x3x3 + se 8x16 + 16x8 + pointwise 16x16 in int8 bytes; fc 10x16 packed
     assert (sizes["lowbit_in_int8_weight_elements"], sizes["int8_weight_elements"]) == (1088, 1088)
     assert (sizes["int4_packed_weight_elements"], sizes["weight_bytes"]) == (160, 1088 + 80)
