@@ -113,8 +113,9 @@ class ExecuTorchBackend(TableBackend):
             return [], [dynamic.Bf16GroupScales()]
         before = [FoldHardsigmoid()] if self.options.fold_hardsigmoid else []
         from .output_gemm import DynamicOutputLinears
-        # a linear feeding the model output: int8 weights and compute, fp32 result (not clipped)
-        after = [DynamicOutputLinears()] if self.options.dynamic_output_linears else []
+        # a linear feeding the model output: int8 weights and compute, fp32 result (not clipped). Not in QAT: the
+        # model trained with its input's static fake-quant, and convert keeps what it trained with
+        after = [DynamicOutputLinears()] if self.options.dynamic_output_linears and mode == "static" else []
         if self.options.float_depthwise:
             from .depthwise import FloatDepthwiseOutput
             after.append(FloatDepthwiseOutput())
