@@ -173,7 +173,7 @@ class ConvNeXtish(nn.Module):
 
 
 def test_conv_feeding_float_ops_runs_int8_with_fp32_output():
-    from backends.x86.rules import CONV_FLOAT_OUTPUT_KERNEL, conv_float_output_available
+    from qcompile.backends.x86.rules import CONV_FLOAT_OUTPUT_KERNEL, conv_float_output_available
     if not conv_float_output_available():
         pytest.skip("torch built without oneDNN")
     torch.manual_seed(0)
@@ -209,8 +209,8 @@ def _dw_codes(art) -> tuple[int, int]:
 def test_fp32_output_depthwise_conv_takes_full_range_weights_where_onednn_sums_in_int32():
     """fbgemm's depthwise kernel needs the pair-sum bound (two same-sign codes <= 128); a depthwise conv on
     oneDNN's fp32-output kernel with VNNI does not: its codes reach 127 with a second one beside it."""
-    from backends.x86.kernel_choice import cpu_has_vnni
-    from backends.x86.rules import conv_float_output_available
+    from qcompile.backends.x86.kernel_choice import cpu_has_vnni
+    from qcompile.backends.x86.rules import conv_float_output_available
     torch.manual_seed(0)
     model = ConvNeXtish().eval()
     g = torch.Generator().manual_seed(1)

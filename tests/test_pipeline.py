@@ -49,8 +49,8 @@ def test_the_prepare_pipeline_is_built_once_from_the_backends_data():
         # static: both write SDPA out for int8 attention matmuls (x86: where large enough, attention="auto")
         assert ("DecomposeSDPA" in a) == ("DecomposeSDPA" in b) == (mode == "static")
         # x86 static adds full-range weights for fp32-output depthwise convs where oneDNN sums in int32 (VNNI)
-        from backends.x86.kernel_choice import cpu_has_vnni
-        from backends.x86.rules import conv_float_output_available
+        from qcompile.backends.x86.kernel_choice import cpu_has_vnni
+        from qcompile.backends.x86.rules import conv_float_output_available
         extra = {"dynamic": ["AnnotateRecurrent"], "weight_only": [],
                  "static": ["FullRangeFloatOutputConvWeights"] if conv_float_output_available() and cpu_has_vnni()
                  else []}[mode]

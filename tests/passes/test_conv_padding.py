@@ -52,7 +52,7 @@ def test_same_padding_convs_run_int8_on_x86():
     convs = [r for r in art.report.rows if r.op == "conv2d"]
     assert len(convs) == 4 and all(r.status == "int8" for r in convs[:3])
     # quantize_outputs=False keeps the last layer's output float: an int8 conv with an fp32 result (oneDNN)
-    from backends.x86.rules import CONV_FLOAT_OUTPUT_KERNEL, conv_float_output_available
+    from qcompile.backends.x86.rules import CONV_FLOAT_OUTPUT_KERNEL, conv_float_output_available
     if conv_float_output_available():
         assert convs[3].status == "int8" and convs[3].kernel.startswith(CONV_FLOAT_OUTPUT_KERNEL)
     else:
