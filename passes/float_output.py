@@ -93,7 +93,7 @@ class FloatOutputLinears(Pass):
             return None
         return nodes
 
-    def _demote_float_fed(self, gm: fx.GraphModule, by_name: dict) -> bool:
+    def _demote_float_fed(self, gm: fx.GraphModule) -> bool:
         """Non-GEMM int8 ops (alone in their group) whose every consumer is float run in float, consumers first."""
         modified = False
         for node in reversed(list(gm.graph.nodes)):
@@ -113,7 +113,7 @@ class FloatOutputLinears(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         by_name = {n.name: n for n in gm.graph.nodes}
-        modified = self.float_consumers and self._demote_float_fed(gm, by_name)
+        modified = self.float_consumers and self._demote_float_fed(gm)
         for node in list(gm.graph.nodes):
             nodes = self._group(node, by_name)
             if nodes is None:
