@@ -40,6 +40,17 @@ def _int8_operands(m: Match):
     return x, _int_weight(m.ctx.ref, anchor.args[1])
 
 
+def _fp32_output_operands(m: Match):
+    """(quantized input Value, int8 weight) for an int8 kernel with an fp32 result, or the reason it cannot run:
+    these kernels (fbgemm's linear, oneDNN's conv) take uint8 activations."""
+    operands = _int8_operands(m)
+    if isinstance(operands, str):
+        return operands
+    if m.nodes[0].args[0].args[5] != torch.uint8:
+        return "the fp32-output int8 kernel takes uint8 activations"
+    return operands
+
+
 def _weighted(m: Match, prepack, kernels, kernel_name):
     lw, nodes, q = m.ctx, m.nodes, m.user
     anchor = nodes[0]
@@ -122,12 +133,10 @@ def _conv2d_float_output(m: Match):
     anchor = nodes[0]
     if not conv_float_output_available():
         return "this torch build has no oneDNN int8 conv with an fp32 output"
-    operands = _int8_operands(m)
+    operands = _fp32_output_operands(m)
     if isinstance(operands, str):
         return operands
     x, qw = operands
-    if anchor.args[0].args[5] != torch.uint8:
-        return "the fp32-output int8 conv takes uint8 activations"
     if qw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         w_scales, w_zps = qw.q_per_channel_scales().float(), qw.q_per_channel_zero_points()
     else:
@@ -177,12 +186,10 @@ def _linear_float_output(m: Match):
     quantize made the int8 input from (or its dequantized copy), it computes on exactly that int8 input."""
     lw, nodes = m.ctx, m.nodes
     anchor = nodes[0]
-    operands = _int8_operands(m)
+    operands = _fp32_output_operands(m)
     if isinstance(operands, str):
         return operands
     x, qw = operands
-    if anchor.args[0].args[5] != torch.uint8:
-        return "the fp32-output int8 kernel takes uint8 activations"
     engine = torch.backends.quantized.engine
     if engine in ("x86", "fbgemm"):
         family = engine_family(engine, "linear", 1, True)
