@@ -67,16 +67,20 @@ class Hessian:
             x = x.transpose(1, 2).reshape(-1, x.shape[1])
         else:
             x = x.reshape(-1, x.shape[-1])
-        x = x.reshape(x.shape[0], self.groups, self.k)
-        for g in range(self.groups):
-            xg = x[:, g]
-            self.sum[g] += (xg.T @ xg).double()
+        xg = x.reshape(x.shape[0], self.groups, self.k).permute(1, 2, 0)  # [G, K, rows]
+        self.sum += torch.bmm(xg, xg.transpose(1, 2)).double()  # one batched GEMM for every conv group
         self.rows += x.shape[0]
 
     def matrix(self, group: int = 0) -> Tensor:
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
         return self.sum[group] / self.rows
+
+    def matrices(self) -> Tensor:
+        """Every group's matrix, ``[G, K, K]`` (float64)."""
+        if self.rows == 0:
+            raise ValueError("no calibration rows reached this layer")
+        return self.sum / self.rows
 
 
 class FoldedHessian:
@@ -101,6 +105,12 @@ class FoldedHessian:
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
         return (self.folds[0].sum[group] + self.folds[1].sum[group]) / self.rows
+
+    def matrices(self) -> Tensor:
+        """Every group's matrix over both folds, ``[G, K, K]`` (float64)."""
+        if self.rows == 0:
+            raise ValueError("no calibration rows reached this layer")
+        return (self.folds[0].sum + self.folds[1].sum) / self.rows
 
     @property
     def cross_validates(self) -> bool:
@@ -262,15 +272,11 @@ def rtn(w: Tensor, grid):
 def quadratic_error(w: Tensor, q: Tensor, hess) -> tuple[float, float]:
     """``(tr(D H D^T), tr(W H W^T))`` summed over conv groups: the layer's output error on the
     calibration rows behind ``hess`` and the output energy, with ``D = W - Q``."""
-    w2, q2 = w.reshape(w.shape[0], -1).float(), q.reshape(q.shape[0], -1).float()
-    rows = w2.shape[0] // hess.groups
-    err = sig = 0.0
-    for g in range(hess.groups):
-        sl, h = slice(g * rows, (g + 1) * rows), hess.matrix(g).float()
-        quad = lambda d: float(((d @ h) * d).sum())  # noqa: E731
-        err += quad(w2[sl] - q2[sl])
-        sig += quad(w2[sl])
-    return err, max(sig, 1e-30)
+    g = hess.groups
+    w2, q2 = w.reshape(g, w.shape[0] // g, -1).float(), q.reshape(g, q.shape[0] // g, -1).float()
+    h = hess.matrices().float()  # [G, K, K]: every conv group in one batched product
+    quad = lambda d: float((torch.bmm(d, h) * d).sum())  # noqa: E731
+    return quad(w2 - q2), max(quad(w2), 1e-30)
 
 
 def breaks_pair_bound(q: Tensor, qp, spec) -> bool:
@@ -288,6 +294,8 @@ def breaks_pair_bound(q: Tensor, qp, spec) -> bool:
 def rtn_grouped(w: Tensor, groups: int, spec) -> Tensor:
     """Round-to-nearest of a conv / linear weight of any rank (per conv group, like :func:`gptq_grouped`)."""
     w2 = w.detach().float().reshape(w.shape[0], -1)
+    if getattr(spec, "granularity", None) in ("per_channel", "per_group"):
+        return rtn(w2, make_grid(spec))[0].reshape(w.shape)  # row-wise grids: the groups need no split
     rows = w2.shape[0] // groups
     return torch.cat([rtn(w2[g * rows:(g + 1) * rows], make_grid(spec))[0] for g in range(groups)]).reshape(w.shape)
 

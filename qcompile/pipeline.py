@@ -357,7 +357,8 @@ def run_algorithms(prepared: PreparedModel, calibration, opts: Options, progress
     chosen = opts.algorithms(getattr(weights, "bits", None))
     few = algorithms.too_few_for_default(opts.algorithm, chosen, calibration)
     if few:
-        chosen.pop("bias_correction")
+        for name in few:
+            chosen.pop(name)
         meta.ALGORITHMS.set(prepared.gm, {**meta.ALGORITHMS.get(prepared.gm, {}), **few})  # says why it did not run
     if not chosen or not algorithms.needs_data(chosen):
         return

@@ -297,9 +297,13 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     cal, t = [torch.randn(8, 16) + 1.0 for _ in range(6)], torch.randn(8, 16) + 1.0
     kw = dict(backend="x86", calibration=cal, verify=False)
     default = qcompile.compile(m, (t,), **kw)
-    assert default.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
+    assert default.report.algorithms == {"bias_correction": {"corrected_layers": 2},
+                                         "greedy_rounding": {"layers": 2, "kept": 2, "round_to_nearest": 0}}
     few = qcompile.compile(m, (t,), backend="x86", calibration=cal[:5], verify=False)  # too few for the default
     assert "5 calibration samples" in few.report.algorithms["bias_correction"]["skipped"]
+    assert few.report.algorithms["greedy_rounding"]["layers"] == 2  # two samples are enough for greedy rounding
+    one = qcompile.compile(m, (t,), backend="x86", calibration=cal[:1], verify=False)
+    assert "1 calibration sample;" in one.report.algorithms["greedy_rounding"]["skipped"]
     forced = qcompile.compile(m, (t,), backend="x86", calibration=cal[:5], verify=False, algorithm="bias_correction")
     assert forced.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
     assert not qcompile.compile(m, (t,), algorithm="rtn", **kw).report.algorithms
@@ -307,7 +311,10 @@ def test_bias_correction_is_the_static_default_and_rtn_turns_it_off():
     assert not qcompile.compile(m, (t,), backend="x86", mode="dynamic", verify=False).report.algorithms
     from qcompile.algorithms import resolve
     assert list(resolve(None, "static", 4)) == ["greedy_rounding", "bias_correction"]
-    assert list(resolve("recommended", "static", 8)) == ["equalize", "bias_correction"]
+    assert list(resolve(None, "static", 8)) == ["greedy_rounding", "bias_correction"]
+    assert resolve(None, "static", 8)["greedy_rounding"].max_samples == 8  # a bounded compile time
+    assert resolve(None, "static", 4)["greedy_rounding"] is None           # every sample
+    assert list(resolve("recommended", "static", 8)) == ["equalize", "greedy_rounding", "bias_correction"]
 
 
 def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
@@ -316,7 +323,8 @@ def test_prepare_then_calibrate_runs_the_same_defaults_as_compile():
     cal, t = [torch.randn(8, 16) + 1.0 for _ in range(6)], torch.randn(8, 16) + 1.0
     one_call = qcompile.compile(m, (t,), backend="x86", calibration=cal, verify=False)
     steps = qcompile.convert(qcompile.prepare(m, (t,), backend="x86").calibrate(iter(cal)), verify=False)
-    assert steps.report.algorithms == one_call.report.algorithms == {"bias_correction": {"corrected_layers": 2}}
+    assert steps.report.algorithms == one_call.report.algorithms == {
+        "bias_correction": {"corrected_layers": 2}, "greedy_rounding": {"layers": 2, "kept": 2, "round_to_nearest": 0}}
     with torch.no_grad():
         assert torch.equal(steps(t), one_call(t))
     manual = qcompile.prepare(m, (t,), backend="x86")

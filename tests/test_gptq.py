@@ -148,7 +148,7 @@ def test_static_mode_gptq_on_a_conv_net_and_generator_calibration():
                       nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
     calib = [torch.randn(4, 3, 16, 16) for _ in range(4)]
     test = torch.randn(8, 3, 16, 16)
-    art_rtn = qcompile.compile(m, (test,), backend="x86", calibration=calib, verify=False)
+    art_rtn = qcompile.compile(m, (test,), backend="x86", calibration=calib, verify=False, algorithm="rtn")
     art = qcompile.compile(m, (test,), backend="x86", calibration=(c for c in calib), algorithm="gptq", verify=False)
     assert set(art.report.weight_rounding) == {"conv2d", "conv2d_1", "linear"}
     with torch.no_grad():
