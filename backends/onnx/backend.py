@@ -53,6 +53,9 @@ class OnnxOptions:
       and second FFN linear feeding the residual add) keeps a float output: DQ -> MatMul without Q, which ORT
       runs as MatMulIntegerToFloat (int8 GEMM, fp32 result) instead of QLinearMatMul + DequantizeLinear
       (passes/float_output.py). A model-output linear (quantize_outputs=False) is that kernel either way.
+    quantized_output_convs: static mode: a conv group feeding the model output (quantize_outputs=False) writes int8
+      (QLinearConv) and is dequantized, instead of a float Conv on dequantized weights: ORT has no fast int8 conv
+      with a float result (ConvInteger measured 6-40x slower than QLinearConv; output_conv.py).
     accuracy_level: mode="weight_only", MatMulNBits' accuracy_level. None: 0 (fp32 activations, matches the
       reference graph) for 2/4-bit weights, 4 (activations quantized to int8 per block inside the kernel) for
       8-bit ones, whose fp32 path ORT-CPU runs ~10x slower than an fp32 MatMul (docs/backends/onnx.md)."""
@@ -69,6 +72,7 @@ class OnnxOptions:
     accuracy_level: int | None = None
     custom_translation_table: dict | None = None
     float_output_linears: bool = True
+    quantized_output_convs: bool = True
 
     def __post_init__(self):
         if self.act_dtype not in _ACT_DTYPES:
@@ -108,11 +112,14 @@ class OnnxBackend(TableBackend):
             return [], []
         from qcompile.passes.decompose_sdpa import DecomposeSDPA
         from qcompile.passes.float_output import FloatOutputLinears
+
+        from .output_conv import QuantizedOutputConvs
+        convs = [QuantizedOutputConvs()] if self.options.quantized_output_convs else []
         if not self.options.quantize_attention:
-            return [], [FloatOutputLinears(self.options.float_output_linears)]
+            return [], convs + [FloatOutputLinears(self.options.float_output_linears)]
         # attention written out as matmul / softmax / matmul, so Q.K^T and P.V run as QDQ MatMuls (ORT: QLinearMatMul,
         # or MatMulIntegerToFloat for Q.K^T whose consumers - scale, mask, softmax - are float)
-        return [DecomposeSDPA()], [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
+        return [DecomposeSDPA()], convs + [FloatOutputLinears(self.options.float_output_linears, matmuls=True)]
 
     def float_mode_table(self, mode: str) -> ModeTable:
         """dynamic / weight_only: the claimed linears (embeddings) compute and return float (see modes.py)."""

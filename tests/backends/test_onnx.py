@@ -276,7 +276,8 @@ def test_fallback_list_matches_what_ort_runs_in_float():
     _, optimized = make_session(m)
     rg = analyze(optimized, {n.name for n in m.graph.node})
     assert [original_name(n) for n in rg.float_between_qdq] == art.lowered.emitted.onnx_of["conv_transpose2d"][-1:]
-    assert rg.ops["up/conv_transpose2d"] == ("ConvTranspose", False) and rg.int_ops["QLinearConv"] == 1
+    # QLinearConv: the first conv and the head (it feeds the model output and writes int8, output_conv.py)
+    assert rg.ops["up/conv_transpose2d"] == ("ConvTranspose", False) and rg.int_ops["QLinearConv"] == 2
     assert art.report.verify["within_one_step"] >= 0.99
     with pytest.raises(StrictFallbackError, match=r"1 node\(s\).*\n  conv_transpose2d .*float on onnxruntime-CPU"):
         _compile(model, (calib[0],), calib, strict=True, allow_float={"relu"})
@@ -353,8 +354,29 @@ def test_int8_activations_are_rewritten_by_ort_and_still_fused():
     art = _compile(model, (calib[0],), calib, backend_options={"act_dtype": "int8"})
     zps = [v["zero_point"] for v in qdq_params(art.lowered.model).values() if v["op"] == "QuantizeLinear"]
     assert zps and all(z.dtype == np.int8 for z in zps)
-    assert art.report.verify["ort_int8_ops"].get("QLinearConv") == 1
+    assert art.report.verify["ort_int8_ops"].get("QLinearConv") == 2  # the first conv and the model-output head
     assert art.report.verify["within_one_step"] >= 0.99
+
+
+def test_conv_feeding_the_model_output_runs_int8_qlinearconv():
+    """A conv group feeding the model output (a segmentation head) writes int8 and is dequantized: ORT has no
+    fast int8 conv with a float result, and as a float Conv it would run no int8 compute at all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    calib = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    x = torch.randn(2, 3, 16, 16)
+    art = _compile(model, (calib[0],), calib)
+    convs = [r for r in art.report.rows if r.op == "conv2d"]
+    assert len(convs) == 2 and all(r.status == A.INT8 for r in convs), [(r.name, r.status) for r in convs]
+    assert convs[1].kernel == "QLinearConv"
+    v = art.report.verify
+    assert v["ort_int8_ops"].get("QLinearConv") == 2 and v["within_one_step"] >= 0.99, v
+    with torch.no_grad():
+        assert sqnr(model(x), art(x)) > 30
+    kept = _compile(model, (calib[0],), calib, backend_options={"quantized_output_convs": False})
+    head = [r for r in kept.report.rows if r.op == "conv2d"][1]
+    assert head.status == A.FLOAT_OUTPUT and kept.report.verify["ort_int8_ops"].get("QLinearConv") == 1
+    assert art.report.share("macs") == 1.0 > kept.report.share("macs")
 
 
 # ----------------------------------------------------------------------------- real transformers model
