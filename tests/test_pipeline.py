@@ -54,6 +54,10 @@ def test_the_prepare_pipeline_is_built_once_from_the_backends_data():
         extra = {"dynamic": ["AnnotateRecurrent"], "weight_only": [],
                  "static": ["FullRangeFloatOutputConvWeights"] if conv_float_output_available() and cpu_has_vnni()
                  else []}[mode]
+        # ONNX static: a conv feeding the model output writes int8 (ORT has no fast int8 conv with a float result)
+        onnx_only = ["QuantizedOutputConvs"] if mode == "static" else []
+        assert [n for n in b if n in onnx_only] == onnx_only
+        b = [n for n in b if n not in onnx_only]
         assert a[:len(b)] == b and a[len(b):] == extra
         fp32 = get_backend("x86", attention="float")  # x86 with attention always fp32: SDPA stays fused
         assert "DecomposeSDPA" not in [type(p).__name__ for p in fp32.prepare_passes(fp32.default_config(mode), mode)]
