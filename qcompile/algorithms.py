@@ -97,12 +97,13 @@ def default_set(mode: str, weight_bits: int | None) -> dict:
     inputs are not a default: alone they measured +1.8 / +1.8 / -0.2 dB (ONNX / ExecuTorch / x86) on
     EfficientNet-Lite2 but -1.6 / -0.1 / -0.1 dB on a ConvNeXt from its transformers config (the stem's
     weights times the step round differently); with greedy rounding they gave the best EfficientNet result.
-    Greedy rounding is the default at 8 bits too, on the first 8 calibration samples (``GREEDY_8BIT``): on the
+    Greedy rounding is the default at 8 bits too, on the first 8 calibration samples and at most 64 flips per
+    weight row (``GREEDY_8BIT``; ResNet-18 at 224 px: 5 -> 38 s of compile time): on the
     conformance suite (4 calibration samples, pooled held-out SQNR) it raised 25 of the 27 static x86 rows
     (ViT +3.0, BEiT +3.2, Whisper +6.0 dB; ConvNeXt and MobileNetV1 -0.1) and took the rows at or above the peer
     tools from 99 to 108 of 114, though it lowered some conv nets on ONNX (MobileNetV2 -0.5, EfficientNet -1.6
     dB: docs/conformance.md). On EfficientNet-Lite2 (real weights, 32 crops) it took the logit
-    SQNR from 15.2 to 16.8 dB at the same top-1 agreement, for 12 -> 25-31 s of compile time (docs/accuracy.md).
+    SQNR from 15.2 to 16.7 dB at the same top-1 agreement, for 12 -> 24 s of compile time (docs/accuracy.md).
     It needs two calibration samples (one per cross-validation fold); with one it is skipped and the report says
     so. Nothing in dynamic / weight-only mode."""
     if mode != "static":
