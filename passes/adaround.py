@@ -198,9 +198,10 @@ SPATIAL_GREEDY = GreedyRoundingConfig(spatial_only=True, max_weights=1 << 20)  #
 # most 64 flips per row. EfficientNet-Lite2, 32 calibration crops, x86: compile 12 s without it, 68 s on all 32
 # crops, 25-31 s on 8, 23.6 s with 64 flips (logit SQNR 16.7-16.8 dB in all three); ResNet-18 at 224 px (8 x 4
 # images): 5 s without it, 93 s with 512 flips, 38 s with 64. Conformance MobileNetV2, ViT, Whisper, RegNet and
-# Mistral: the same SQNR with 64 flips as with 512 (their rows stop earlier). Collecting several rounds' Hessians in one forward pass (the later layers seeing the
-# earlier ones unrounded) was cheaper still and lost 1.0 dB on the conformance MobileNetV2, where strictly
-# sequential rounds gained 0.7: the earlier layers' rounding moves the later layers' Hessians by 1-3 %.
+# Mistral: the same SQNR with 64 flips as with 512 (their rows stop earlier). Collecting several rounds'
+# Hessians in one forward pass (the later layers seeing the earlier ones unrounded) was cheaper still and lost
+# 1.0 dB on the conformance MobileNetV2, where strictly sequential rounds gained 0.7: the earlier layers'
+# rounding moves the later layers' Hessians by 1-3 %.
 GREEDY_8BIT = GreedyRoundingConfig(max_samples=8, max_flips=64)
 
 
