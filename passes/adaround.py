@@ -99,11 +99,6 @@ def adaround_weight(w: torch.Tensor, hs: torch.Tensor, qp: QParams, cfg: AdaRoun
     return q, {"iterations": it + 1}
 
 
-def _hessians(hess: FoldedHessian, which=None) -> torch.Tensor:
-    src = hess if which is None else which
-    return src.matrices().float()
-
-
 class AdaRound(GPTQRounding):
     """AdaRound every annotated per-tensor / per-channel linear / conv2d weight of a prepared graph."""
 
@@ -113,6 +108,8 @@ class AdaRound(GPTQRounding):
     def __call__(self, gm: fx.GraphModule, samples) -> dict:
         from tqdm.auto import tqdm
         runner = _runner(gm)
+        # upstream: the float weights' runner, made before any layer is rounded (it keeps the original tensors)
+        reference = _runner(gm) if getattr(self.config, "upstream", False) else None
         stats = meta.WEIGHT_ROUNDING.setdefault(gm, {})
         nodes = {n.name: n for n in gm.graph.nodes}
         layers = [lay for lay in weighted_layers(gm) if isinstance(lay.spec, QuantSpec)
@@ -125,7 +122,7 @@ class AdaRound(GPTQRounding):
             samples = list(itertools.islice(samples, limit))  # every round runs them again: a bounded cost
         for group in rounds(gm, layers):
             over = time.perf_counter() - t0 > self.config.time_limit_s
-            hessians = {} if over else self._collect(runner, group, samples)
+            hessians = {} if over else self._collect(runner, group, samples, reference)
             for layer in group:
                 bar.update(1)
                 if over:
@@ -134,7 +131,9 @@ class AdaRound(GPTQRounding):
                 w_node = nodes[layer.weight]
                 w = get_attr_value(gm, w_node).detach().float()
                 q, qp, stats[layer.name] = self._layer(w, hessians[layer.tap_key], layer.spec)
-                if qp is None:
+                if qp is None:  # round-to-nearest kept: convert rounds the float weight
+                    if reference is not None:  # the later layers' inputs are measured against the rounded graph
+                        _set_attr(runner, w_node.target, q.to(w.dtype))
                     continue
                 for mod in (gm, runner):
                     _set_attr(mod, w_node.target, q.to(w.dtype))
@@ -147,18 +146,18 @@ class AdaRound(GPTQRounding):
     def _wants(self, layer, nodes: dict) -> bool:
         return True
 
-    def _fit(self, w: torch.Tensor, hs: torch.Tensor, qp: QParams):
-        return adaround_weight(w, hs, qp, self.config)
+    def _fit(self, w: torch.Tensor, hess, qp: QParams):
+        return adaround_weight(w, hess.matrices().float(), qp, self.config)
 
     def _layer(self, w: torch.Tensor, hess: FoldedHessian, spec: QuantSpec):
         cfg, qp = self.config, weight_qparams(w, spec)
         q_rtn = rtn_grouped(w, hess.groups, spec)
         if cfg.cross_validate and hess.cross_validates:
             a, b = hess.folds
-            held = sum(quadratic_error(w, self._fit(w, _hessians(hess, fit), qp)[0], score)[0]
+            held = sum(quadratic_error(w, self._fit(w, fit, qp)[0], score)[0]
                        for fit, score in ((a, b), (b, a)))
             held_rtn = sum(quadratic_error(w, q_rtn, f)[0] for f in (a, b))
-        q, info = self._fit(w, _hessians(hess), qp)
+        q, info = self._fit(w, hess, qp)
         err, sig = quadratic_error(w, q, hess)
         err_rtn = quadratic_error(w, q_rtn, hess)[0]
         if not (cfg.cross_validate and hess.cross_validates):
@@ -191,6 +190,8 @@ class GreedyRoundingConfig:
     # the first max_samples calibration samples only (None: all): each round of layers runs them through the
     # graph up to its layers again, so the forward passes cost rounds x samples
     max_samples: int | None = None
+    # fit Q x to the float model's W x_float (the earlier layers' rounding error included), not to W x
+    upstream: bool = False
 
 
 SPATIAL_GREEDY = GreedyRoundingConfig(spatial_only=True, max_weights=1 << 20)  # convs with spatial kernels only
@@ -205,13 +206,18 @@ SPATIAL_GREEDY = GreedyRoundingConfig(spatial_only=True, max_weights=1 << 20)  #
 GREEDY_8BIT = GreedyRoundingConfig(max_samples=8, max_flips=64)
 
 
-def greedy_weight(w: torch.Tensor, hs: torch.Tensor, qp: QParams, max_flips: int = 4096) -> tuple[torch.Tensor, dict]:
+def greedy_weight(w: torch.Tensor, hs: torch.Tensor, qp: QParams, max_flips: int = 4096,
+                  cs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Round-to-nearest, then flip single weights to their other neighbour while a flip lowers the layer's
     output error ``tr(D H D^T)`` (``hs [G, Kg, Kg]`` per conv group), the best flip of every row at a time,
     each weight at most once. Exact steepest descent on the AdaRound objective over the same up/down choices:
     the error never rises, and on inputs whose neighbouring pixels are alike (an image stem: ``H`` close to
     ``1 1^T`` per input channel) it finds what round-to-nearest misses, that the sum of a kernel's rounding
-    errors is what the output sees."""
+    errors is what the output sees.
+
+    ``cs [G, Kg, Kg]``: the cross term ``sum(x_float x^T)`` of :class:`qcompile.gptq.Hessian`; the error is
+    then ``|Q x - W x_float|^2``, the earlier layers' error included (AdaRound's asymmetric reconstruction):
+    its gradient is ``W C - Q H`` where the symmetric one is ``(W - Q) H``."""
     w = w.detach().float()
     s, z, _ = _grid(w, qp)
     n, g = w.shape[0], hs.shape[0]
@@ -226,7 +232,11 @@ def greedy_weight(w: torch.Tensor, hs: torch.Tensor, qp: QParams, max_flips: int
     t = torch.sign(d)  # the other neighbour: up where we rounded down
     ok = (t != 0) & (qg + t >= lo) & (qg + t <= hi)
     hs = hs.float()
-    grad = torch.einsum("grk,gkl->grl", d, hs)
+    if cs is None:
+        grad = torch.einsum("grk,gkl->grl", d, hs)
+    else:  # v C - q H, in grid units like d
+        grad = (torch.einsum("grk,gkl->grl", v.reshape(g, n // g, kg), cs.float())
+                - torch.einsum("grk,gkl->grl", qg, hs))
     diag = torch.diagonal(hs, dim1=1, dim2=2)[:, None, :]
     gi = torch.arange(g)[:, None].expand(g, n // g)
     flips = 0
@@ -263,5 +273,7 @@ class GreedyRounding(AdaRound):
         w = nodes[layer.weight]
         return cfg.max_weights is None or get_attr_value(w.graph.owning_module, w).numel() <= cfg.max_weights
 
-    def _fit(self, w: torch.Tensor, hs: torch.Tensor, qp: QParams):
-        return greedy_weight(w, hs, qp, self.config.max_flips)
+    def _fit(self, w: torch.Tensor, hess, qp: QParams):
+        cross = hess.cross_matrices()
+        return greedy_weight(w, hess.matrices().float(), qp, self.config.max_flips,
+                             None if cross is None else cross[0].float())

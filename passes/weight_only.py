@@ -100,14 +100,32 @@ class _Stop(Exception):
 
 
 class _Tap(nn.Module):
-    """Accumulates the Hessian of the value flowing through it; the last tap of a round stops the forward."""
+    """Accumulates the Hessian of the value flowing through it; the last tap of a round stops the forward.
+    With ``key``, the float model's value at the same point (``state["ref"][key]``, left there by a
+    :class:`_RefTap` run first on the same sample) is streamed beside it."""
 
-    def __init__(self, hessian: FoldedHessian, state: dict):
+    def __init__(self, hessian: FoldedHessian, state: dict, key=None):
         super().__init__()
-        self.hessian, self.state = hessian, state
+        self.hessian, self.state, self.key = hessian, state, key
 
     def forward(self, x):
-        self.hessian.add(x, self.state["sample"])
+        ref = None if self.key is None else self.state["ref"].pop(self.key)
+        self.hessian.add(x, self.state["sample"], ref=ref)
+        self.state["fired"] += 1
+        if self.state["fired"] == self.state["total"]:
+            raise _Stop
+        return x
+
+
+class _RefTap(nn.Module):
+    """Keeps the float model's value for the :class:`_Tap` of the same key; the last one stops the forward."""
+
+    def __init__(self, state: dict, key):
+        super().__init__()
+        self.state, self.key = state, key
+
+    def forward(self, x):
+        self.state["ref"][self.key] = x.detach()
         self.state["fired"] += 1
         if self.state["fired"] == self.state["total"]:
             raise _Stop
@@ -155,32 +173,47 @@ class GPTQRounding:
                 meta.WEIGHT_QPARAMS.set(w_node, params)
         return stats
 
-    def _collect(self, runner: fx.GraphModule, group: list[Layer], samples) -> dict:
-        by_name = {n.name: n for n in runner.graph.nodes}
-        hessians, taps, state = {}, [], {"fired": 0, "total": 0, "sample": 0}
+    def _collect(self, runner: fx.GraphModule, group: list[Layer], samples, reference: fx.GraphModule | None = None
+                 ) -> dict:
+        """The round's Hessians. ``reference``: a runner holding the float weights; each sample runs through it
+        first, and the Hessians stream its layer inputs beside the rounded graph's (:class:`Hessian` ``ref``)."""
+        hessians, state = {}, {"fired": 0, "total": 0, "sample": 0, "ref": {}}
+        keys = []
         for layer in group:
             if layer.tap_key in hessians:
                 continue
-            w = get_attr_value(runner, by_name[layer.weight])
+            w = get_attr_value(runner, next(n for n in runner.graph.nodes if n.name == layer.weight))
             k = w[0].numel() if layer.conv else w.shape[1]
             hessians[layer.tap_key] = FoldedHessian(k, layer.conv.groups if layer.conv else 1, layer.conv)
-            name = f"_gptq_tap_{len(taps)}"
-            runner.add_submodule(name, _Tap(hessians[layer.tap_key], state))
-            with runner.graph.inserting_after(by_name[layer.act]):
-                taps.append(runner.graph.call_module(name, (by_name[layer.act],)))
-        state["total"] = len(taps)
-        runner.recompile()
+            keys.append((layer.tap_key, layer.act))
+        state["total"] = len(keys)
+        placed = [(runner, [_Tap(hessians[key], state, key if reference is not None else None) for key, _ in keys])]
+        if reference is not None:
+            placed.insert(0, (reference, [_RefTap(state, key) for key, _ in keys]))
+        inserted = []
+        for mod, taps in placed:
+            by_name = {n.name: n for n in mod.graph.nodes}
+            for i, (tap, (_, act)) in enumerate(zip(taps, keys)):
+                name = f"_gptq_tap_{i}"
+                mod.add_submodule(name, tap)
+                with mod.graph.inserting_after(by_name[act]):
+                    inserted.append((mod, mod.graph.call_module(name, (by_name[act],))))
+            mod.recompile()
         try:
             with torch.no_grad():
                 for i, (args, kwargs) in enumerate(samples):
-                    state["fired"], state["sample"] = 0, i
-                    try:
-                        runner(*args, **kwargs)
-                    except _Stop:
-                        pass
+                    state["sample"] = i
+                    for mod, _ in placed:
+                        state["fired"] = 0
+                        try:
+                            mod(*args, **kwargs)
+                        except _Stop:
+                            pass
         finally:
-            for t in taps:
-                runner.graph.erase_node(t)
-                runner.delete_submodule(t.target)
-            runner.recompile()
+            state["ref"].clear()
+            for mod, node in inserted:
+                mod.graph.erase_node(node)
+                mod.delete_submodule(node.target)
+            for mod, _ in placed:
+                mod.recompile()
         return hessians

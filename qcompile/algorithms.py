@@ -224,4 +224,7 @@ def _round(gm, samples, name, cfg, progress) -> dict:
         from .passes.adaround import AdaRound, AdaRoundConfig
         stats = AdaRound(cfg or AdaRoundConfig(), progress=progress)(gm, samples)
     kept = sum(1 for s in stats.values() if s.get("algorithm") == name)
-    return {"layers": len(stats), "kept": kept, "round_to_nearest": len(stats) - kept}
+    out = {"layers": len(stats), "kept": kept, "round_to_nearest": len(stats) - kept}
+    if getattr(cfg, "upstream", False):
+        out["objective"] = "upstream: each layer's Q x fitted to the float model's W x_float"
+    return out

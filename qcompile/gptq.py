@@ -52,14 +52,19 @@ class ConvGeometry:
 
 
 class Hessian:
-    """Streaming ``sum(x x^T)`` over calibration rows; ``groups`` independent blocks for grouped convs."""
+    """Streaming ``sum(x x^T)`` over calibration rows; ``groups`` independent blocks for grouped convs.
+
+    ``add(x, ref=...)`` also streams the cross term ``sum(ref x^T)`` and ``sum(ref ref^T)``, where ``ref`` is
+    the same layer's input in the float model: the error of ``Q x`` against the float layer's output ``W ref``
+    (the earlier layers' rounding included) is then ``tr(Q H Q^T) - 2 tr(W C Q^T) + tr(W F W^T)``."""
 
     def __init__(self, k: int, groups: int = 1, conv: ConvGeometry | None = None):
         self.k, self.groups, self.conv = k, groups, conv
         self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
+        self.cross = self.ref = None  # [G, K, K] sums of ref x^T and ref ref^T, when add() is given ref
         self.rows = 0
 
-    def add(self, x: Tensor) -> None:
+    def _rows(self, x: Tensor) -> Tensor:
         x = x.detach().float()
         if self.conv is not None:
             c = self.conv
@@ -67,9 +72,18 @@ class Hessian:
             x = x.transpose(1, 2).reshape(-1, x.shape[1])
         else:
             x = x.reshape(-1, x.shape[-1])
-        xg = x.reshape(x.shape[0], self.groups, self.k).permute(1, 2, 0)  # [G, K, rows]
+        return x.reshape(x.shape[0], self.groups, self.k).permute(1, 2, 0)  # [G, K, rows]
+
+    def add(self, x: Tensor, ref: Tensor | None = None) -> None:
+        xg = self._rows(x)
         self.sum += torch.bmm(xg, xg.transpose(1, 2)).double()  # one batched GEMM for every conv group
-        self.rows += x.shape[0]
+        if ref is not None:
+            rg = self._rows(ref)
+            if self.cross is None:
+                self.cross, self.ref = torch.zeros_like(self.sum), torch.zeros_like(self.sum)
+            self.cross += torch.bmm(rg, xg.transpose(1, 2)).double()
+            self.ref += torch.bmm(rg, rg.transpose(1, 2)).double()
+        self.rows += xg.shape[2]
 
     def matrix(self, group: int = 0) -> Tensor:
         if self.rows == 0:
@@ -81,6 +95,10 @@ class Hessian:
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
         return self.sum / self.rows
+
+    def cross_matrices(self) -> tuple[Tensor, Tensor] | None:
+        """``(C, F)``, each ``[G, K, K]`` (float64), or None when no float reference was streamed."""
+        return None if self.cross is None else (self.cross / self.rows, self.ref / self.rows)
 
 
 class FoldedHessian:
@@ -94,8 +112,8 @@ class FoldedHessian:
         self.k, self.groups, self.conv = k, groups, conv
         self.folds = (Hessian(k, groups, conv), Hessian(k, groups, conv))
 
-    def add(self, x: Tensor, fold: int = 0) -> None:
-        self.folds[fold % 2].add(x)
+    def add(self, x: Tensor, fold: int = 0, ref: Tensor | None = None) -> None:
+        self.folds[fold % 2].add(x, ref)
 
     @property
     def rows(self) -> int:
@@ -111,6 +129,12 @@ class FoldedHessian:
         if self.rows == 0:
             raise ValueError("no calibration rows reached this layer")
         return (self.folds[0].sum + self.folds[1].sum) / self.rows
+
+    def cross_matrices(self) -> tuple[Tensor, Tensor] | None:
+        folds = [f for f in self.folds if f.rows]
+        if not folds or any(f.cross is None for f in folds):
+            return None
+        return sum(f.cross for f in folds) / self.rows, sum(f.ref for f in folds) / self.rows
 
     @property
     def cross_validates(self) -> bool:
@@ -271,12 +295,22 @@ def rtn(w: Tensor, grid):
 
 def quadratic_error(w: Tensor, q: Tensor, hess) -> tuple[float, float]:
     """``(tr(D H D^T), tr(W H W^T))`` summed over conv groups: the layer's output error on the
-    calibration rows behind ``hess`` and the output energy, with ``D = W - Q``."""
+    calibration rows behind ``hess`` and the output energy, with ``D = W - Q``. When ``hess`` streamed the
+    float model's inputs too (``Hessian.add(x, ref)``), the error is that of ``Q x`` against the float
+    layer's ``W ref``, the earlier layers' error included, and the energy ``tr(W F W^T)``."""
     g = hess.groups
     w2, q2 = w.reshape(g, w.shape[0] // g, -1).float(), q.reshape(g, q.shape[0] // g, -1).float()
     h = hess.matrices().float()  # [G, K, K]: every conv group in one batched product
-    quad = lambda d: float((torch.bmm(d, h) * d).sum())  # noqa: E731
-    return quad(w2 - q2), max(quad(w2), 1e-30)
+    quad = lambda a, m, b: float((torch.bmm(a, m) * b).sum())  # noqa: E731
+    cross = hess.cross_matrices()
+    if cross is None:
+        return quad(w2 - q2, h, w2 - q2), max(quad(w2, h, w2), 1e-30)
+    # |D x + W (x - x_float)|^2 with D = Q - W: no difference of large terms, so float32 holds
+    c, f = cross
+    h64 = hess.matrices()
+    m, e = (h64 - c.transpose(1, 2)).float(), (h64 - c - c.transpose(1, 2) + f).float()
+    d = q2 - w2
+    return max(quad(d, h, d) + 2 * quad(d, m, w2) + quad(w2, e, w2), 0.0), max(quad(w2, f.float(), w2), 1e-30)
 
 
 def breaks_pair_bound(q: Tensor, qp, spec) -> bool:
