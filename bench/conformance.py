@@ -5,6 +5,7 @@ every backend and quantized by each backend's peer tool on the same model and da
     python bench/conformance.py                                  # everything -> docs/conformance.md
     python bench/conformance.py --models bert,resnet --backends x86,executorch --out /tmp/c.md
     python bench/conformance.py --timeout 600 --results /tmp/conformance.jsonl   # resumable
+    python bench/conformance.py --outside --out /tmp/outside.md   # architectures kept out of the suite
 
 Each model runs in a worker subprocess (a crash or hang in a runtime costs one job, not the run): the
 worker appends one JSON line per (model, backend, mode) job to ``--results``; a job that exceeds
@@ -26,7 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from conformance_models import MODELS  # noqa: E402
+from conformance_models import ALL, MODELS, OUTSIDE  # noqa: E402
 
 BACKENDS = ("x86", "onnx", "executorch")
 DEFAULT_OUT = os.path.join(HERE, "..", "docs", "conformance.md")
@@ -35,7 +36,7 @@ DEFAULT_OUT = os.path.join(HERE, "..", "docs", "conformance.md")
 def jobs_for(models, backends, only_modes=("static", "dynamic")) -> list[tuple]:
     out = []
     for m in models:
-        modes = ("static", "dynamic") if MODELS[m].kind == "text" else ("static",)
+        modes = ("static", "dynamic") if ALL[m].kind == "text" else ("static",)
         out += [(m, b, mode) for b in backends for mode in modes if mode in only_modes]
     return out
 
@@ -79,7 +80,7 @@ def worker(model: str, jobs: list[str], results: str, progress: str) -> int:
     except Exception as e:  # noqa: BLE001 - the float model itself does not build / export
         for j in jobs:
             b, mode = j.split(":")
-            _append(results, {"model": model, "kind": MODELS[model].kind, "backend": b, "mode": mode,
+            _append(results, {"model": model, "kind": ALL[model].kind, "backend": b, "mode": mode,
                               "compiles": False, "error": "float model: " + error_text(e), "stage": "float"})
         return 0
     for j in jobs:
@@ -123,7 +124,7 @@ def run_model(model: str, todo: list[tuple], results: str, timeout: float) -> No
         job = (model, *current[0].split(":"))
         reason = (f"Timeout: no result after {timeout:.0f} s" if killed else
                   f"WorkerCrash: exit code {proc.returncode} ({_signal_name(proc.returncode)}); {_tail(stderr)}")
-        _append(results, {"model": model, "kind": MODELS[model].kind, "backend": job[1], "mode": job[2],
+        _append(results, {"model": model, "kind": ALL[model].kind, "backend": job[1], "mode": job[2],
                           "compiles": False, "error": reason, "stage": "timeout" if killed else "crash"})
         todo = [t for t in left if t != job]
 
@@ -139,7 +140,7 @@ def _current(progress: str):
 
 def _fail_all(model, jobs, results, reason):
     for _, b, mode in jobs:
-        _append(results, {"model": model, "kind": MODELS[model].kind, "backend": b, "mode": mode,
+        _append(results, {"model": model, "kind": ALL[model].kind, "backend": b, "mode": mode,
                           "compiles": False, "error": reason, "stage": "worker"})
 
 
@@ -159,7 +160,9 @@ def _tail(stderr: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", help=f"comma-separated subset of: {','.join(MODELS)}")
+    p.add_argument("--models", help=f"comma-separated subset of: {','.join(ALL)}")
+    p.add_argument("--outside", action="store_true",
+                   help=f"the architectures kept out of the suite ({','.join(OUTSIDE)}) instead of the suite")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--out", default=DEFAULT_OUT, help="markdown table (default docs/conformance.md)")
     p.add_argument("--results", default="/tmp/conformance.jsonl", help="JSON lines, one per job (resumable)")
@@ -174,10 +177,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         return worker(a.worker, a.jobs.split(","), a.results, a.progress)
-    models = a.models.split(",") if a.models else list(MODELS)
-    unknown = [m for m in models if m not in MODELS]
+    models = a.models.split(",") if a.models else list(OUTSIDE if a.outside else MODELS)
+    unknown = [m for m in models if m not in ALL]
     if unknown:
-        p.error(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
+        p.error(f"unknown model(s) {unknown}; known: {', '.join(ALL)}")
     backends = a.backends.split(",")
     if a.fresh and os.path.exists(a.results):
         os.remove(a.results)

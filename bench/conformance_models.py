@@ -230,3 +230,23 @@ _SPECS = [
 ]
 
 MODELS = {s.name: s for s in _SPECS}
+
+# Architectures kept out of the suite, for the breadth check ("does it hold on models nobody tuned for?"):
+# ``python3 bench/conformance.py --outside``. Nothing in qcompile was changed for them; docs/conformance.md
+# ("Outside the suite") has their last run.
+_OUTSIDE_SPECS = [
+    ModelSpec("convnextv2", "vision", _hf("ConvNextV2ForImageClassification", "ConvNextV2Config",
+                                          hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10), image()),
+    ModelSpec("deit", "vision", _hf("DeiTForImageClassification", "DeiTConfig", **_VIT), image()),
+    ModelSpec("levit", "vision", _hf("LevitForImageClassification", "LevitConfig", image_size=IMG,
+                                     hidden_sizes=[32, 48, 64], num_attention_heads=[2, 3, 4], depths=[1, 1, 1],
+                                     key_dim=[8, 8, 8], num_labels=10), image()),
+    ModelSpec("cvt", "vision", _hf("CvtForImageClassification", "CvtConfig", embed_dim=[16, 32, 64],
+                                   num_heads=[1, 2, 4], depth=[1, 2, 3], num_labels=10), image()),
+    ModelSpec("qwen2", "text", _hf("Qwen2ForCausalLM", "Qwen2Config", **_DEC), tokens()),
+    ModelSpec("deberta_v2", "text", _hf("DebertaV2Model", "DebertaV2Config", **_TXT), tokens(), "last_hidden_state"),
+    ModelSpec("electra", "text", _hf("ElectraModel", "ElectraConfig", embedding_size=32, **_TXT), tokens(),
+              "last_hidden_state"),
+]
+OUTSIDE = {s.name: s for s in _OUTSIDE_SPECS}
+ALL = {**MODELS, **OUTSIDE}

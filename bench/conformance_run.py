@@ -14,7 +14,7 @@ import traceback
 import torch
 
 from conformance_macs import float_total
-from conformance_models import MODELS
+from conformance_models import ALL
 from conformance_peers import PEERS, ort_feeds, ort_session, run_pte
 
 N_CALIB, HELD_OUT_SEED, N_HELD = 4, 100, 4
@@ -62,7 +62,7 @@ class Data:
     """Model, example / calibration / held-out inputs and the float reference, built once per model."""
 
     def __init__(self, name: str, n_calib: int = N_CALIB):
-        self.spec = MODELS[name]
+        self.spec = ALL[name]
         self.model = self.spec.build(seed=0)
         self.example = self.spec.inputs(0)
         self.calib = [self.spec.inputs(1 + i) for i in range(n_calib)]
