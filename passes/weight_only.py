@@ -178,11 +178,11 @@ class GPTQRounding:
         """The round's Hessians. ``reference``: a runner holding the float weights; each sample runs through it
         first, and the Hessians stream its layer inputs beside the rounded graph's (:class:`Hessian` ``ref``)."""
         hessians, state = {}, {"fired": 0, "total": 0, "sample": 0, "ref": {}}
-        keys = []
+        keys, weights = [], {n.name: n for n in runner.graph.nodes if n.op == "get_attr"}
         for layer in group:
             if layer.tap_key in hessians:
                 continue
-            w = get_attr_value(runner, next(n for n in runner.graph.nodes if n.name == layer.weight))
+            w = get_attr_value(runner, weights[layer.weight])
             k = w[0].numel() if layer.conv else w.shape[1]
             hessians[layer.tap_key] = FoldedHessian(k, layer.conv.groups if layer.conv else 1, layer.conv)
             keys.append((layer.tap_key, layer.act))
