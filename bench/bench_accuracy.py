@@ -31,8 +31,10 @@ from _timing import machine_line  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile import WeightSpec  # noqa: E402
+from qcompile.passes.adaround import GreedyRoundingConfig  # noqa: E402
 
 W4 = WeightSpec(bits=4)
+UP_8BIT = GreedyRoundingConfig(max_samples=8, max_flips=64, upstream=True)  # the 8-bit default's budget, upstream
 ROWS = {
     "plain": dict(algorithm="rtn"),
     "default": dict(algorithm=None),
@@ -43,10 +45,13 @@ ROWS = {
     "greedy": dict(algorithm=["greedy_rounding"]),
     "exact input": dict(algorithm=["exact_input", "bias_correction"]),
     "exact + greedy": dict(algorithm=["exact_input", "greedy_rounding", "bias_correction"]),
+    "upstream": dict(algorithm=[UP_8BIT, "bias_correction"]),
+    "exact + upstream": dict(algorithm=["exact_input", UP_8BIT, "bias_correction"]),
     "recommended": dict(algorithm="recommended"),
     "w4a8 plain": dict(algorithm="rtn", weights=W4),
     "w4a8 default": dict(algorithm=None, weights=W4),
     "w4a8 gptq": dict(algorithm=["gptq"], weights=W4),
+    "w4a8 upstream": dict(algorithm=[GreedyRoundingConfig(upstream=True), "bias_correction"], weights=W4),
     "w4a8 recommended": dict(algorithm="recommended", weights=W4),
     "budget 1%": dict(algorithm=None, budget=0.01),
 }
