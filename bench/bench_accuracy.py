@@ -31,7 +31,7 @@ from _timing import machine_line  # noqa: E402
 
 import qcompile  # noqa: E402
 from qcompile import WeightSpec  # noqa: E402
-from qcompile.passes.adaround import GreedyRoundingConfig  # noqa: E402
+from qcompile.passes.adaround import GREEDY_8BIT, GreedyRoundingConfig  # noqa: E402
 
 W4 = WeightSpec(bits=4)
 UP_8BIT = GreedyRoundingConfig(max_samples=8, max_flips=64, upstream=True)  # the 8-bit default's budget, upstream
@@ -46,6 +46,7 @@ ROWS = {
     "exact input": dict(algorithm=["exact_input", "bias_correction"]),
     "exact + greedy": dict(algorithm=["exact_input", "greedy_rounding", "bias_correction"]),
     "upstream": dict(algorithm=[UP_8BIT, "bias_correction"]),
+    "exact + greedy8": dict(algorithm=["exact_input", GREEDY_8BIT, "bias_correction"]),  # the default's budget
     "exact + upstream": dict(algorithm=["exact_input", UP_8BIT, "bias_correction"]),
     "recommended": dict(algorithm="recommended"),
     "w4a8 plain": dict(algorithm="rtn", weights=W4),
