@@ -32,7 +32,9 @@
  * (the interpreter, the graph module, torch's dispatcher). Measured on the Zen 4, 4 x Linear(4096) int8 batch
  * 1: the time outside the C calls fell from 0.45 to 0.17 ms per forward (of ~2.1 ms), and 12 x Linear(1024)
  * (12 MB of weights, cache-resident between calls) ran no slower. */
+#ifndef WO_HINT
 #define WO_HINT _MM_HINT_NTA
+#endif
 /* Bytes ahead of the row's stream that the int16 bodies prefetch (-D overrides them for tuning builds). 2 KiB:
  * on 4 x Linear(4096) batch 1, six interleaved runs, int4 +2 % and int8 +4 % over 1 KiB (4 KiB: no better). */
 #ifndef WO_I4_AHEAD

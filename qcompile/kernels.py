@@ -210,6 +210,11 @@ def _wo_ready(x2: torch.Tensor):
     return lib, _f32(x2)
 
 
+def wo_best_isa(fast: bool) -> int:
+    """The ``isa`` argument the wo_* calls take by default on this CPU (``fast``: for the int16 bodies)."""
+    return _wo_isa(_lib(), fast)
+
+
 def _wo_isa(lib, fast: bool) -> int:
     """The best path of this CPU: for the int16 bodies 3 (AVX-512 VNNI, vpdpwssd) where it has VNNI."""
     info = _wo_info(lib)

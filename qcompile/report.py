@@ -244,7 +244,11 @@ _QUANT_ROLES = ("codes", "scales", "zero_points", "packed")
 
 
 def _pieces(name: str, obj, role: str, weights: int):
-    """(tensor name, tensor, role, weights represented) of one stored constant; packed weights unpacked."""
+    """(tensor name, tensor, role, weights represented) of one stored constant; packed weights unpacked; an
+    object that holds several (a backend's bound kernel call) lists them with ``stored_pieces``."""
+    if hasattr(obj, "stored_pieces"):
+        yield from obj.stored_pieces(name)
+        return
     if isinstance(obj, torch.Tensor):
         if obj.is_quantized:
             per_channel = obj.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)

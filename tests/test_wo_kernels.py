@@ -201,3 +201,91 @@ def test_nf4_scales_decoded_in_c_equal_the_reference_bit_for_bit():
     absmax = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 0.3 + 1e-3
     codes, step, offset = double_quantize(absmax, block=256)
     assert torch.equal(kernels.dequantize_scales(codes, step, offset, 256), dequantize_scales_ref(codes, step, offset, 256))
+
+
+# -- bound calls (backends/x86/wo_gemv.py BoundGemv): constants resolved once when lowering ----------------
+def _stack(k=256, n=128):
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(k, n), nn.GELU(), nn.Linear(n, 64)).eval()
+
+
+def _bound_objects(art):
+    from qcompile.backends.x86.wo_gemv import BoundGemv
+    return [v for v in vars(art.lowered.gm).values() if isinstance(v, BoundGemv)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("weights", [WeightSpec(bits=8), WeightSpec(bits=8, symmetric=False),
+                                     WeightSpec(bits=4, group_size=128), WeightSpec(bits=4, group_size=32, symmetric=False)])
+@pytest.mark.parametrize("acts", ["bf16", "fp32"])
+def test_bound_gemv_equals_the_unbound_call_bit_for_bit(weights, acts, monkeypatch):
+    """The bound call is the same kernel on the same constants: outputs equal to the bit the unbound call's
+    (binding switched off), for batch 1, 3-D inputs (15 rows: the GEMV on a view) and 40 rows (above the
+    GEMV: the general path)."""
+    opts = {"weight_only_activations": acts}
+    for x, runs in (((torch.randn(1, 256)), (torch.randn(1, 256), torch.randn(40, 256))),
+                    ((torch.randn(1, 5, 256)), (torch.randn(3, 5, 256), torch.randn(8, 5, 256)))):
+        _bound_equals_plain(x, runs, weights, opts, monkeypatch)
+
+
+def _bound_equals_plain(x, runs, weights, opts, monkeypatch):
+    from qcompile.backends.x86 import weight_only
+    bound = qcompile.compile(_stack(), (x,), backend="x86", mode="weight_only", weights=weights, backend_options=opts)
+    assert len(_bound_objects(bound)) == 2
+    assert "tree_flatten" not in bound.lowered.gm.code  # plain signature: one tensor in, one out
+    with monkeypatch.context() as mp:
+        mp.setattr(weight_only, "bind_gemvs", lambda gm, storage: None)
+        plain = qcompile.compile(_stack(), (x,), backend="x86", mode="weight_only", weights=weights,
+                                 backend_options=opts)
+    assert not _bound_objects(plain)
+    with torch.no_grad():
+        for xi in runs:
+            yb, yp = bound(xi), plain(xi)
+            assert yb.shape == yp.shape == (*xi.shape[:-1], 64)
+            assert torch.equal(yb, yp)
+            assert sqnr(bound.run_reference(xi), yb) > 80
+    # the report's storage lists the same tensors, roles and bytes through the bound objects
+    rows = lambda a: sorted((r["tensor"], r["layer"], r["role"], r["bytes"], r["weights"]) for r in a.report.storage)
+    assert rows(bound) == rows(plain)
+    assert bound.report.sizes == plain.report.sizes
+
+
+@needs_kernel
+def test_bound_gemv_copies_and_keeps_its_numbers():
+    import copy
+    x = torch.randn(1, 256)
+    art = qcompile.compile(_stack(), (x,), backend="x86", mode="weight_only", weights=WeightSpec(bits=4, group_size=128))
+    gm2 = copy.deepcopy(art.lowered.gm)
+    with torch.no_grad():
+        assert torch.equal(gm2(x), art(x))
+    # the copy holds its own tensors: overwriting them leaves the original's numbers alone
+    for b in [v for v in vars(gm2).values() if hasattr(v, "stored_pieces")]:
+        b.fast_args[1].fill_(0.0)  # the scales
+    with torch.no_grad():
+        assert float(gm2(x).abs().max()) < float(art(x).abs().max())
+        assert sqnr(art.run_reference(x), art(x)) > 80
+
+
+def test_plain_signature_only_where_nothing_a_caller_sees_changes():
+    """A dict output keeps the pytree codegen (the caller gets the dict); a tuple output becomes a plain tuple."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    class Named(Two):
+        def forward(self, x):
+            return {"a": self.a(x), "b": self.b(x)}
+
+    x = torch.randn(1, 64)
+    for model, flat in ((Two().eval(), True), (Named().eval(), False)):
+        art = qcompile.compile(model, (x,), backend="x86", mode="weight_only", weights=WeightSpec(bits=8))
+        assert ("tree_flatten" not in art.lowered.gm.code) == flat
+        with torch.no_grad():
+            out, ref = art(x), art.run_reference(x)
+        assert type(out) is type(ref) and (isinstance(out, tuple) or set(out) == {"a", "b"})
+        for o, r in (zip(out, ref) if flat else ((out[k], ref[k]) for k in ref)):
+            assert sqnr(r, o) > 80

@@ -9,6 +9,7 @@ import torch
 
 from qcompile.config import QConfig
 from qcompile.errors import ConfigError
+from qcompile.ir import plain_signature
 from qcompile.specs import ActivationSpec, QuantSpec, WeightSpec
 from qcompile.passes.annotate import SpecMaker
 from qcompile.passes.decompose_sdpa import DecomposeSDPA
@@ -175,6 +176,7 @@ class X86Backend(TableBackend):
                     n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default for n in reference.graph.nodes):
                 dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[self.options.weight_only_activations]
                 r = weight_only.Rewriter(reference, dynamic.RULES + weight_only.RULES, dtype).run()
+                plain_signature(r.gm)
                 return Lowered(gm=r.gm, kernels=r.kernels, fallbacks=r.fallbacks, taps=r.taps, storage=r.storage)
             lw = Lowerer(reference, self.fusion_rules("static"), self.lowering_rules(RULES), self.options.channels_last,
                          self.options.exact_quantize)
@@ -182,6 +184,7 @@ class X86Backend(TableBackend):
             r = lw.run()
             if auto:
                 lw.engine_chooser.save()
+            plain_signature(r.gm)
             return Lowered(gm=r.gm, kernels=r.kernels, fallbacks=r.fallbacks, taps=r.taps)
 
     def runtime_name(self) -> str:

@@ -34,14 +34,14 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
-from qcompile.kernels import pack_int4_blocks, wo_int8_linear, wo_int16_ok, wo_kernel_info
+from qcompile.kernels import pack_int4_blocks, wo_best_isa, wo_int8_linear, wo_int16_ok, wo_kernel_info
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
-from .wo_gemv import (_INT4_GROUPS, _gemv_out, _int4_gemv_pack, _warn_if_missing, linear_int4_gemv,
-                      linear_nf4_gemv, nf4_scales, wo_kernel_note)
+from .wo_gemv import (_INT4_GROUPS, BoundGemv, _gemv_out, _int4_gemv_pack, _warn_if_missing, bound_gemv,
+                      linear_int4_gemv, linear_nf4_gemv, nf4_scales, wo_kernel_note)
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
@@ -194,6 +194,7 @@ class Rewriter:
                 self.result.kernels[step.node.name] = step.result.kernel
             elif step.reason is not None:
                 self.result.fallbacks[step.node.name] = step.reason
+        bind_gemvs(self.gm, self.result.storage)
         self.gm.graph.eliminate_dead_code()
         used = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
         for name in [b for b, _ in self.gm.named_buffers() if b not in used and "." not in b]:
@@ -201,6 +202,61 @@ class Rewriter:
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
         return self.result
+
+
+def _bound(gm, node, storage):
+    """A :class:`BoundGemv` for a GEMV call node whose constants are all get_attr nodes (or None), else None."""
+    consts = node.args[1:]
+    if not all(a is None or not isinstance(a, fx.Node) or a.op == "get_attr" for a in consts):
+        return None
+    val = [get_attr_value(gm, a) if isinstance(a, fx.Node) else a for a in consts]
+    if not all(not isinstance(v, torch.Tensor) or v.is_contiguous() and v.device.type == "cpu" for v in val):
+        return None
+    if node.target is linear_int8_weight:
+        q8, scale, fix, bias, act_dtype, _ = val
+        if q8.dtype != torch.int8:
+            return None
+        n, k = q8.shape
+        fast = act_dtype == torch.bfloat16 and wo_int16_ok("int8", k)
+        fn, fast_args, tail = ("qc_wo_int8_linear_i16" if fast else "qc_wo_int8_linear"), (q8, scale, fix, bias), ()
+        nbytes = q8.numel()
+    else:
+        packed, g, scale, zero, zconst, bias, fast = val
+        if packed.dtype != torch.uint8 or (zero is not None and zero.dtype != torch.uint8):
+            return None
+        n, k = packed.shape[0], scale.shape[1] * g
+        fast = fast and wo_int16_ok("int4", k, g)
+        fn = "qc_wo_int4_linear_i16" if fast else "qc_wo_int4_linear"
+        fast_args = (packed, scale, zero, float(zconst), bias) if fast else (packed, scale, zero, float(zconst), None, bias)
+        tail, nbytes = (g,), packed.numel()
+    if any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32 for v in fast_args):
+        return None
+    tail = tail + (wo_best_isa(fast),)
+    pieces = tuple((a.target, v) + tuple(storage.get(a.target, ("", "", 0))[1:])
+                   for a, v in zip(consts, val) if isinstance(a, fx.Node))
+    layer = next((storage[a.target][0] for a in consts if isinstance(a, fx.Node) and a.target in storage), "")
+    return BoundGemv(fn, fast_args, tail, n, k, nbytes, node.target, tuple(val), pieces), layer
+
+
+def bind_gemvs(gm: fx.GraphModule, storage: dict) -> None:
+    """Every GEMV call whose constants are get_attr nodes becomes ``bound_gemv(x, <one plain attribute>)``
+    (:class:`BoundGemv`: its Python path is what a batch-1 call spends outside the kernel). Same numbers;
+    the report's storage rows list the same tensors, now through the bound object."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not (node.target is linear_int4_gemv or (
+                node.target is linear_int8_weight and len(node.args) > 6 and node.args[6] is True)):
+            continue
+        made = _bound(gm, node, storage)
+        if made is None:
+            continue
+        obj, layer = made
+        name = f"_gemv_{node.name}"
+        setattr(gm, name, obj)
+        storage[name] = (layer, "", 0)
+        with gm.graph.inserting_before(node), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fx warns about get_attr of a non-tensor attribute
+            attr = gm.graph.get_attr(name)
+        node.target, node.args, node.kwargs = bound_gemv, (node.args[0], attr), {}
 
 
 # -- weight-only rules ----------------------------------------------------------------------------
