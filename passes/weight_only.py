@@ -100,32 +100,21 @@ class _Stop(Exception):
 
 
 class _Tap(nn.Module):
-    """Accumulates the Hessian of the value flowing through it; the last tap of a round stops the forward.
-    With ``key``, the float model's value at the same point (``state["ref"][key]``, left there by a
-    :class:`_RefTap` run first on the same sample) is streamed beside it."""
+    """One point of the graph a calibration round watches; the last tap of a round stops the forward. With a
+    ``hessian`` it accumulates the Hessian of the value flowing through it and, with ``key``, streams the float
+    model's value at the same point beside it (``state["ref"][key]``); without one it is that float model's tap,
+    run first on the same sample, and leaves its value there for ``key``."""
 
-    def __init__(self, hessian: FoldedHessian, state: dict, key=None):
+    def __init__(self, state: dict, key=None, hessian: FoldedHessian | None = None):
         super().__init__()
         self.hessian, self.state, self.key = hessian, state, key
 
     def forward(self, x):
-        ref = None if self.key is None else self.state["ref"].pop(self.key)
-        self.hessian.add(x, self.state["sample"], ref=ref)
-        self.state["fired"] += 1
-        if self.state["fired"] == self.state["total"]:
-            raise _Stop
-        return x
-
-
-class _RefTap(nn.Module):
-    """Keeps the float model's value for the :class:`_Tap` of the same key; the last one stops the forward."""
-
-    def __init__(self, state: dict, key):
-        super().__init__()
-        self.state, self.key = state, key
-
-    def forward(self, x):
-        self.state["ref"][self.key] = x.detach()
+        if self.hessian is None:
+            self.state["ref"][self.key] = x.detach()
+        else:
+            ref = None if self.key is None else self.state["ref"].pop(self.key)
+            self.hessian.add(x, self.state["sample"], ref=ref)
         self.state["fired"] += 1
         if self.state["fired"] == self.state["total"]:
             raise _Stop
@@ -187,9 +176,9 @@ class GPTQRounding:
             hessians[layer.tap_key] = FoldedHessian(k, layer.conv.groups if layer.conv else 1, layer.conv)
             keys.append((layer.tap_key, layer.act))
         state["total"] = len(keys)
-        placed = [(runner, [_Tap(hessians[key], state, key if reference is not None else None) for key, _ in keys])]
+        placed = [(runner, [_Tap(state, key if reference is not None else None, hessians[key]) for key, _ in keys])]
         if reference is not None:
-            placed.insert(0, (reference, [_RefTap(state, key) for key, _ in keys]))
+            placed.insert(0, (reference, [_Tap(state, key) for key, _ in keys]))
         inserted = []
         for mod, taps in placed:
             by_name = {n.name: n for n in mod.graph.nodes}
