@@ -300,14 +300,14 @@ def quadratic_error(w: Tensor, q: Tensor, hess) -> tuple[float, float]:
     layer's ``W ref``, the earlier layers' error included, and the energy ``tr(W F W^T)``."""
     g = hess.groups
     w2, q2 = w.reshape(g, w.shape[0] // g, -1).float(), q.reshape(g, q.shape[0] // g, -1).float()
-    h = hess.matrices().float()  # [G, K, K]: every conv group in one batched product
+    h64 = hess.matrices()  # [G, K, K] (float64): every conv group in one batched product
+    h = h64.float()
     quad = lambda a, m, b: float((torch.bmm(a, m) * b).sum())  # noqa: E731
     cross = hess.cross_matrices()
     if cross is None:
         return quad(w2 - q2, h, w2 - q2), max(quad(w2, h, w2), 1e-30)
     # |D x + W (x - x_float)|^2 with D = Q - W: no difference of large terms, so float32 holds
     c, f = cross
-    h64 = hess.matrices()
     m, e = (h64 - c.transpose(1, 2)).float(), (h64 - c - c.transpose(1, 2) + f).float()
     d = q2 - w2
     return max(quad(d, h, d) + 2 * quad(d, m, w2) + quad(w2, e, w2), 0.0), max(quad(w2, f.float(), w2), 1e-30)
