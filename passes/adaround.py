@@ -154,12 +154,12 @@ class AdaRound(GPTQRounding):
         q_rtn = rtn_grouped(w, hess.groups, spec)
         if cfg.cross_validate and hess.cross_validates:
             a, b = hess.folds
-            held = sum(quadratic_error(w, self._fit(w, fit, qp)[0], score)[0]
+            held = sum(quadratic_error(w, self._fit(w, fit, qp)[0], score, energy=False)[0]
                        for fit, score in ((a, b), (b, a)))
-            held_rtn = sum(quadratic_error(w, q_rtn, f)[0] for f in (a, b))
+            held_rtn = sum(quadratic_error(w, q_rtn, f, energy=False)[0] for f in (a, b))
         q, info = self._fit(w, hess, qp)
         err, sig = quadratic_error(w, q, hess)
-        err_rtn = quadratic_error(w, q_rtn, hess)[0]
+        err_rtn = quadratic_error(w, q_rtn, hess, energy=False)[0]
         if not (cfg.cross_validate and hess.cross_validates):
             held, held_rtn = err, err_rtn
         st = {"rel_error": err / sig, "rtn_rel_error": err_rtn / sig, "heldout_rel_error": held / (2 * sig),
@@ -198,7 +198,8 @@ SPATIAL_GREEDY = GreedyRoundingConfig(spatial_only=True, max_weights=1 << 20)  #
 # the default for weights wider than 4 bits (qcompile.algorithms.default_set): the first 8 calibration samples, at
 # most 64 flips per row. EfficientNet-Lite2, 32 calibration crops, x86: compile 12 s without it, 68 s on all 32
 # crops, 25-31 s on 8, 23.6 s with 64 flips (logit SQNR 16.7-16.8 dB in all three); ResNet-18 at 224 px (8 x 4
-# images): 5 s without it, 93 s with 512 flips, 38 s with 64. Conformance MobileNetV2, ViT, Whisper, RegNet and
+# images): 5 s without it, 93 s with 512 flips, 38 s with 64 (27 s since each step is one fused pass and the
+# held-out scores skip the energy term: the same bits). Conformance MobileNetV2, ViT, Whisper, RegNet and
 # Mistral: the same SQNR with 64 flips as with 512 (their rows stop earlier). Collecting several rounds'
 # Hessians in one forward pass (the later layers seeing the earlier ones unrounded) was cheaper still and lost
 # 1.0 dB on the conformance MobileNetV2, where strictly sequential rounds gained 0.7: the earlier layers'
@@ -237,21 +238,26 @@ def greedy_weight(w: torch.Tensor, hs: torch.Tensor, qp: QParams, max_flips: int
     else:  # v C - q H, in grid units like d
         grad = (torch.einsum("grk,gkl->grl", v.reshape(g, n // g, kg), cs.float())
                 - torch.einsum("grk,gkl->grl", qg, hs))
+    # delta = where(ok, diag - 2 t grad, inf) as one fused pass per step: diag_m is diag where a flip is left and
+    # inf elsewhere (inf + finite = inf); -2 t grad is exact (t is 0 or +-1), so the values are the same bits
     diag = torch.diagonal(hs, dim1=1, dim2=2)[:, None, :]
+    diag_m = torch.where(ok, diag.expand_as(grad), torch.full_like(grad, float("inf")))
+    t2 = -2 * t
     gi = torch.arange(g)[:, None].expand(g, n // g)
-    flips = 0
+    inf, flips = torch.tensor(float("inf")), 0
     for _ in range(min(max_flips, kg)):
-        delta = torch.where(ok, -2 * t * grad + diag, torch.full_like(grad, float("inf")))
-        best, k = delta.min(dim=2)
+        best, k = torch.addcmul(diag_m, t2, grad).min(dim=2)
         scale = (d * grad).sum(2).abs().clamp_min(1e-30)
         move = best < -1e-9 * scale
         if not bool(move.any()):
             break
-        tk = torch.where(move, torch.gather(t, 2, k[..., None])[..., 0], torch.zeros_like(best))
-        d.scatter_add_(2, k[..., None], -tk[..., None])
-        qg.scatter_add_(2, k[..., None], tk[..., None])
-        grad -= tk[..., None] * hs[gi, k]
-        ok.scatter_(2, k[..., None], ok.gather(2, k[..., None]) & ~move[..., None])
+        kk = k[..., None]
+        tk = torch.where(move, torch.gather(t, 2, kk)[..., 0], torch.zeros_like(best))
+        d.scatter_add_(2, kk, -tk[..., None])
+        qg.scatter_add_(2, kk, tk[..., None])
+        grad.addcmul_(tk[..., None], hs[gi, k], value=-1)  # tk is 0 or +-1: the product is exact, as before
+        # a weight flips once: no move is left for it
+        diag_m.scatter_(2, kk, torch.where(move[..., None], inf, diag_m.gather(2, kk)))
         flips += int(move.sum())
     out = (qg.reshape(n, kg) * (s.reshape(-1, 1) if s.dim() else s)).reshape(w.shape)
     return out, {"flips": flips}

@@ -293,11 +293,12 @@ def rtn(w: Tensor, grid):
     return Q, grid.assemble(params, tuple(w.shape))
 
 
-def quadratic_error(w: Tensor, q: Tensor, hess) -> tuple[float, float]:
+def quadratic_error(w: Tensor, q: Tensor, hess, energy: bool = True) -> tuple[float, float | None]:
     """``(tr(D H D^T), tr(W H W^T))`` summed over conv groups: the layer's output error on the
     calibration rows behind ``hess`` and the output energy, with ``D = W - Q``. When ``hess`` streamed the
     float model's inputs too (``Hessian.add(x, ref)``), the error is that of ``Q x`` against the float
-    layer's ``W ref``, the earlier layers' error included, and the energy ``tr(W F W^T)``."""
+    layer's ``W ref``, the earlier layers' error included, and the energy ``tr(W F W^T)``. ``energy=False``: the
+    error alone (None for the energy; a [K, K] product per conv group saved, where only errors are compared)."""
     g = hess.groups
     w2, q2 = w.reshape(g, w.shape[0] // g, -1).float(), q.reshape(g, q.shape[0] // g, -1).float()
     h64 = hess.matrices()  # [G, K, K] (float64): every conv group in one batched product
@@ -305,12 +306,13 @@ def quadratic_error(w: Tensor, q: Tensor, hess) -> tuple[float, float]:
     quad = lambda a, m, b: float((torch.bmm(a, m) * b).sum())  # noqa: E731
     cross = hess.cross_matrices()
     if cross is None:
-        return quad(w2 - q2, h, w2 - q2), max(quad(w2, h, w2), 1e-30)
+        return quad(w2 - q2, h, w2 - q2), (max(quad(w2, h, w2), 1e-30) if energy else None)
     # |D x + W (x - x_float)|^2 with D = Q - W: no difference of large terms, so float32 holds
     c, f = cross
     m, e = (h64 - c.transpose(1, 2)).float(), (h64 - c - c.transpose(1, 2) + f).float()
     d = q2 - w2
-    return max(quad(d, h, d) + 2 * quad(d, m, w2) + quad(w2, e, w2), 0.0), max(quad(w2, f.float(), w2), 1e-30)
+    return (max(quad(d, h, d) + 2 * quad(d, m, w2) + quad(w2, e, w2), 0.0),
+            max(quad(w2, f.float(), w2), 1e-30) if energy else None)
 
 
 def breaks_pair_bound(q: Tensor, qp, spec) -> bool:
@@ -343,11 +345,12 @@ def gptq_or_rtn(w: Tensor, hess: FoldedHessian, spec, cfg: GPTQConfig = GPTQConf
     q_rtn = rtn_grouped(w, hess.groups, spec)
     if hess.cross_validates:
         a, b = hess.folds
-        held = sum(quadratic_error(w, gptq_grouped(w, fit, spec, cfg)[0], score)[0] for fit, score in ((a, b), (b, a)))
-        held_rtn = sum(quadratic_error(w, q_rtn, f)[0] for f in (a, b))
+        held = sum(quadratic_error(w, gptq_grouped(w, fit, spec, cfg)[0], score, energy=False)[0]
+                   for fit, score in ((a, b), (b, a)))
+        held_rtn = sum(quadratic_error(w, q_rtn, f, energy=False)[0] for f in (a, b))
     q, params = gptq_grouped(w, hess, spec, cfg)
     err, sig = quadratic_error(w, q, hess)
-    err_rtn = quadratic_error(w, q_rtn, hess)[0]
+    err_rtn = quadratic_error(w, q_rtn, hess, energy=False)[0]
     if not hess.cross_validates:
         held, held_rtn = err, err_rtn
     stats = {"rel_error": err / sig, "rtn_rel_error": err_rtn / sig, "heldout_rel_error": held / (2 * sig),

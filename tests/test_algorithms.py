@@ -143,6 +143,50 @@ def test_greedy_rounding_descends_the_output_error_and_stays_on_the_grid():
     assert err_w(qw) <= err_w(rtn)  # steepest descent from round-to-nearest: never above it on its own rows
 
 
+def _greedy_spec(w, hs, qp, max_flips):
+    """greedy_weight's search written plainly (symmetric objective, per-channel symmetric grid): the best flip
+    of every row per step, each weight at most once, while it lowers tr(D H D^T)."""
+    s = qp.scale[:, None]
+    v = w / s
+    q = torch.clamp(torch.round(v), qp.quant_min, qp.quant_max)
+    d = (v - q)[None]
+    q = q[None].clone()
+    t = torch.sign(d)
+    ok = (t != 0) & (q + t >= qp.quant_min) & (q + t <= qp.quant_max)
+    grad = torch.einsum("grk,gkl->grl", d, hs)
+    diag = torch.diagonal(hs, dim1=1, dim2=2)[:, None, :]
+    gi = torch.zeros(1, w.shape[0], dtype=torch.long)
+    for _ in range(min(max_flips, w.shape[1])):
+        delta = torch.where(ok, -2 * t * grad + diag, torch.full_like(grad, float("inf")))
+        best, k = delta.min(dim=2)
+        move = best < -1e-9 * (d * grad).sum(2).abs().clamp_min(1e-30)
+        if not bool(move.any()):
+            break
+        tk = torch.where(move, torch.gather(t, 2, k[..., None])[..., 0], torch.zeros_like(best))
+        d.scatter_add_(2, k[..., None], -tk[..., None])
+        q.scatter_add_(2, k[..., None], tk[..., None])
+        grad -= tk[..., None] * hs[gi, k]
+        ok.scatter_(2, k[..., None], ok.gather(2, k[..., None]) & ~move[..., None])
+    return q[0] * s
+
+
+@pytest.mark.parametrize("n,k,flips", [(16, 27, 512), (40, 300, 64), (8, 9, 3)])
+def test_greedy_rounding_takes_the_same_steps_as_its_plain_statement(n, k, flips):
+    """The fused step (one addcmul per step for the flip gains, the finished weights masked out in place) picks
+    the same flips as the search written plainly: the same bits."""
+    from qcompile.passes.adaround import greedy_weight
+    from qcompile.passes.convert import weight_qparams
+    from qcompile.specs import QuantSpec
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k) * torch.rand(n, 1)
+    x = torch.randn(2000, k) @ (torch.eye(k) + 0.3 * torch.randn(k, k))
+    hs = (x.T @ x / 2000)[None]
+    qp = weight_qparams(w, QuantSpec(torch.int8, 8, True, granularity="per_channel", axis=0))
+    q, info = greedy_weight(w, hs, qp, flips)
+    assert info["flips"] > 0
+    assert torch.equal(q, _greedy_spec(w.float(), hs, qp, flips))
+
+
 def test_upstream_objective_is_the_error_against_the_float_layer_and_greedy_lowers_it():
     """Hessian.add(x, ref=x_float) streams the cross term: quadratic_error is then exactly the mean
     |Q x - W x_float|^2, and greedy rounding on it compensates part of an upstream error (here a per-channel
