@@ -67,6 +67,9 @@ def _lib():
         lib.qc_wo_int8_linear_i16.restype = c_int
         lib.qc_wo_int4_linear_i16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int4_linear_i16.restype = c_int
+        lib.qc_wo_int4_linear_i16_il.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, i64, c_int,
+                                                 c_int]
+        lib.qc_wo_int4_linear_i16_il.restype = c_int
         lib.qc_wo_vnni.restype = c_int
         lib.qc_wo_dequantize_scales.argtypes = [p, p, p, p, i64, i64]
         lib.qc_wo_dequantize_scales.restype = None
@@ -148,10 +151,12 @@ def wo_threads(weight_bytes: int) -> int:
     return kernel_threads(weight_bytes, WO_PARALLEL_BYTES)
 
 
-def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+def pack_int4_blocks(codes: torch.Tensor, interleave: int = 1) -> torch.Tensor:
     """uint8 codes [N, K] in [0, 15] (K % 16 == 0) -> uint8 [N, 64 * ceil(K / 128)] in the GEMV's layout:
     blocks of 128 elements as 16 little-endian int32 words, bits 4i..4i+3 of word d = element 16 i + d (one
-    shift gives 16 consecutive codes in 16 lanes); the last block zero-padded."""
+    shift gives 16 consecutive codes in 16 lanes); the last block zero-padded. ``interleave=4`` (N % 4 == 0):
+    the rows of each tile of 4 interleaved block by block (row n's block b at byte ``(n - n % 4) RB + (n % 4 +
+    4 b) 64`` of the flat buffer), the layout the int16-activation body reads 4 rows at a time in one stream."""
     n, k = codes.shape
     blocks = -(-k // 128)
     c = torch.zeros(n, blocks * 128, dtype=torch.int32)
@@ -160,14 +165,27 @@ def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
     words = torch.zeros(n, blocks, 16, dtype=torch.int32)
     for i in range(8):
         words |= c[:, :, i] << (4 * i)
+    words = _interleave_rows(words, interleave)
     return words.reshape(n, blocks * 16).view(torch.uint8).contiguous()
 
 
-def unpack_int4_blocks(packed: torch.Tensor, k: int) -> torch.Tensor:
+def _interleave_rows(words: torch.Tensor, interleave: int, inverse: bool = False) -> torch.Tensor:
+    """[N, blocks, 16] int32 words <-> their tile-of-``interleave``-rows order (see pack_int4_blocks)."""
+    if interleave == 1:
+        return words
+    n, blocks = words.shape[:2]
+    if interleave != 4 or n % 4:
+        raise ValueError(f"int4 rows interleave by 1 or by 4 with out_features % 4 == 0 (got {interleave}, {n} rows)")
+    if inverse:  # stored [N/4, blocks, 4, 16] in the [N, blocks, 16] shape -> row order
+        return words.reshape(n // 4, blocks, 4, 16).permute(0, 2, 1, 3).reshape(n, blocks, 16)
+    return words.reshape(n // 4, 4, blocks, 16).permute(0, 2, 1, 3).reshape(n, blocks, 16)
+
+
+def unpack_int4_blocks(packed: torch.Tensor, k: int, interleave: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack_int4_blocks`: -> uint8 codes [N, K]."""
     n = packed.shape[0]
-    words = packed.contiguous().view(torch.int32).reshape(n, -1, 1, 16)
-    codes = (words >> (4 * torch.arange(8).reshape(1, 1, 8, 1))) & 15
+    words = _interleave_rows(packed.contiguous().view(torch.int32).reshape(n, -1, 16), interleave, inverse=True)
+    codes = (words.reshape(n, -1, 1, 16) >> (4 * torch.arange(8).reshape(1, 1, 8, 1))) & 15
     return codes.reshape(n, -1)[:, :k].to(torch.uint8)
 
 
@@ -244,11 +262,12 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
 
 def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
                    isa: int | None = None, threads: int | None = None, table: torch.Tensor | None = None,
-                   fast: bool = False):
+                   fast: bool = False, interleave: int = 1):
     """``x2 [M, K] @ W^T (+ bias)``, ``W = (v[code] - z) * scale`` per group, codes packed by
     :func:`pack_int4_blocks`, z from ``zero`` (uint8 [N, K/g]) or ``zconst``, v = 0..15 or the 16 values of
     ``table`` (NF4: its table, z = 0); None when it cannot run. ``fast``: x as int16 per 128-block and integer
-    sums, where :func:`wo_int16_ok` and ``table`` is None (uniform codes); else fp32 x and fp32 sums."""
+    sums, where :func:`wo_int16_ok` and ``table`` is None (uniform codes); else fp32 x and fp32 sums.
+    ``interleave``: the ``pack_int4_blocks`` interleave of ``packed`` (4: the int16 body only)."""
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
@@ -259,10 +278,14 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     scale, bias = _f32(scale), _f32(bias)
     zero = None if zero is None else _contiguous(zero if zero.dtype is torch.uint8 else zero.to(torch.uint8))
     fast = fast and table is None and _int16_shape("int4", k, group_size)
+    if interleave != 1 and not fast:
+        raise ValueError(f"int4 GEMV: rows interleaved by {interleave} are read by the int16-activation body only "
+                         f"(fast=True, uniform codes, group_size % 128 == 0); got group_size {group_size}")
     nthreads, isa = threads or wo_threads(packed.numel()), _wo_isa(lib, fast) if isa is None else isa
     if fast:
-        rc = lib.qc_wo_int4_linear_i16(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(), _ptr(zero),
-                                       float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size, isa, nthreads)
+        rc = lib.qc_wo_int4_linear_i16_il(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(),
+                                          _ptr(zero), float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size,
+                                          interleave, isa, nthreads)
     else:
         table = _f32(table)
         rc = lib.qc_wo_int4_linear(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(), _ptr(zero),

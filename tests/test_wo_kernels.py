@@ -289,3 +289,53 @@ def test_plain_signature_only_where_nothing_a_caller_sees_changes():
         assert type(out) is type(ref) and (isinstance(out, tuple) or set(out) == {"a", "b"})
         for o, r in (zip(out, ref) if flat else ((out[k], ref[k]) for k in ref)):
             assert sqnr(r, o) > 80
+
+
+# -- int4 rows interleaved by 4 (the int16 body's tiles) -------------------------------------------------
+def test_int4_interleaved_packing_round_trips_and_refuses_what_it_cannot_hold():
+    torch.manual_seed(5)
+    for n, k in ((8, 256), (12, 200), (4, 16)):
+        c = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        p4 = kernels.pack_int4_blocks(c, interleave=4)
+        assert p4.shape == kernels.pack_int4_blocks(c).shape
+        assert torch.equal(kernels.unpack_int4_blocks(p4, k, interleave=4), c)
+        if n > 4:  # rows 0 and 1 share the tile's first 128 bytes: block 0 of row 0, then block 0 of row 1
+            flat, plain = p4.flatten(), kernels.pack_int4_blocks(c)
+            assert torch.equal(flat[:64], plain[0, :64]) and torch.equal(flat[64:128], plain[1, :64])
+    with pytest.raises(ValueError, match="out_features % 4"):
+        kernels.pack_int4_blocks(torch.zeros(6, 128, dtype=torch.uint8), interleave=4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n", [(1, 64), (3, 20), (16, 36)])
+def test_int4_interleaved_rows_give_the_same_bits_on_every_isa_path(m, n):
+    """The tiled body (4 rows a stream on AVX-512) and the one-row bodies reading the interleaved layout sum the
+    same integers in the same order as the plain layout's: equal outputs, for each path this CPU runs."""
+    torch.manual_seed(m + n)
+    k, g = 384, 128
+    c = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    s, z = torch.rand(n, k // g) + 0.1, torch.randint(0, 16, (n, k // g), dtype=torch.uint8)
+    x = torch.randn(m, k)
+    ref = x.double() @ ((c.double() - z.double().repeat_interleave(g, 1)) * s.double().repeat_interleave(g, 1)).T
+    p1, p4 = kernels.pack_int4_blocks(c), kernels.pack_int4_blocks(c, interleave=4)
+    top = 3 if INFO["vnni"] else {v: key for key, v in kernels.ISA_NAMES.items()}[INFO["isa"]]
+    for isa in range(top + 1):
+        y1 = kernels.wo_int4_linear(x, p1, g, s, z, fast=True, isa=isa)
+        y4 = kernels.wo_int4_linear(x, p4, g, s, z, fast=True, isa=isa, interleave=4)
+        assert torch.equal(y1, y4), isa
+        assert float((y4.double() - ref).abs().max()) <= 1e-4 * float(ref.abs().max())  # int16 x: ~2^-16
+    with pytest.raises(ValueError, match="int16-activation body only"):
+        kernels.wo_int4_linear(x, p4, g, s, z, fast=False, interleave=4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,tiled", [(64, True), (18, False)])
+def test_lowered_int4_interleaves_where_out_features_allow(n, tiled):
+    m = nn.Sequential(nn.Linear(256, n)).eval()
+    x = torch.randn(1, 256)
+    art = qcompile.compile(m, (x,), backend="x86", mode="weight_only", weights=WeightSpec(bits=4, group_size=128))
+    (k,) = [r.kernel for r in art.report.rows if r.kernel]
+    assert ("4 rows interleaved per block" in k) == tiled
+    with torch.no_grad():
+        for xi in (x, torch.randn(40, 256)):  # the GEMV, and above 16 rows the weight unpacked + fp32 GEMM
+            assert sqnr(art.run_reference(xi), art(xi)) > 80

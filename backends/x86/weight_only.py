@@ -41,7 +41,7 @@ from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 from .wo_gemv import (_INT4_GROUPS, BoundGemv, _gemv_out, _int4_gemv_pack, _warn_if_missing, bound_gemv,
-                      linear_int4_gemv, linear_nf4_gemv, nf4_scales, wo_kernel_note)
+                      int4_group, int4_interleave, linear_int4_gemv, linear_nf4_gemv, nf4_scales, wo_kernel_note)
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
@@ -221,14 +221,16 @@ def _bound(gm, node, storage):
         fn, fast_args, tail = ("qc_wo_int8_linear_i16" if fast else "qc_wo_int8_linear"), (q8, scale, fix, bias), ()
         nbytes = q8.numel()
     else:
-        packed, g, scale, zero, zconst, bias, fast = val
+        packed, g, scale, zero, zconst, bias, fast, il = val
         if packed.dtype != torch.uint8 or (zero is not None and zero.dtype != torch.uint8):
             return None
         n, k = packed.shape[0], scale.shape[1] * g
         fast = fast and wo_int16_ok("int4", k, g)
-        fn = "qc_wo_int4_linear_i16" if fast else "qc_wo_int4_linear"
+        if il != 1 and not fast:
+            return None
+        fn = "qc_wo_int4_linear_i16_il" if fast else "qc_wo_int4_linear"
         fast_args = (packed, scale, zero, float(zconst), bias) if fast else (packed, scale, zero, float(zconst), None, bias)
-        tail, nbytes = (g,), packed.numel()
+        tail, nbytes = ((g, il) if fast else (g,)), packed.numel()
     if any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32 for v in fast_args):
         return None
     tail = tail + (wo_best_isa(fast),)
@@ -339,13 +341,17 @@ def linear_weight_only(m: Match):
     if w is None or w.q.dim() != 2:
         return None
     n, k = w.q.shape
-    gemv4 = _int4_gemv_pack(w)
+    g = int4_group(w)
+    # X86Options.weight_only_activations bf16 (the default): the int16-activation body, which reads 4 rows a tile
+    fast = g is not None and rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int4", k, g)
+    il = int4_interleave(n, fast)
+    gemv4 = _int4_gemv_pack(w, il)
     if not isinstance(gemv4, str) and wo_kernel_info()["available"]:
         packed, g, scale, zero, zconst = gemv4
-        fast = rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int4", k, g)  # X86Options.weight_only_activations
         args = (x, rw.const(packed, node, node.name, "codes", n * k), g, rw.const(scale, node, node.name, "scales"),
-                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias, fast)
-        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4', fast)[0]} (int{w.bits} g{g}), "
+                None if zero is None else rw.const(zero, node, node.name, "zero_points"), zconst, bias, fast, il)
+        tiles = ", 4 rows interleaved per block" if il == 4 else ""
+        return rw.emit(node, linear_int4_gemv, args, f"{wo_kernel_note('int4', fast)[0]} (int{w.bits} g{g}{tiles}), "
                                                      f"dequantize + fp32 GEMM above")
     int4 = _int4_pack(w)
     if not isinstance(int4, str):

@@ -20,6 +20,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def int4_group(w: IntWeight) -> int | None:
+    """The group size the int4 GEMV runs ``w`` with: its own, else the largest of 256 / 128 / 64 / 32 dividing K."""
+    k = w.q.shape[1]
+    return w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
+
+
+def int4_interleave(n: int, fast: bool) -> int:
+    """Rows interleaved per block in the packed int4 codes: 4 for the int16-activation body (it reads tiles of 4
+    rows as one stream) when out_features % 4 == 0, else 1."""
+    return 4 if fast and n % 4 == 0 else 1
+
+
 def _gemv_out(y, x):
     """A GEMV's fp32 [rows, N] result in ``x``'s leading shape and dtype (as is for 2-D fp32 ``x``: the Python
     around a batch-1 GEMV is part of its latency)."""
@@ -28,14 +40,16 @@ def _gemv_out(y, x):
     return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
-def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias, fast: bool = False):
-    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``): its GEMV for <= 16 rows (``fast``: x
-    as int16 per 128-block, the integer body), for more the weight dequantized once per call + fp32 GEMM (the
-    GEMV re-reads cached weights per tile of 4 rows)."""
-    y = wo_int4_linear(x if x.dim() == 2 else _rows(x), packed, group_size, scale, zero, zconst, bias, fast=fast)
+def linear_int4_gemv(x, packed, group_size: int, scale, zero, zconst: float, bias, fast: bool = False,
+                     interleave: int = 1):
+    """Codes in qcompile's block layout (``kernels.pack_int4_blocks``, rows interleaved by ``interleave``): its
+    GEMV for <= 16 rows (``fast``: x as int16 per 128-block, the integer body), for more the weight dequantized
+    once per call + fp32 GEMM (the GEMV re-reads cached weights per tile of 4 rows)."""
+    y = wo_int4_linear(x if x.dim() == 2 else _rows(x), packed, group_size, scale, zero, zconst, bias, fast=fast,
+                       interleave=interleave)
     if y is None:
         z = torch.full_like(scale, zconst) if zero is None else zero.float()
-        w = (unpack_int4_blocks(packed, x.shape[-1]).float() - z.repeat_interleave(group_size, 1)) * \
+        w = (unpack_int4_blocks(packed, x.shape[-1], interleave).float() - z.repeat_interleave(group_size, 1)) * \
             scale.repeat_interleave(group_size, 1)
         return F.linear(x, w, bias)
     return _gemv_out(y, x)
@@ -82,20 +96,21 @@ def _warn_if_missing(node, kind: str) -> str:
     return " [fallback: qcompile's GEMV not built]"
 
 
-def _int4_gemv_pack(w: IntWeight):
+def _int4_gemv_pack(w: IntWeight, interleave: int = 1):
     """(packed [N, K/2], group size, scale fp32 [N, K/g], zero uint8 [N, K/g] or None, zero constant) for
-    qcompile's int4 GEMV (codes q - quant_min in [0, 15]; zero z - quant_min), or the reason it cannot."""
+    qcompile's int4 GEMV (codes q - quant_min in [0, 15]; zero z - quant_min; rows interleaved by ``interleave``
+    where N allows it, see :func:`int4_interleave`), or the reason it cannot."""
     n, k = w.q.shape
     if w.bits > 4:
         return f"{w.bits}-bit values"
-    g = w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
+    g = int4_group(w)
     if g is None or g % 16 or k % g:
         return f"the int4 GEMV needs groups of a multiple of 16 dividing in_features={k} (got {g})"
     s, z = w.grouped(k, g)
     z = z - w.quant_min
     if not bool((z == z.round()).all()) or z.min() < 0 or z.max() > 255:
         return "zero points off the integer grid"
-    codes = pack_int4_blocks((w.q.int() - w.quant_min).to(torch.uint8))
+    codes = pack_int4_blocks((w.q.int() - w.quant_min).to(torch.uint8), interleave)
     const = bool((z == z.flatten()[0]).all())
     zero = None if const else z.to(torch.uint8).contiguous()
     return codes, g, s.float().contiguous(), zero, float(z.flatten()[0]) if const else 0.0
