@@ -65,6 +65,8 @@ def _lib():
         lib.qc_wo_isa.restype = c_int
         lib.qc_wo_int8_linear_i16.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int8_linear_i16.restype = c_int
+        lib.qc_wo_int8_linear_i16_il.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int, c_int]
+        lib.qc_wo_int8_linear_i16_il.restype = c_int
         lib.qc_wo_int4_linear_i16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int4_linear_i16.restype = c_int
         lib.qc_wo_int4_linear_i16_il.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, i64, c_int,
@@ -181,6 +183,27 @@ def _interleave_rows(words: torch.Tensor, interleave: int, inverse: bool = False
     return words.reshape(n // 4, 4, blocks, 16).permute(0, 2, 1, 3).reshape(n, blocks, 16)
 
 
+def pack_int8_rows(q8: torch.Tensor, interleave: int = 1) -> torch.Tensor:
+    """int8 codes [N, K] (K % 128 == 0) with the rows of each tile of ``interleave`` (1 or 2, N % 2 == 0)
+    interleaved per 128-element block: row n's block b at element ``(n - n % 2) K + (n % 2 + 2 b) 128`` of the
+    flat buffer, kept in the [N, K] shape. The int16-activation GEMV reads a tile of 2 rows as one stream."""
+    if interleave == 1:
+        return q8.contiguous()
+    n, k = q8.shape
+    if interleave != 2 or n % 2 or k % 128:
+        raise ValueError(f"int8 rows interleave by 1 or by 2 with out_features % 2 == 0 and in_features % 128 == 0 "
+                         f"(got {interleave}, {tuple(q8.shape)})")
+    return q8.reshape(n // 2, 2, k // 128, 128).transpose(1, 2).reshape(n, k).contiguous()
+
+
+def unpack_int8_rows(packed: torch.Tensor, interleave: int = 1) -> torch.Tensor:
+    """Inverse of :func:`pack_int8_rows`: row-major int8 codes [N, K]."""
+    if interleave == 1:
+        return packed
+    n, k = packed.shape
+    return packed.reshape(n // 2, k // 128, 2, 128).transpose(1, 2).reshape(n, k).contiguous()
+
+
 def unpack_int4_blocks(packed: torch.Tensor, k: int, interleave: int = 1) -> torch.Tensor:
     """Inverse of :func:`pack_int4_blocks`: -> uint8 codes [N, K]."""
     n = packed.shape[0]
@@ -240,21 +263,29 @@ def _wo_isa(lib, fast: bool) -> int:
 
 
 def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, threads: int | None = None,
-                   fast: bool = False):
+                   fast: bool = False, interleave: int = 1):
     """``x2 [M, K] @ ((q8 - z) * scale)^T (+ bias)`` with ``fix = scale * z`` (None: symmetric); None when
     the kernel cannot run it (library missing, more rows than it takes): the caller falls back. ``fast``: x as
     int16 per 128-block and integer sums (where :func:`wo_int16_ok`; relative error <= 2^-16 of a block's
-    largest |x|), else fp32 x and fp32 sums."""
+    largest |x|), else fp32 x and fp32 sums. ``interleave``: the :func:`pack_int8_rows` interleave of ``q8``
+    (2: the int16 body only)."""
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
     (m, k), n = x2.shape, q8.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     fast = fast and _int16_shape("int8", k)
-    fn = lib.qc_wo_int8_linear_i16 if fast else lib.qc_wo_int8_linear
-    rc = fn(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)), _ptr(_f32(fix)), _ptr(_f32(bias)),
-            y.data_ptr(), m, n, k,
-            _wo_isa(lib, fast) if isa is None else isa, threads or wo_threads(q8.numel()))
+    if interleave != 1 and not fast:
+        raise ValueError(f"int8 GEMV: rows interleaved by {interleave} are read by the int16-activation body only "
+                         f"(fast=True, in_features % 128 == 0); got in_features {k}")
+    nthreads, isa = threads or wo_threads(q8.numel()), _wo_isa(lib, fast) if isa is None else isa
+    if fast:
+        rc = lib.qc_wo_int8_linear_i16_il(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)),
+                                          _ptr(_f32(fix)), _ptr(_f32(bias)), y.data_ptr(), m, n, k, interleave, isa,
+                                          nthreads)
+    else:
+        rc = lib.qc_wo_int8_linear(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)), _ptr(_f32(fix)),
+                                   _ptr(_f32(bias)), y.data_ptr(), m, n, k, isa, nthreads)
     if rc != 0:
         raise ValueError(f"int8 weight-only kernel refused x {tuple(x2.shape)}, weight {tuple(q8.shape)}, isa {isa}")
     return y

@@ -78,12 +78,21 @@ def test_nf4_beats_symmetric_int4_on_gaussian_weights_and_double_quant_is_free()
 
 # -- lowering and kernels --------------------------------------------------------------------------
 def test_int8_per_channel_uses_int8_weight_kernel_for_few_rows_and_matches_reference():
+    from qcompile.kernels import wo_kernel_info
     m = mlp()
     art = compile_wo(m, WeightSpec(bits=8))
-    assert all("aten._weight_int8pack_mm (bf16" in k for k in kernels(art).values()) and len(kernels(art)) == 2
+    ks = kernels(art).values()
+    if wo_kernel_info()["available"]:  # qcompile's GEMV, int16 activations: up to 32 rows in calls of 16
+        assert all(k.startswith("qcompile int8 GEMV") and "2 rows interleaved per block" in k
+                   and "up to 32 rows in calls of 16" in k for k in ks)
+    else:
+        assert all("aten._weight_int8pack_mm (bf16" in k for k in ks)
+    assert len(kernels(art)) == 2
+    x24 = torch.randn(24, 256, generator=torch.Generator().manual_seed(3))  # two GEMV calls of 16 + 8 rows
     with torch.no_grad():
         assert sqnr(m(X), art(X)) > 36  # bf16 kernel path
         assert sqnr(art.run_reference(X), art(X)) > BF16_DB
+        assert sqnr(art.run_reference(x24), art(x24)) > BF16_DB
         assert sqnr(m(X_MANY), art(X_MANY)) > 38  # dequantize + fp32 GEMM path: 39.7 dB measured
         assert sqnr(art.run_reference(X_MANY), art(X_MANY)) > 80
     assert art.report.bits_per_weight() == {"linear": 8 + 32 / 256, "linear_1": 8 + 32 / 512}  # fp32 scales

@@ -339,3 +339,29 @@ def test_lowered_int4_interleaves_where_out_features_allow(n, tiled):
     with torch.no_grad():
         for xi in (x, torch.randn(40, 256)):  # the GEMV, and above 16 rows the weight unpacked + fp32 GEMM
             assert sqnr(art.run_reference(xi), art(xi)) > 80
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n", [(1, 64), (5, 34), (16, 2)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_int8_interleaved_rows_give_the_same_bits_on_every_isa_path(m, n, affine):
+    """int8 codes with the rows of each tile of 2 interleaved per 128-element block (kernels.pack_int8_rows):
+    the tiled body and the one-row bodies give the plain layout's outputs to the bit on every path."""
+    torch.manual_seed(m * n)
+    k = 384
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s = torch.rand(n) + 0.1
+    fix = s * torch.randint(-3, 4, (n,)).float() if affine else None
+    x = torch.randn(m, k)
+    p2 = kernels.pack_int8_rows(q, 2)
+    assert torch.equal(kernels.unpack_int8_rows(p2, 2), q)
+    assert torch.equal(p2.flatten()[128:256], q[1, :128])  # row 1's first block follows row 0's
+    top = 3 if INFO["vnni"] else {v: key for key, v in kernels.ISA_NAMES.items()}[INFO["isa"]]
+    for isa in range(top + 1):
+        y1 = kernels.wo_int8_linear(x, q, s, fix, fast=True, isa=isa)
+        y2 = kernels.wo_int8_linear(x, p2, s, fix, fast=True, isa=isa, interleave=2)
+        assert torch.equal(y1, y2), isa
+    with pytest.raises(ValueError, match="int16-activation body only"):
+        kernels.wo_int8_linear(x, p2, s, fix, fast=False, interleave=2)
+    with pytest.raises(ValueError, match="out_features % 2"):
+        kernels.pack_int8_rows(torch.zeros(3, 128, dtype=torch.int8), 2)
