@@ -365,3 +365,23 @@ def test_int8_interleaved_rows_give_the_same_bits_on_every_isa_path(m, n, affine
         kernels.wo_int8_linear(x, p2, s, fix, fast=False, interleave=2)
     with pytest.raises(ValueError, match="out_features % 2"):
         kernels.pack_int8_rows(torch.zeros(3, 128, dtype=torch.int8), 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,chunked", [(256, True), (144, False)])
+def test_int8_rows_17_to_32_run_where_the_report_says(k, chunked, monkeypatch):
+    """With the int16 body (K % 128 == 0) 24 rows run as GEMV calls of 16 + 8; without it (K = 144) torch's
+    int8-weight kernel runs them, and the report's kernel string says which."""
+    m = nn.Sequential(nn.Linear(k, 64)).eval()
+    art = qcompile.compile(m, (torch.randn(1, k),), backend="x86", mode="weight_only", weights=WeightSpec(bits=8))
+    (note,) = [r.kernel for r in art.report.rows if r.kernel]
+    assert ("up to 32 rows in calls of 16" in note) == chunked and ("aten._weight_int8pack_mm" in note) != chunked
+    from qcompile.backends.x86 import weight_only
+    calls = []
+    real = weight_only.wo_int8_linear
+    monkeypatch.setattr(weight_only, "wo_int8_linear", lambda x2, *a, **kw: calls.append(x2.shape[0]) or real(x2, *a, **kw))
+    x = torch.randn(24, k)
+    with torch.no_grad():
+        y = art(x)
+        assert sqnr(art.run_reference(x), y) > 40  # int16 x: ~90 dB; torch's kernel takes bf16 x
+    assert calls == ([16, 8] if chunked else [])

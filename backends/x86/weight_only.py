@@ -71,7 +71,8 @@ def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype, 
     if gemv:
         x2 = x if x.dim() == 2 else _rows(x)
         rows, fast = x2.shape[0], act_dtype == torch.bfloat16
-        if rows <= WO_ROWS or (fast and rows <= KERNEL_MAX_ROWS):
+        int16_body = fast and x2.shape[1] % 128 == 0  # the body measured faster than torch's kernel to 32 rows
+        if rows <= WO_ROWS or (int16_body and rows <= KERNEL_MAX_ROWS):
             parts = [wo_int8_linear(x2[i:i + WO_ROWS], w_int8, scale, row_fix, bias, fast=fast, interleave=interleave)
                      for i in range(0, rows, WO_ROWS)]
             if all(y is not None for y in parts):
