@@ -12,7 +12,8 @@
  *   symmetric) and the codes index it (vpermps; AVX2: two vpermps + a blend), so a decoded weight is exactly
  *   the reference's fp32 value (q - z) * s.
  *
- * Loop order (fp32 bodies; the int16 ones take R = 1, see I16_TABLES): blocks of R output channels (R rows of
+ * Loop order (fp32 bodies; the int16 ones take R = 1 on the plain layout, see I16_TABLES, and tiles of 4 int4 /
+ * 2 int8 rows on the interleaved ones, I4_TILED / I8_TILED): blocks of R output channels (R rows of
  * W streamed side by side, each x vector loaded once per
  * block); rows of x in register tiles of MT <= 4 over the block, so the block's weights come from DRAM once
  * per call and from L1/L2 for the other tiles. Threads (OpenMP, torch's team) split N in
