@@ -42,7 +42,7 @@ from qcompile.passes.rewrite import Match, Rule, RuleSet
 from qcompile.specs import NF4Spec, QuantSpec, WeightSpec
 
 from .wo_gemv import (_INT4_GROUPS, BoundGemv, _gemv_out, _int4_gemv_pack, _warn_if_missing, bound_gemv,
-                      int4_group, int4_interleave, linear_int4_gemv, linear_nf4_gemv, nf4_scales, wo_kernel_note)
+                      int4_group, linear_int4_gemv, linear_nf4_gemv, nf4_scales, rows_interleave, wo_kernel_note)
 
 aten, qd, qc = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.qcompile
 NF4_KERNEL_ROWS = 16  # the NF4 kernel reuses each decoded group for up to 16 rows; above, dequantize + GEMM
@@ -71,7 +71,7 @@ def linear_int8_weight(x, w_int8, scale, row_fix, bias, act_dtype: torch.dtype, 
     if gemv:
         x2 = x if x.dim() == 2 else _rows(x)
         rows, fast = x2.shape[0], act_dtype == torch.bfloat16
-        int16_body = fast and x2.shape[1] % 128 == 0  # the body measured faster than torch's kernel to 32 rows
+        int16_body = fast and wo_int16_ok("int8", x2.shape[1])  # measured faster than torch's kernel to 32 rows
         if rows <= WO_ROWS or (int16_body and rows <= KERNEL_MAX_ROWS):
             parts = [wo_int8_linear(x2[i:i + WO_ROWS], w_int8, scale, row_fix, bias, fast=fast, interleave=interleave)
                      for i in range(0, rows, WO_ROWS)]
@@ -356,7 +356,7 @@ def linear_weight_only(m: Match):
     g = int4_group(w)
     # X86Options.weight_only_activations bf16 (the default): the int16-activation body, which reads 4 rows a tile
     fast = g is not None and rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int4", k, g)
-    il = int4_interleave(n, fast)
+    il = rows_interleave("int4", n, fast)
     gemv4 = _int4_gemv_pack(w, il)
     if not isinstance(gemv4, str) and wo_kernel_info()["available"]:
         packed, g, scale, zero, zconst = gemv4
@@ -374,16 +374,16 @@ def linear_weight_only(m: Match):
         return rw.emit(node, linear_int4, args, f"aten._weight_int4pack_mm_for_cpu (int{w.bits} g{g}, "
                                                 f"{_dtype_name(rw.kernel_dtype)} activations){missing}")
     if w.group_size is None and k % 16 == 0:  # both int8 kernels read K in blocks of 16
-        gemv = wo_kernel_note("int8", rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int8", k))[0]
+        int16 = rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int8", k)  # the int16-activation body runs
+        gemv = wo_kernel_note("int8", int16)[0]
         missing = _warn_if_missing(node, "int8") if w.bits > 4 else ""
         q8, s, fix = _int8_rows(w, n)
-        # the int16 body reads tiles of 2 rows interleaved per 128-element block (kernels.pack_int8_rows)
-        il = 2 if gemv is not None and rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int8", k) and n % 2 == 0 else 1
+        il = rows_interleave("int8", n, int16)
         args = (x, rw.const(pack_int8_rows(q8, il), node, node.name, "codes", n * k), rw.const(s, node, node.name, "scales"),
                 None if fix is None else rw.const(fix, node, node.name, "zero_points"), bias, rw.kernel_dtype,
                 gemv is not None, il)
         note = "" if w.bits > 4 else f" ({w.bits}-bit values stored as int8: {int4})"
-        if gemv is not None and rw.kernel_dtype == torch.bfloat16 and wo_int16_ok("int8", k):
+        if int16:
             tiles = ", 2 rows interleaved per block" if il == 2 else ""
             return rw.emit(node, linear_int8_weight, args,
                            f"{gemv}{tiles}, up to {KERNEL_MAX_ROWS} rows in calls of {WO_ROWS}; dequantize + fp32 "

@@ -26,10 +26,11 @@ def int4_group(w: IntWeight) -> int | None:
     return w.group_size or next((c for c in _INT4_GROUPS if k % c == 0), None)
 
 
-def int4_interleave(n: int, fast: bool) -> int:
-    """Rows interleaved per block in the packed int4 codes: 4 for the int16-activation body (it reads tiles of 4
-    rows as one stream) when out_features % 4 == 0, else 1."""
-    return 4 if fast and n % 4 == 0 else 1
+def rows_interleave(kind: str, n: int, int16_body: bool) -> int:
+    """Rows interleaved per block in the stored codes (``kernels.pack_int4_blocks`` / ``pack_int8_rows``): the
+    int16-activation body reads tiles of 4 int4 / 2 int8 rows as one stream where out_features allows; else 1."""
+    tile = 4 if kind == "int4" else 2
+    return tile if int16_body and n % tile == 0 else 1
 
 
 def _gemv_out(y, x):
@@ -99,7 +100,7 @@ def _warn_if_missing(node, kind: str) -> str:
 def _int4_gemv_pack(w: IntWeight, interleave: int = 1):
     """(packed [N, K/2], group size, scale fp32 [N, K/g], zero uint8 [N, K/g] or None, zero constant) for
     qcompile's int4 GEMV (codes q - quant_min in [0, 15]; zero z - quant_min; rows interleaved by ``interleave``
-    where N allows it, see :func:`int4_interleave`), or the reason it cannot."""
+    where N allows it, see :func:`rows_interleave`), or the reason it cannot."""
     n, k = w.q.shape
     if w.bits > 4:
         return f"{w.bits}-bit values"
@@ -147,8 +148,7 @@ class BoundGemv:
                             self.general, self.general_args, self.pieces))
 
     def stored_pieces(self, name: str):
-        for tensor_name, t, role, weights in self.pieces:
-            yield tensor_name, t, role, weights
+        return iter(self.pieces)  # named as the lowering named them, not after this object's attribute
 
 
 def bound_gemv(x, g: BoundGemv):
