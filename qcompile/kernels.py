@@ -8,6 +8,7 @@ dequantize + fp32 GEMM, which the report and a compile-time warning name.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 import importlib.util
 from functools import lru_cache
 
@@ -251,15 +252,64 @@ def _wo_ready(x2: torch.Tensor):
     return lib, _f32(x2)
 
 
-def wo_best_isa(fast: bool) -> int:
-    """The ``isa`` argument the wo_* calls take by default on this CPU (``fast``: for the int16 bodies)."""
-    return _wo_isa(_lib(), fast)
-
-
 def _wo_isa(lib, fast: bool) -> int:
     """The best path of this CPU: for the int16 bodies 3 (AVX-512 VNNI, vpdpwssd) where it has VNNI."""
     info = _wo_info(lib)
     return 3 if fast and info["vnni"] else info["isa_id"]
+
+
+@dataclass(frozen=True)
+class WoPlan:
+    """One weight-only GEMV call, everything but x, y and their shapes: ``fn(x, *consts, y, M, N, K, *tail,
+    threads)`` with the library's entry point ``fn``. ``consts`` are tensors (passed as pointers, already fp32 /
+    uint8 and contiguous), None (NULL) or floats; ``nbytes`` the weight bytes that set the thread count.
+    :func:`wo_int8_linear` / :func:`wo_int4_linear` run one per call; the x86 backend binds one per layer."""
+    fn: str
+    consts: tuple
+    tail: tuple
+    nbytes: int
+
+    def args(self) -> tuple:
+        return tuple(c.data_ptr() if isinstance(c, torch.Tensor) else c for c in self.consts)
+
+
+def wo_plan(kind: str, k: int, codes, scale, fix_or_zero=None, bias=None, *, fast: bool = False,
+            interleave: int = 1, group_size: int = 0, zconst: float = 0.0, table=None,
+            isa: int | None = None) -> WoPlan:
+    """The call :func:`wo_int8_linear` (``kind="int8"``, ``fix_or_zero`` = the affine fix-up) or
+    :func:`wo_int4_linear` (``"int4"``, ``fix_or_zero`` = the zero points) makes for these constants."""
+    lib = _lib()
+    if kind == "int8":
+        fast = fast and _int16_shape("int8", k)
+        need = "in_features % 128 == 0"
+        consts = (_contiguous(codes), _f32(scale), _f32(fix_or_zero), _f32(bias))
+        fn, tail = ("qc_wo_int8_linear_i16_il", (interleave,)) if fast else ("qc_wo_int8_linear", ())
+    else:
+        fast = fast and table is None and _int16_shape("int4", k, group_size)
+        need = "uniform codes, group_size % 128 == 0"
+        zero = fix_or_zero
+        zero = None if zero is None else _contiguous(zero if zero.dtype is torch.uint8 else zero.to(torch.uint8))
+        if fast:
+            fn, tail = "qc_wo_int4_linear_i16_il", (group_size, interleave)
+            consts = (_contiguous(codes), _f32(scale), zero, float(zconst), _f32(bias))
+        else:
+            fn, tail = "qc_wo_int4_linear", (group_size,)
+            consts = (_contiguous(codes), _f32(scale), zero, float(zconst), _f32(table), _f32(bias))
+    if interleave != 1 and not fast:
+        raise ValueError(f"{kind} GEMV: rows interleaved by {interleave} are read by the int16-activation body only "
+                         f"(fast=True, {need}); got in_features {k}, group_size {group_size}")
+    return WoPlan(fn, consts, tail + (_wo_isa(lib, fast) if isa is None else isa,), codes.numel())
+
+
+def _wo_run(lib, plan: WoPlan, x2, n: int, threads: int | None, what: str):
+    (m, k) = x2.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    rc = getattr(lib, plan.fn)(x2.data_ptr(), *plan.args(), y.data_ptr(), m, n, k, *plan.tail,
+                               threads or wo_threads(plan.nbytes))
+    if rc != 0:
+        raise ValueError(f"{what} weight-only kernel refused x {tuple(x2.shape)}, {n} outputs, call {plan.fn} "
+                         f"{plan.tail}")
+    return y
 
 
 def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, threads: int | None = None,
@@ -272,23 +322,8 @@ def wo_int8_linear(x2, q8, scale, fix=None, bias=None, isa: int | None = None, t
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
-    (m, k), n = x2.shape, q8.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    fast = fast and _int16_shape("int8", k)
-    if interleave != 1 and not fast:
-        raise ValueError(f"int8 GEMV: rows interleaved by {interleave} are read by the int16-activation body only "
-                         f"(fast=True, in_features % 128 == 0); got in_features {k}")
-    nthreads, isa = threads or wo_threads(q8.numel()), _wo_isa(lib, fast) if isa is None else isa
-    if fast:
-        rc = lib.qc_wo_int8_linear_i16_il(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)),
-                                          _ptr(_f32(fix)), _ptr(_f32(bias)), y.data_ptr(), m, n, k, interleave, isa,
-                                          nthreads)
-    else:
-        rc = lib.qc_wo_int8_linear(x2.data_ptr(), _contiguous(q8).data_ptr(), _ptr(_f32(scale)), _ptr(_f32(fix)),
-                                   _ptr(_f32(bias)), y.data_ptr(), m, n, k, isa, nthreads)
-    if rc != 0:
-        raise ValueError(f"int8 weight-only kernel refused x {tuple(x2.shape)}, weight {tuple(q8.shape)}, isa {isa}")
-    return y
+    plan = wo_plan("int8", x2.shape[1], q8, scale, fix, bias, fast=fast, interleave=interleave, isa=isa)
+    return _wo_run(lib, plan, x2, q8.shape[0], threads, "int8")
 
 
 def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float = 8.0, bias=None,
@@ -302,30 +337,12 @@ def wo_int4_linear(x2, packed, group_size: int, scale, zero=None, zconst: float 
     lib, x2 = _wo_ready(x2)
     if lib is None:
         return None
-    (m, k), n = x2.shape, packed.shape[0]
+    k = x2.shape[1]
     if packed.shape[1] != -(-k // 128) * 64:
         raise ValueError(f"int4 GEMV: packed {tuple(packed.shape)} is not pack_int4_blocks of K={k}")
-    y = torch.empty(m, n, dtype=torch.float32)
-    scale, bias = _f32(scale), _f32(bias)
-    zero = None if zero is None else _contiguous(zero if zero.dtype is torch.uint8 else zero.to(torch.uint8))
-    fast = fast and table is None and _int16_shape("int4", k, group_size)
-    if interleave != 1 and not fast:
-        raise ValueError(f"int4 GEMV: rows interleaved by {interleave} are read by the int16-activation body only "
-                         f"(fast=True, uniform codes, group_size % 128 == 0); got group_size {group_size}")
-    nthreads, isa = threads or wo_threads(packed.numel()), _wo_isa(lib, fast) if isa is None else isa
-    if fast:
-        rc = lib.qc_wo_int4_linear_i16_il(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(),
-                                          _ptr(zero), float(zconst), _ptr(bias), y.data_ptr(), m, n, k, group_size,
-                                          interleave, isa, nthreads)
-    else:
-        table = _f32(table)
-        rc = lib.qc_wo_int4_linear(x2.data_ptr(), _contiguous(packed).data_ptr(), scale.data_ptr(), _ptr(zero),
-                                   float(zconst), _ptr(table), _ptr(bias), y.data_ptr(), m, n, k, group_size, isa,
-                                   nthreads)
-    if rc != 0:
-        raise ValueError(f"int4 weight-only kernel refused x {tuple(x2.shape)}, packed {tuple(packed.shape)}, "
-                         f"group_size {group_size}, isa {isa}")
-    return y
+    plan = wo_plan("int4", k, packed, scale, zero, bias, fast=fast, interleave=interleave, group_size=group_size,
+                   zconst=zconst, table=table, isa=isa)
+    return _wo_run(lib, plan, x2, packed.shape[0], threads, "int4")
 
 
 def measured_clock_hz(iterations: int = 20_000_000, repeats: int = 5) -> float | None:

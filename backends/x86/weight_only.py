@@ -34,8 +34,8 @@ from qcompile.errors import ConfigError
 from qcompile.int_weight import IntWeight, int_weight
 from qcompile.ir import copy_meta, get_attr_value, module_path
 from qcompile.kernels import nf4_kernel_info, nf4_linear as nf4_kernel
-from qcompile.kernels import (pack_int4_blocks, pack_int8_rows, unpack_int8_rows, wo_best_isa, wo_int8_linear,
-                              wo_int16_ok, wo_kernel_info)
+from qcompile.kernels import (pack_int4_blocks, pack_int8_rows, unpack_int8_rows, wo_int8_linear, wo_int16_ok,
+                              wo_kernel_info, wo_plan)
 from qcompile.lowbit import dequantize_nf4, dequantize_scales_ref, nf4_values, pack_int4, unpack_int4
 from qcompile.passes import rewrite
 from qcompile.passes.rewrite import Match, Rule, RuleSet
@@ -226,30 +226,18 @@ def _bound(gm, node, storage):
         q8, scale, fix, bias, act_dtype, _, il = val
         if q8.dtype != torch.int8:
             return None
-        n, k = q8.shape
-        fast = act_dtype == torch.bfloat16 and wo_int16_ok("int8", k)
-        if il != 1 and not fast:
-            return None
-        fn = "qc_wo_int8_linear_i16_il" if fast else "qc_wo_int8_linear"
-        fast_args, tail, nbytes = (q8, scale, fix, bias), ((il,) if fast else ()), q8.numel()
+        (n, k), plan = q8.shape, wo_plan("int8", q8.shape[1], q8, scale, fix, bias,
+                                          fast=act_dtype == torch.bfloat16, interleave=il)
     else:
         packed, g, scale, zero, zconst, bias, fast, il = val
-        if packed.dtype != torch.uint8 or (zero is not None and zero.dtype != torch.uint8):
+        if packed.dtype != torch.uint8:
             return None
         n, k = packed.shape[0], scale.shape[1] * g
-        fast = fast and wo_int16_ok("int4", k, g)
-        if il != 1 and not fast:
-            return None
-        fn = "qc_wo_int4_linear_i16_il" if fast else "qc_wo_int4_linear"
-        fast_args = (packed, scale, zero, float(zconst), bias) if fast else (packed, scale, zero, float(zconst), None, bias)
-        tail, nbytes = ((g, il) if fast else (g,)), packed.numel()
-    if any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32 for v in fast_args):
-        return None
-    tail = tail + (wo_best_isa(fast),)
+        plan = wo_plan("int4", k, packed, scale, zero, bias, fast=fast, interleave=il, group_size=g, zconst=zconst)
     pieces = tuple((a.target, v) + tuple(storage.get(a.target, ("", "", 0))[1:])
                    for a, v in zip(consts, val) if isinstance(a, fx.Node))
     layer = next((storage[a.target][0] for a in consts if isinstance(a, fx.Node) and a.target in storage), "")
-    return BoundGemv(fn, fast_args, tail, n, k, nbytes, node.target, tuple(val), pieces), layer
+    return BoundGemv(plan, n, k, node.target, tuple(val), pieces), layer
 
 
 def bind_gemvs(gm: fx.GraphModule, storage: dict) -> None:

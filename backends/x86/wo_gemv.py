@@ -120,8 +120,9 @@ def _int4_gemv_pack(w: IntWeight, interleave: int = 1):
 # -- bound calls: a lowered GEMV with its constants resolved once -------------------------------------
 class BoundGemv:
     """One lowered int8 / int4 GEMV linear whose constants (codes, scales, zero points, bias) are bound when
-    lowering: the graph reads one plain attribute and calls :func:`bound_gemv`, which makes one ctypes call
-    with the constants' pointers taken once. A batch-1 GEMV streams its weight from DRAM and leaves the caches
+    lowering: the graph reads one plain attribute and calls :func:`bound_gemv`, which makes the call of its
+    ``qcompile.kernels.WoPlan`` (the one ``wo_int8_linear`` / ``wo_int4_linear`` would make) with the constants'
+    pointers taken once. A batch-1 GEMV streams its weight from DRAM and leaves the caches
     cold for the Python around the next call, so every attribute lookup and helper call on that path is
     visible in its latency: the unbound call (``linear_int8_weight`` / ``linear_int4_gemv`` with the
     constants as get_attr nodes) spent ~90 us cold before the first GEMV, of a ~600 us int8 call at 4096 x 4096.
@@ -130,22 +131,17 @@ class BoundGemv:
     (the unbound call, same numbers). ``pieces``: (name, tensor, role, weights) of the bound constants, for the
     report's storage rows (``qcompile.report.storage_rows`` asks ``stored_pieces``)."""
 
-    __slots__ = ("fn_name", "fast_args", "tail", "n", "k", "max_rows", "weight_bytes", "general", "general_args",
-                 "pieces", "_fn", "_ptrs")
+    __slots__ = ("plan", "n", "k", "max_rows", "general", "general_args", "pieces", "_fn", "_args")
 
-    def __init__(self, fn_name: str, fast_args: tuple, tail: tuple, n: int, k: int, weight_bytes: int,
-                 general, general_args: tuple, pieces: tuple):
-        self.fn_name, self.fast_args, self.tail, self.n, self.k = fn_name, fast_args, tail, n, k
-        self.weight_bytes, self.general, self.general_args, self.pieces = weight_bytes, general, general_args, pieces
+    def __init__(self, plan: "_kernels.WoPlan", n: int, k: int, general, general_args: tuple, pieces: tuple):
+        self.plan, self.n, self.k, self.general, self.general_args, self.pieces = plan, n, k, general, general_args, pieces
         lib = _kernels._lib()
         self.max_rows = _kernels._wo_info(lib)["max_rows"]
-        self._fn = getattr(lib, fn_name)
-        # pointers of the tensors this object holds (they keep them alive and are never resized); floats as is
-        self._ptrs = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else (0 if a is None else a) for a in fast_args)
+        self._fn = getattr(lib, plan.fn)
+        self._args = plan.args()  # pointers of the tensors the plan holds (it keeps them alive; never resized)
 
     def __reduce__(self):  # copy / deepcopy: rebuilt from the tensors (a ctypes function is not copyable)
-        return (BoundGemv, (self.fn_name, self.fast_args, self.tail, self.n, self.k, self.weight_bytes,
-                            self.general, self.general_args, self.pieces))
+        return (BoundGemv, (self.plan, self.n, self.k, self.general, self.general_args, self.pieces))
 
     def stored_pieces(self, name: str):
         return iter(self.pieces)  # named as the lowering named them, not after this object's attribute
@@ -158,8 +154,8 @@ def bound_gemv(x, g: BoundGemv):
         m = x2.shape[0]
         if 0 < m <= g.max_rows:
             y = torch.empty(m, g.n, dtype=_F32)
-            if g._fn(x2.data_ptr(), *g._ptrs, y.data_ptr(), m, g.n, g.k, *g.tail,
-                     _kernels.wo_threads(g.weight_bytes)) == 0:
+            if g._fn(x2.data_ptr(), *g._args, y.data_ptr(), m, g.n, g.k, *g.plan.tail,
+                     _kernels.wo_threads(g.plan.nbytes)) == 0:
                 return y if x.dim() == 2 else y.view(*x.shape[:-1], g.n)
     return g.general(x, *g.general_args)
 
