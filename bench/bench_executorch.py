@@ -8,6 +8,8 @@ Variants, all run by executorch.runtime with XNNPACK delegation:
                XNNPACK's dynamically quantized GEMM: int8 weights and compute, fp32 logits)
   qc-int8-qout qcompile with backend_options={"dynamic_output_linears": False} (int8 classifier output, as
                ExecuTorch's own flow)
+  qc-int8-fpdw qcompile with backend_options={"float_depthwise": True} (the depthwise convs before
+               hardswish in fp32: faster on an x86 host, fp32 weights in the .pte; off by default)
 
 Both int8 flows calibrate on the same images. SQNR is measured against the float model on held-out
 images. Latency: every round runs each program once in shuffled order (interleaved, so machine noise
@@ -117,14 +119,17 @@ def build_et_int8(model, x, calib, dynamic: bool = False) -> Variant:
     return Variant(name, _load(buffer).execute, buffer, shares, time.perf_counter() - t0)
 
 
-def build_qcompile(model, x, calib, threads: int, int8_head: bool = False, mode: str = "static") -> Variant:
+def build_qcompile(model, x, calib, threads: int, int8_head: bool = False, mode: str = "static",
+                   float_depthwise: bool = False) -> Variant:
     import qcompile
     from qcompile.backends.executorch.delegation import shares
     t0 = time.perf_counter()
-    options = {"num_threads": threads, **({"dynamic_output_linears": False} if int8_head else {})}
+    options = {"num_threads": threads, **({"dynamic_output_linears": False} if int8_head else {}),
+               **({"float_depthwise": True} if float_depthwise else {})}
     art = qcompile.compile(model, _tuple(x), backend="executorch", calibration=calib, progress=False, mode=mode,
                            backend_options=options)
-    name = "qc-dyn" if mode == "dynamic" else "qc-int8-qout" if int8_head else "qc-int8"
+    name = ("qc-dyn" if mode == "dynamic" else "qc-int8-qout" if int8_head else
+            "qc-int8-fpdw" if float_depthwise else "qc-int8")
     _ALIVE.append(art)
     return Variant(name, art.lowered.program.method.execute, art.lowered.program.buffer,
                    shares(art.lowered.delegation), time.perf_counter() - t0)
@@ -181,6 +186,11 @@ def verdict(variants: dict, sqnrs: dict) -> str:
         q = variants["qc-int8-qout"]
         lines.append(f"- int8 classifier output: latency ratio {paired_ratio(q, theirs):.3f}, "
                      f"SQNR {sqnrs['qc-int8-qout'] - sqnrs['et-int8']:+.2f} dB vs et-int8")
+    if "qc-int8-fpdw" in variants:
+        q = variants["qc-int8-fpdw"]
+        lines.append(f"- float_depthwise=True (x86 host): latency ratio {paired_ratio(q, theirs):.3f}, "
+                     f"SQNR {sqnrs['qc-int8-fpdw'] - sqnrs['et-int8']:+.2f} dB vs et-int8, "
+                     f"conv/linear int8 {q.shares['gemm_int8']:.0%}, .pte {q.pte_bytes / 1e6:.2f} MB")
     return "\n".join(lines)
 
 
@@ -233,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="ExecuTorch thread pool size (all variants)")
     p.add_argument("--no-qout", action="store_true", help="skip the int8-classifier-output variant")
+    p.add_argument("--no-fpdw", action="store_true", help="skip the float_depthwise=True variant")
     p.add_argument("--quick", action="store_true", help="res 96, 4 calibration / 2 eval images, 15 rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save", metavar="DIR", help="also write each variant's .pte program to DIR")
@@ -261,6 +272,8 @@ def main(argv=None) -> int:
              build_qcompile(model, x, calib, a.threads, None)]
     if not a.no_qout:
         built.append(build_qcompile(model, x, calib, a.threads, True))
+    if not a.no_fpdw:
+        built.append(build_qcompile(model, x, calib, a.threads, float_depthwise=True))
     set_threads(a.threads)
     sqnrs = {v.name: sqnr_db(model, v, held_out) for v in built}
     time_interleaved(built, x, a.rounds, a.warmup, a.seed)

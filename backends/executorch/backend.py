@@ -36,8 +36,10 @@ class ExecuTorchOptions:
     channels_last_inputs: transpose a 4-D float graph input to NHWC in fp32 before quantizing it
         (XNNPACK's x32 transpose), instead of after, as int8 (its slower x8 transpose); see
         lower.channels_last_inputs.
-    float_depthwise: a depthwise conv whose consumers are all float keeps int8 input and weights but
-        computes in fp32 with a float output (depthwise.py; on x86 XNNPACK's fp32 depthwise is the faster).
+    float_depthwise: opt-in. A depthwise conv whose consumers are all float keeps int8 input and weights but
+        computes in fp32 with a float output (depthwise.py). On an x86 host XNNPACK's fp32 depthwise is the
+        faster, but the .pte then stores those weights in fp32 and their MACs are not int8; off by default
+        (a .pte is for phones, whose int8 depthwise kernels this machine cannot measure).
     dynamic_output_linears: a linear whose output is a model output runs XNNPACK's dynamically quantized GEMM
         (input quantized per row at run time, int8 weights and compute, fp32 output; output_gemm.py), with
         quantize_outputs True or False: an int8 output clips values beyond the calibrated range. False: the
@@ -48,7 +50,7 @@ class ExecuTorchOptions:
     duplicate_dequant: bool = True
     fold_hardsigmoid: bool = True
     channels_last_inputs: bool = True
-    float_depthwise: bool = True
+    float_depthwise: bool = False
     dynamic_output_linears: bool = True
 
 

@@ -18,8 +18,8 @@ from qcompile.passes.infra import Pass, PassResult
 from qcompile.ops import op_kind
 
 REASON = ("depthwise conv whose consumers are all float: int8 input and weights, fp32 compute and output (no "
-          "requantize-then-dequantize; XNNPACK's fp32 depthwise is faster than its int8 one on x86); "
-          "backend_options={'float_depthwise': False} keeps it int8")
+          "requantize-then-dequantize; XNNPACK's fp32 depthwise is faster than its int8 one on x86), "
+          "as backend_options={'float_depthwise': True} asked")
 
 
 def _consumes_int8(user: fx.Node, producer: fx.Node) -> bool:

@@ -332,19 +332,24 @@ def test_squeeze_excite_gate_is_one_int8_gemm_with_a_fixed_0_1_range(mobile):
     assert art.report.verify["delegation"]["delegated_nodes"] < unfolded.report.verify["delegation"]["delegated_nodes"]
 
 
-def test_depthwise_conv_feeding_float_hardswish_runs_fp32_and_others_stay_int8(mobile):
-    """A depthwise conv whose consumers are all float (hardswish, which XNNPACK runs in fp32) keeps int8
-    input and weights but skips the requantize-then-dequantize of its output; XNNPACK runs it in fp32 on the
-    dequantized weights (faster than its qc8 depthwise on x86). A depthwise conv feeding int8 ops stays int8."""
+def test_depthwise_conv_feeding_float_hardswish_is_int8_by_default_and_fp32_when_asked(mobile):
+    """By default every depthwise conv is int8 (its MACs and stored weights). With
+    backend_options={"float_depthwise": True}, one whose consumers are all float (hardswish, which XNNPACK
+    runs in fp32) keeps int8 input and weights but skips the requantize-then-dequantize of its output;
+    XNNPACK runs it in fp32 on the dequantized weights (faster than its qc8 depthwise on x86). A depthwise
+    conv feeding int8 ops stays int8 either way."""
     art, model, x = mobile
-    dw = next(r for r in _rows_of(art.report, "conv2d") if r.module == "dw.0")
+    dw_default = next(r for r in _rows_of(art.report, "conv2d") if r.module == "dw.0")
+    assert dw_default.status == A.INT8 and dw_default.kernel == "XNNPACK int8 convolution"
+    assert art.report.verify["int8_conv_linear_share"] == 1.0
+    on = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
+                          algorithm="rtn", backend_options={"float_depthwise": True})
+    dw = next(r for r in _rows_of(on.report, "conv2d") if r.module == "dw.0")
     assert dw.status == A.FLOAT_FEEDS_FLOAT and "depthwise" in dw.reason and "float_depthwise" in dw.reason
     assert dw.kernel == "XNNPACK fp32 convolution (fp32 weights: float output)"
-    assert art.report.verify["within_one_step"] >= 0.99
+    assert on.report.verify["within_one_step"] >= 0.99
+    assert on.report.verify["int8_conv_linear_share"] < 1.0
     assert dw.status not in qcompile.report.FLOAT_STATUSES  # a choice, not a fallback: strict=True accepts it
-    off = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
-                           backend_options={"float_depthwise": False})
-    assert next(r for r in _rows_of(off.report, "conv2d") if r.module == "dw.0").status == A.INT8
 
     class Relu6Block(nn.Module):
         def __init__(self):
@@ -413,8 +418,7 @@ def mobile_4bit():
     model = _mobile_model()
     x = _images(1, seed=123)[0]
     art = qcompile.compile(model, (x,), backend="executorch", calibration=_images(8, seed=1), progress=False,
-                           weights=WeightSpec(bits=4, sensitive_bits=None), quantize_outputs=True,  # all 4-bit
-                           backend_options={"float_depthwise": False})  # every conv int8, depthwise included
+                           weights=WeightSpec(bits=4, sensitive_bits=None), quantize_outputs=True)  # all 4-bit
     return art, model, x
 
 
