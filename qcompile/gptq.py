@@ -321,7 +321,13 @@ def breaks_pair_bound(q: Tensor, qp, spec) -> bool:
     Learned rounding moves a code up where round-to-nearest would go down, so it can reach 129."""
     if getattr(spec, "observer", None) != "pair_sum":
         return False
-    codes = torch.round(q.detach().float().reshape(q.shape[0], -1) / qp.scale.float().reshape(-1, 1))
+    return codes_break_pair_bound(torch.round(q.detach().float().reshape(q.shape[0], -1) / qp.scale.float().reshape(-1, 1)))
+
+
+def codes_break_pair_bound(codes: Tensor) -> bool:
+    """True when two same-sign codes of a channel (rows of ``codes``, any trailing shape) sum past 128 in
+    magnitude: a kernel adding two u8 x s8 products in int16 (fbgemm's depthwise conv) could saturate."""
+    codes = codes.reshape(codes.shape[0], -1).float()
     k = min(2, codes.shape[1])
     pair = torch.maximum(codes.clamp(min=0).topk(k, 1).values.sum(1), (-codes).clamp(min=0).topk(k, 1).values.sum(1))
     return bool((pair > 128).any())

@@ -52,7 +52,7 @@ def test_the_prepare_pipeline_is_built_once_from_the_backends_data():
         from qcompile.backends.x86.kernel_choice import cpu_has_vnni
         from qcompile.backends.x86.rules import conv_float_output_available
         extra = {"dynamic": ["AnnotateRecurrent"], "weight_only": [],
-                 "static": ["FullRangeFloatOutputConvWeights"] if conv_float_output_available() and cpu_has_vnni()
+                 "static": ["FullRangeConvWeights"] if conv_float_output_available() and cpu_has_vnni()
                  else []}[mode]
         # ONNX static: a conv feeding the model output writes int8 (ORT has no fast int8 conv with a float result)
         onnx_only = ["QuantizedOutputConvs"] if mode == "static" else []

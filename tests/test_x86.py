@@ -75,24 +75,69 @@ def test_mobilenet_depthwise_hardswish_se(mobilenet):
     assert art.report.verify["within_one_step"] >= 0.97
 
 
-def test_depthwise_weight_codes_cannot_saturate_the_int16_pair_sums(mobilenet):
-    """fbgemm's depthwise kernel adds two u8 x s8 products in int16 (even on VNNI): any two same-sign codes of
-    a channel must sum to <= 128 (255 * 128 <= 32767). The pair_sum range keeps that with finer steps than
-    7-bit codes (|code| <= 64), and the kernel agrees with the reference (test above)."""
+def _depthwise_codes(art):
+    """(int codes [C, k*k], quant range) of every depthwise conv weight in the reference graph."""
     from qcompile.ir import get_attr_value
-    _, _, art = mobilenet
     dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
-    depthwise = 0
+    out = []
     for n in art.reference.graph.nodes:
         user = next(iter(n.users), None) if n.target == dq else None
         if user is None or (user.args[6] if len(user.args) > 6 else 1) == 1:
             continue
-        depthwise += 1
-        q = get_attr_value(art.reference, n.args[0]).flatten(1).to(torch.int32)
-        pair = torch.maximum(q.clamp(min=0).topk(2, 1).values.sum(1), (-q).clamp(min=0).topk(2, 1).values.sum(1))
-        assert int(pair.max()) <= 128 and (n.args[4], n.args[5]) == (-128, 127)
-        assert int(q.abs().max()) > 64  # finer than 7-bit codes somewhere in every layer
-    assert depthwise >= 3
+        out.append((get_attr_value(art.reference, n.args[0]).flatten(1).to(torch.int32), (n.args[4], n.args[5])))
+    return out
+
+
+def _max_pair(q):
+    return int(torch.maximum(q.clamp(min=0).topk(2, 1).values.sum(1), (-q).clamp(min=0).topk(2, 1).values.sum(1)).max())
+
+
+def _full_range_depthwise_here() -> bool:
+    from qcompile.backends.x86.kernel_choice import available_families, cpu_has_vnni
+    from qcompile.backends.x86.rules import conv_float_output_available
+    return conv_float_output_available() and cpu_has_vnni() and "onednn" in available_families()
+
+
+def test_depthwise_weight_codes_cannot_saturate_the_int16_pair_sums(mobilenet):
+    """fbgemm's depthwise kernel adds two u8 x s8 products in int16 (even on VNNI): any two same-sign codes of
+    a channel must sum to <= 128 (255 * 128 <= 32767). With depthwise_full_range=False (and by default on a
+    CPU without VNNI) the pair_sum range keeps that with finer steps than 7-bit codes (|code| <= 64), and the
+    kernel agrees with the reference."""
+    model, x, default = mobilenet
+    cal = zoo.image_batches(4, batch=2, res=96, seed=1)
+    art = qcompile.compile(model, (x,), backend="x86", calibration=cal, progress=False,
+                           backend_options={"depthwise_full_range": False})
+    for art_ in ([art] if _full_range_depthwise_here() else [art, default]):
+        codes = _depthwise_codes(art_)
+        assert len(codes) >= 3
+        for q, qrange in codes:
+            assert _max_pair(q) <= 128 and qrange == (-128, 127)
+            assert int(q.abs().max()) > 64  # finer than 7-bit codes somewhere in every layer
+    assert art.report.verify["within_one_step"] >= 0.97
+
+
+def test_depthwise_weights_take_the_full_range_on_onednn_where_its_sums_are_exact(mobilenet):
+    """On a VNNI CPU (oneDNN's int8 conv sums in int32) every int8 depthwise conv gets full-range 8-bit
+    weights, packed for oneDNN whatever the engine choice, and the kernels agree with the reference as the
+    pair_sum ones do. Without VNNI the default is the pair_sum range (test above)."""
+    if not _full_range_depthwise_here():
+        pytest.skip("no VNNI / oneDNN here: depthwise weights keep the pair_sum range (tested above)")
+    model, x, art = mobilenet
+    codes = _depthwise_codes(art)
+    assert len(codes) >= 3 and all(int(q.abs().max()) >= 127 for q, _ in codes)  # min/max: the end of the range
+    assert any(_max_pair(q) > 128 for q, _ in codes)  # beyond what fbgemm's int16 pairs hold
+    rows = [r for r in art.report.rows if r.op == "conv2d" and "full-range" in r.kernel]
+    assert len(rows) == len([c for c in codes if _max_pair(c[0]) > 128]) and all("onednn" in r.kernel for r in rows)
+    layers = layer_agreement(art.reference, art.lowered, (x,), {})
+    assert min(r["within_one_step"] for r in layers[:8]) >= 0.999
+    assert art.report.verify["within_one_step"] >= 0.97
+    with torch.no_grad():
+        assert sqnr(model(x), art(x)) >= 30.0
+    # engine="fbgemm" asks for fbgemm's depthwise kernel: its int16 pair sums need the pair_sum range
+    fb = qcompile.compile(model, (x,), backend="x86", calibration=zoo.image_batches(4, batch=2, res=96, seed=1),
+                          progress=False, backend_options={"engine": "fbgemm"}, algorithm="rtn")
+    assert all(_max_pair(q) <= 128 for q, _ in _depthwise_codes(fb))
+    assert fb.report.verify["within_one_step"] >= 0.97
 
 
 def test_bert_encoder_fallbacks_are_exactly_expected():

@@ -19,8 +19,8 @@ from qcompile.passes.dynamic import AnnotateRecurrent
 from ..base import Lowered
 from ..table import ModeTable, TableBackend
 from . import dynamic, rules, support, weight_only
-from .conv_weights import FullRangeFloatOutputConvWeights
-from .kernel_choice import EngineChooser, cpu_has_vnni, quantized_engine
+from .conv_weights import FullRangeConvWeights
+from .kernel_choice import EngineChooser, available_families, cpu_has_vnni, quantized_engine
 from .lower import Lowerer
 from .rules import RULES
 
@@ -66,7 +66,12 @@ class X86Options:
       quantized; the Q / K / V projections then write fp32). "int8": always int8 (SDPA written out by
       passes/decompose_sdpa.py, Q.K^T with an fp32 result). "float": always fp32. Measured on the Zen 4
       (docs/backends/x86.md), int8 / fp32 attention latency: 1.29 at d=64 seq 16, 1.14 at d=384 seq 32, 0.92
-      at seq 128, 0.89 at seq 512; int8 attention was 0.1-0.8 dB further from float on every shape."""
+      at seq 128, 0.89 at seq 512; int8 attention was 0.1-0.8 dB further from float on every shape.
+    depthwise_full_range: static mode, on VNNI CPUs: an int8-output depthwise conv takes full-range 8-bit
+      weights and runs on oneDNN, whose VNNI sums are exact (conv_weights.py), instead of the "pair_sum" range
+      fbgemm's int16 pair sums need. EfficientNet-Lite2, 8-bit-pixel crops (docs/accuracy.md): 94.9 -> 98.0 %
+      top-1 agreement. False keeps the pair_sum range and lets the engine choice pick fbgemm. Off without
+      VNNI and with engine="fbgemm"."""
 
     engine: str = "auto"
     act_reduce_range: bool = False
@@ -77,6 +82,7 @@ class X86Options:
     weight_only_activations: str = "bf16"
     float_output_linears: bool = True
     attention: str = "auto"
+    depthwise_full_range: bool = True
 
 
 class X86Backend(TableBackend):
@@ -128,8 +134,10 @@ class X86Backend(TableBackend):
     def extra_passes(self, config, mode: str) -> tuple[list, list]:
         if mode not in ("dynamic", "weight_only"):
             convs = rules.conv_float_output_available()
-            # convs writing fp32 run on oneDNN, exact in int32 with VNNI: their weights need no pair-sum bound
-            full = [FullRangeFloatOutputConvWeights()] if convs and cpu_has_vnni() else []
+            # convs writing fp32 run on oneDNN, exact in int32 with VNNI: their weights need no pair-sum bound; nor do
+            # int8-output depthwise convs packed for oneDNN (depthwise_full_range; not with engine="fbgemm")
+            full = [FullRangeConvWeights(self.options.depthwise_full_range and self.options.engine != "fbgemm"
+                                         and "onednn" in available_families())] if convs and cpu_has_vnni() else []
             if self.options.attention == "float":  # SDPA fused, in fp32; the linears feeding it write fp32
                 return [], [FloatOutputLinears(self.options.float_output_linears, convs=convs)] + full
             # attention as matmul / softmax / matmul: Q.K^T and P.V run int8 ("auto": where large enough)

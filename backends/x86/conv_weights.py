@@ -1,11 +1,19 @@
-"""Full-range 8-bit weights for depthwise convs that run on oneDNN's fp32-output int8 conv.
+"""Full-range 8-bit weights for depthwise convs that run on oneDNN, whose int8 sums are exact on VNNI CPUs.
 
 x86 gives a depthwise conv's per-channel 8-bit weights the ``"pair_sum"`` range: fbgemm's depthwise kernel adds
 two u8 x s8 products in int16 even on AVX-512 VNNI, and codes whose same-sign pairs sum to at most 128 cannot
-saturate it (backend.py, ``weight_spec``). A conv whose every consumer is float does not run on fbgemm: it runs
-on ``onednn::qconv2d_pointwise`` with an fp32 result (rules.py, ``_conv2d_float_output``), whose VNNI
-``vpdpbusd`` sums in int32. Its weights can take the full min/max 8-bit range, and this pass gives it to them.
-On a CPU without VNNI oneDNN multiplies pairs in int16 too (``vpmaddubsw``), so the pass leaves them alone.
+saturate it (backend.py, ``weight_spec``). That range costs 0.7-5 dB of weight SQNR per layer on
+EfficientNet-Lite2's depthwise convs. oneDNN's int8 conv sums in int32 with VNNI's ``vpdpbusd``: with
+full-range codes it stays within one step of the reference where fbgemm's depthwise is up to 33 steps off
+(docs/x86-kernels.md), and it measured as fast on depthwise shapes. So on a VNNI CPU this pass gives the
+weights of these convs the full min/max range:
+
+* a conv whose every consumer is float (it runs on ``onednn::qconv2d_pointwise`` with an fp32 result, rules.py
+  ``_conv2d_float_output``): always;
+* an int8-output depthwise conv, with ``X86Options(depthwise_full_range=True)`` (the default): the lowering then
+  packs it for oneDNN only (rules.py ``_pack``), whatever the engine option or the measured choice would pick.
+
+On a CPU without VNNI oneDNN multiplies pairs in int16 too (``vpmaddubsw``), so the backend does not run the pass.
 
 Runs after :class:`qcompile.passes.float_output.FloatOutputLinears` (which decides which convs write fp32),
 before calibration, so the weights are observed with the range they will be quantized with.
@@ -21,8 +29,11 @@ from qcompile.ops import op_kind
 from qcompile.passes.infra import Pass, PassResult
 
 
-class FullRangeFloatOutputConvWeights(Pass):
+class FullRangeConvWeights(Pass):
     requires = frozenset({"annotated"})
+
+    def __init__(self, int8_outputs: bool = True):
+        self.int8_outputs = int8_outputs
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         modified = False
@@ -33,7 +44,9 @@ class FullRangeFloatOutputConvWeights(Pass):
             group = A.get_group(node)
             last = node if group is None else next(n for n in gm.graph.nodes if n.name == group.nodes[-1])
             spec = ann.input_specs.get(1)
-            if A.get_annotation(last).output_spec is not None or spec is None or spec.observer != "pair_sum":
+            if spec is None or spec.observer != "pair_sum":
+                continue
+            if A.get_annotation(last).output_spec is not None and not self.int8_outputs:
                 continue
             A.set_annotation(node, ann.with_(input_specs={**ann.input_specs,
                                                           1: dataclasses.replace(spec, observer="minmax")}))

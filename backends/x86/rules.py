@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from qcompile.gptq import codes_break_pair_bound
 from qcompile.ir import get_attr_value
 from qcompile.kernels import u8_bmm, u8_bmm_available
 from qcompile.passes.rewrite import Match, Rule, RuleSet
@@ -61,7 +62,10 @@ def _weighted(m: Match, prepack, kernels, kernel_name):
     scale, zp, _ = _qparams(q)
     tail = tuple(n.target for n in nodes[1:])
     kernel = kernels[len(tail) > 0 and tail[0] == aten.relu.default]
-    value, family = _pack(lw, anchor, prepack, qw, kernel, x, scale, zp)
+    packed = _pack(lw, anchor, prepack, qw, kernel, x, scale, zp)
+    if isinstance(packed, str):
+        return packed
+    value, family = packed
     out = lw.call(kernel, (x.node, lw.constant(value, "packed"), scale, zp), anchor)
     if tail and tail[0] == aten.hardtanh.default:  # relu6: clamp the quantized output
         out = lw.call(aten.hardtanh.default, (out, 0.0, 6.0), nodes[-1])
@@ -73,6 +77,14 @@ def _pack(lw, anchor, prepack, qw, kernel, x, scale, zp):
     """Pack the weight for the engine in force, or (``engine="auto"``) for each kernel family, keeping the
     one measured fastest on this layer's input shape (kernel_choice.py). Returns (packed, family note)."""
     bias = _bias(lw, anchor)
+    if int(_arg(anchor, 6, 1)) > 1 and qw.dim() == 4 and qw.shape[1] == 1 and codes_break_pair_bound(qw.int_repr()):
+        # full-range grouped-conv weights (conv_weights.py): fbgemm's depthwise kernel adds u8 x s8 pairs in int16
+        # and would saturate; oneDNN sums them in int32 on VNNI
+        if "onednn" not in available_families():
+            return "full-range depthwise weights need oneDNN's int8 conv, which this torch build lacks"
+        with quantized_engine("onednn"):
+            return prepack(anchor, qw, bias), ("onednn: full-range 8-bit weights (fbgemm's int16 pair sums would "
+                                               "saturate; oneDNN's VNNI sums are exact)")
     chooser, families = getattr(lw, "engine_chooser", None), available_families()
     measurable = chooser is not None and len(families) > 1 and anchor.target != aten.conv1d.default
     # conv1d: oneDNN's own packing of a conv1d weight fails at run time (torch 2.13), torch's x86 rule works
