@@ -347,3 +347,33 @@ def test_random_artifact_inputs(artifact, t):
             pass
     with pytest.raises(InputError):
         artifact(t, t)
+
+
+# -- the artifact's fast input check agrees with the general one --------------------------------------
+@pytest.fixture(scope="module")
+def lin_artifact():
+    torch.manual_seed(0)
+    return qcompile.compile(Lin().eval(), (_x(),), "x86", calibration=[_x(seed=s) for s in range(2)],
+                            progress=False, verify=False)
+
+
+@FAST
+@given(args=st.lists(st.one_of(tensors(), st.integers(1, 6).map(_x), st.integers(1, 6).map(lambda n: _x(n).double()),
+                                st.just(3.0), st.none()), min_size=0, max_size=3))
+def test_fast_input_check_accepts_only_what_the_general_check_accepts(lin_artifact, args):
+    """``Artifact._like_example`` (the common call's check in a few operations) restates part of
+    ``_check_inputs``: whatever it accepts, the general check accepts too, and a call raises InputError exactly
+    when the general check does."""
+    art, args = lin_artifact, tuple(args)
+    try:
+        art._check_inputs(args, {})
+        general_ok = True
+    except InputError:
+        general_ok = False
+    if art._like_example(args):
+        assert general_ok
+    elif len(args) == 1 and _valid(args[0]):
+        pytest.fail("the fast check refused a plain valid input")
+    if not general_ok:
+        with pytest.raises(InputError):
+            art(*args)
