@@ -94,9 +94,12 @@ def default_set(mode: str, weight_bits: int | None) -> dict:
     w4a8 (min / mean cosine 0.931 / 0.964 against 0.934 / 0.954) and lost to it on a digits MobileNet V2
     (agreement 77.1 against 80.0 %, test accuracy 56.9 against 56.0 %), for a quarter to a fifth of the
     compile time (26 s against 132 s on MiniLM, 59 against 209 s on EfficientNet-Lite2). Exact 8-bit
-    inputs are not a default: alone they measured +1.8 / +1.8 / -0.2 dB (ONNX / ExecuTorch / x86) on
-    EfficientNet-Lite2 but -1.6 / -0.1 / -0.1 dB on a ConvNeXt from its transformers config (the stem's
-    weights times the step round differently); with greedy rounding they gave the best EfficientNet result.
+    inputs are a default (since 2026-12-07; they apply only where every calibration input lies on an 8-bit
+    pixel lattice, as an image pipeline's uint8 pixels do, and need the calibration data at compile, so not in
+    ``prepare``): with the default rounding, EfficientNet-Lite2 on 8-bit-pixel crops went from 90.8 % / 19.5 dB
+    to 94.9 % / 23.3 dB (x86), and on five conformance conv nets fed 8-bit photo crops (x86 and ONNX) the ten
+    rows moved -1.0 to +1.2 dB, +0.06 dB on average (docs/accuracy.md). Alone, before greedy rounding was a
+    default, they had measured -1.6 dB on a ConvNeXt (the stem's weights times the step round differently).
     Greedy rounding is the default at 8 bits too, on the first 8 calibration samples and at most 64 flips per
     weight row (``GREEDY_8BIT``; ResNet-18 at 224 px: 5 -> 38 s of compile time): on the
     conformance suite (4 calibration samples, pooled held-out SQNR) it raised 25 of the 27 static x86 rows
@@ -109,7 +112,7 @@ def default_set(mode: str, weight_bits: int | None) -> dict:
     if mode != "static":
         return {}
     from .passes.adaround import GREEDY_8BIT
-    chosen = {"bias_correction": None}
+    chosen = {"exact_input": None, "bias_correction": None}
     chosen["greedy_rounding"] = None if weight_bits is not None and weight_bits <= 4 else GREEDY_8BIT
     return {k: chosen[k] for k in ORDER if k in chosen}
 

@@ -106,3 +106,21 @@ def test_inputs_off_the_lattice_are_left_alone_and_a_named_request_says_why():
     named = qcompile.compile(m, (cal[0],), "x86", calibration=cal, verify=False, progress=False,
                              algorithm=["exact_input"])
     assert "not on a lattice" in named.report.algorithms["exact_input"]["skipped"]
+
+
+def test_exact_input_is_a_default_on_lattice_inputs_and_rtn_turns_it_off():
+    """algorithm=None applies it where every calibration input is an 8-bit pixel lattice; "rtn" (every default
+    off) does not; the step-by-step API, which captures before it sees data, does not either (documented)."""
+    g = torch.Generator().manual_seed(4)
+    m = stem_net()
+    cal = [pixels(4, g, 32) for _ in range(8)]
+    default = qcompile.compile(m, (cal[0],), "x86", calibration=cal, verify=False, progress=False)
+    assert default.report.algorithms["exact_input"]["levels"] == [256, 256, 256]
+    assert any(r.status == A.FLOAT_EXACT_INPUT for r in default.report.rows)
+    rtn = qcompile.compile(m, (cal[0],), "x86", calibration=cal, verify=False, progress=False, algorithm="rtn")
+    assert "exact_input" not in rtn.report.algorithms
+    stepwise = qcompile.convert(qcompile.prepare(m, (cal[0],), backend="x86").calibrate(cal))
+    assert "exact_input" not in stepwise.report.algorithms
+    with torch.no_grad():  # the defaults (exact input among them) end closer to float than plain PTQ
+        x = pixels(4, g, 32)
+        assert sqnr(m(x), default(x)) > sqnr(m(x), rtn(x))
