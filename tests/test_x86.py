@@ -197,3 +197,29 @@ def test_input_quantize_native_by_default_exact_on_request(resnet):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
     with torch.no_grad():
         assert sqnr(art(x), exact(x)) > 40  # same model, one input step apart on a few values
+
+
+def test_weights_quantized_for_vnni_run_in_float_on_a_cpu_without_it(mobilenet, tmp_path, monkeypatch):
+    """A .qc compiled on a VNNI CPU (8-bit GEMM weights, full-range depthwise weights) and loaded on an AVX2-only
+    one: there every int8 kernel adds u8 x s8 pairs in int16, so the groups whose codes could saturate it run in
+    float, named in the report with the reason, and the outputs still match the reference graph."""
+    from qcompile.backends.x86 import rules
+    from qcompile.backends.x86.kernel_choice import cpu_has_vnni
+    from qcompile.gptq import codes_break_pair_bound
+    model, x, art = mobilenet
+    path = str(tmp_path / "m.qc")
+    art.save(path)
+    monkeypatch.setattr(rules, "cpu_has_vnni", lambda: False)
+    loaded = qcompile.load(path)
+    dq = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    from qcompile.ir import get_attr_value
+    wide = [n for n in art.reference.graph.nodes if n.target == dq
+            and codes_break_pair_bound(get_attr_value(art.reference, n.args[0]))]
+    refused = [r for r in loaded.report.rows if "weights quantized for a CPU with VNNI" in (r.reason or "")]
+    if cpu_has_vnni():
+        assert wide and len(refused) >= len(wide) // 2  # compiled here with VNNI: 8-bit codes, refused without it
+        assert all(r.status.startswith("float") for r in refused)
+    else:
+        assert not wide and not refused  # compiled without VNNI: 7-bit / pair_sum codes run int8 anywhere
+    with torch.no_grad():
+        assert sqnr(art.reference(x), loaded(x)) >= 30.0

@@ -15,8 +15,8 @@ from qcompile.kernels import u8_bmm, u8_bmm_available
 from qcompile.passes.rewrite import Match, Rule, RuleSet
 
 from . import support
-from .kernel_choice import available_families, engine_family, example_input, quantized_engine
-from .lower import _DQ_W, _Q, Emitted, Value, _int_weight, _qparams
+from .kernel_choice import available_families, cpu_has_vnni, engine_family, example_input, quantized_engine
+from .lower import _DQ, _DQ_W, _Q, Emitted, Value, _int_weight, _qparams
 
 aten, qops = torch.ops.aten, torch.ops.quantized
 
@@ -38,7 +38,24 @@ def _int8_operands(m: Match):
         return "input is not a quantized tensor"
     if anchor.args[1].target not in _DQ_W:
         return "weight is not quantized"
-    return x, _int_weight(m.ctx.ref, anchor.args[1])
+    qw = _int_weight(m.ctx.ref, anchor.args[1])
+    why = _saturates_here(anchor, qw)
+    return why if why else (x, qw)
+
+
+def _saturates_here(anchor, qw) -> str | None:
+    """Why this CPU's int8 kernels cannot compute the group exactly, or None. Without VNNI every int8 kernel
+    (fbgemm, oneDNN's AVX2 path) adds two u8 x s8 products in int16: codes quantized on a VNNI CPU (8-bit GEMM
+    weights, full-range depthwise weights) with full-range u8 activations can saturate it. A graph compiled
+    here never has them (7-bit / pair_sum weights); one compiled on a VNNI CPU and loaded here does."""
+    if cpu_has_vnni():
+        return None
+    dq = anchor.args[0]
+    levels = int(dq.args[4]) - int(dq.args[3]) if getattr(dq, "target", None) in _DQ and len(dq.args) > 4 else 255
+    if levels <= 127 or not codes_break_pair_bound(qw.int_repr()):
+        return None  # 7-bit activations, or no two same-sign codes past 128: 255 * 128 <= 32767
+    return ("weights quantized for a CPU with VNNI (exact int32 dot products); this CPU's int8 kernels add u8 x s8 "
+            "pairs in int16, which these codes would saturate: runs in float here. Compile on this CPU for int8")
 
 
 def _fp32_output_operands(m: Match):
