@@ -2,6 +2,7 @@
 lowered kernels with the reference graph, and exactly which nodes fell back."""
 import pytest
 import torch
+from torch import nn
 
 import qcompile
 import _zoo as zoo
@@ -223,3 +224,18 @@ def test_weights_quantized_for_vnni_run_in_float_on_a_cpu_without_it(mobilenet, 
         assert not wide and not refused  # compiled without VNNI: 7-bit / pair_sum codes run int8 anywhere
     with torch.no_grad():
         assert sqnr(art.reference(x), loaded(x)) >= 30.0
+
+
+def test_grouped_conv_weights_widened_to_full_range_run_on_onednn():
+    """The backend gives every grouped conv the pair_sum range and widens them all on VNNI; a grouped (not
+    depthwise) conv with full-range codes must be packed for oneDNN too, never for fbgemm's int16 pairs."""
+    if not _full_range_depthwise_here():
+        pytest.skip("no VNNI / oneDNN here: grouped conv weights keep the pair_sum range")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    cal = [torch.randn(2, 16, 12, 12) for _ in range(4)]
+    art = qcompile.compile(model, (cal[0],), backend="x86", calibration=cal, progress=False, algorithm="rtn")
+    row = next(r for r in art.report.rows if r.op == "conv2d" and r.module == "0")
+    assert "onednn: full-range" in row.kernel
+    layers = layer_agreement(art.reference, art.lowered, (cal[0],), {})
+    assert min(r["within_one_step"] for r in layers) >= 0.999

@@ -93,10 +93,11 @@ def _weighted(m: Match, prepack, kernels, kernel_name):
 def _pack(lw, anchor, prepack, qw, kernel, x, scale, zp):
     """Pack the weight for the engine in force, or (``engine="auto"``) for each kernel family, keeping the
     one measured fastest on this layer's input shape (kernel_choice.py). Returns (packed, family note), or the
-    reason the weight cannot be packed here. A depthwise weight whose codes break fbgemm's int16 pair bound is
-    packed for oneDNN only."""
+    reason the weight cannot be packed here. A grouped (depthwise) conv weight whose codes break fbgemm's int16
+    pair bound is packed for oneDNN only: the backend gives every grouped conv the pair_sum range
+    (``backend._is_depthwise``), and conv_weights.py widens them all."""
     bias = _bias(lw, anchor)
-    if int(_arg(anchor, 6, 1)) > 1 and qw.dim() == 4 and qw.shape[1] == 1 and codes_break_pair_bound(qw.int_repr()):
+    if int(_arg(anchor, 6, 1)) > 1 and codes_break_pair_bound(qw.int_repr()):
         # full-range grouped-conv weights (conv_weights.py): fbgemm's depthwise kernel adds u8 x s8 pairs in int16
         # and would saturate; oneDNN sums them in int32 on VNNI
         if "onednn" not in available_families():
