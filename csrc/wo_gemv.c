@@ -710,11 +710,6 @@ int qc_wo_int8_linear_i16_il(const float *x, const int8_t *w, const float *scale
     return run(j, nthreads);
 }
 
-int qc_wo_int8_linear_i16(const float *x, const int8_t *w, const float *scale, const float *fix, const float *bias,
-                          float *y, int64_t M, int64_t N, int64_t K, int isa, int nthreads) {
-    return qc_wo_int8_linear_i16_il(x, w, scale, fix, bias, y, M, N, K, 1, isa, nthreads);
-}
-
 /* il: the codes' rows interleaved by 1 (pack_int4_blocks) or 4 (pack_int4_blocks(..., interleave=4), N % 4 == 0) */
 int qc_wo_int4_linear_i16_il(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
                              float zconst, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g,
@@ -724,10 +719,4 @@ int qc_wo_int4_linear_i16_il(const float *x, const uint8_t *packed, const float 
     wo_job j = {.kind = 4, .isa = isa, .x = x, .scale = scale, .bias = bias, .w = packed, .zero = zero,
                 .zconst = zconst, .base = IOTA16, .y = y, .M = M, .N = N, .K = K, .g = g, .il = il};
     return run(j, nthreads);
-}
-
-int qc_wo_int4_linear_i16(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zero,
-                          float zconst, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t g,
-                          int isa, int nthreads) {
-    return qc_wo_int4_linear_i16_il(x, packed, scale, zero, zconst, bias, y, M, N, K, g, 1, isa, nthreads);
 }

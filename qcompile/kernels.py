@@ -64,12 +64,8 @@ def _lib():
         lib.qc_wo_int4_linear.argtypes = [p, p, p, p, ctypes.c_float, p, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int4_linear.restype = c_int
         lib.qc_wo_isa.restype = c_int
-        lib.qc_wo_int8_linear_i16.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int, c_int]
-        lib.qc_wo_int8_linear_i16.restype = c_int
         lib.qc_wo_int8_linear_i16_il.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, c_int, c_int]
         lib.qc_wo_int8_linear_i16_il.restype = c_int
-        lib.qc_wo_int4_linear_i16.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, c_int, c_int]
-        lib.qc_wo_int4_linear_i16.restype = c_int
         lib.qc_wo_int4_linear_i16_il.argtypes = [p, p, p, p, ctypes.c_float, p, p, i64, i64, i64, i64, i64, c_int,
                                                  c_int]
         lib.qc_wo_int4_linear_i16_il.restype = c_int
