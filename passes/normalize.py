@@ -9,6 +9,7 @@
   or NHWC), a view of a transposed tensor (ShuffleNet's channel shuffle) must still be computable —
   ``reshape`` is a view where the strides allow it and a copy where they do not, the same values;
 * constant-weight ``addmm`` / ``mm`` / ``matmul`` -> ``linear`` (canonical_linear.py);
+* ``baddbmm`` -> ``beta * input + alpha * bmm`` (the batched GEMM visible to every backend);
 * a zero pad before a conv -> the conv's padding where it is symmetric, a pad of nothing removed (fold_pad.py).
 
 An in-place op on a graph input, a constant or a view of another tensor keeps its mutation (rewriting it
@@ -94,6 +95,40 @@ def _removable(node: fx.Node, copies_ok: bool) -> bool:
     return node.target in _IDENTITY or (copies_ok and node.target in _COPIES) or _is_eval_dropout(node)
 
 
+def split_baddbmm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``baddbmm(input, b1, b2, beta, alpha)`` -> ``beta * input + alpha * bmm(b1, b2)`` (BLOOM's ALiBi
+    attention scores): the batched GEMM becomes a ``bmm`` every backend knows (ONNX Runtime runs it as an
+    int8 QLinearMatMul), reported with its MACs, not hidden in an op no backend quantizes."""
+    if node.target != aten.baddbmm.default or len(node.args) < 3:
+        return False
+    inp, b1, b2 = node.args[:3]
+    beta = node.kwargs.get("beta", node.args[3] if len(node.args) > 3 else 1)
+    alpha = node.kwargs.get("alpha", node.args[4] if len(node.args) > 4 else 1)
+    keep = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")}
+    with gm.graph.inserting_before(node):
+        prod = gm.graph.call_function(aten.bmm.default, (b1, b2))
+        scaled = prod if alpha == 1 else gm.graph.call_function(aten.mul.Tensor, (prod, alpha))
+        base = inp if beta == 1 else gm.graph.call_function(aten.mul.Tensor, (inp, beta))
+        out = gm.graph.call_function(aten.add.Tensor, (base, scaled))
+    vals = [getattr(a, "meta", {}).get("val") for a in (b1, b2)]
+    for new in {prod, scaled, base, out} - {inp}:
+        new.meta.update(keep)
+    if all(isinstance(v, torch.Tensor) for v in vals):
+        try:
+            prod.meta["val"] = torch.ops.aten.bmm.default(*vals)
+            if scaled is not prod:
+                scaled.meta["val"] = prod.meta["val"]
+        except Exception:  # noqa: BLE001 - shapes are re-derived where a pass needs them
+            pass
+    if "val" in node.meta:
+        out.meta["val"] = node.meta["val"]
+        if base is not inp and "val" in getattr(inp, "meta", {}):
+            base.meta["val"] = inp.meta["val"]
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return True
+
+
 class Normalize(Pass):
     """Rewrite the graph into the canonical form rules are written against."""
     requires, ensures = frozenset({"captured"}), frozenset({"normalized"})
@@ -106,6 +141,8 @@ class Normalize(Pass):
             if node.target == aten.relu6.default:
                 node.target, node.args = aten.hardtanh.default, (node.args[0], 0.0, 6.0)
                 modified = True
+            elif node.target == aten.baddbmm.default:
+                modified |= split_baddbmm(gm, node)
             elif node.target == aten.view.default and no_mutation:
                 node.target = aten.reshape.default
                 modified = True

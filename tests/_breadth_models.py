@@ -173,6 +173,73 @@ class FlattenHead(nn.Module):
         return self.fc(y.view(y.size(0), -1))
 
 
+class PadPoolStem(nn.Module):
+    """BiT's stem: conv -> explicit zero ``pad`` -> max-pool -> GroupNorm (float) -> conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.pad = nn.ConstantPad2d((1, 1, 1, 1), 0.0)
+        self.pool = nn.MaxPool2d(3, 2)
+        self.norm = nn.GroupNorm(4, 16)
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.pool(self.pad(self.conv(x))))))
+
+
+class MaxOverDims(nn.Module):
+    """``max(dim)`` of 4-D maps without keepdim, over channels and over height (Hiera's mask-unit pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Linear(16 + 16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        over_c = y.max(dim=1).values                      # [B, H, W]
+        over_h = y.max(dim=2).values                      # [B, C, W]
+        return self.head(torch.cat([over_c.mean(1), over_h.mean(2)], 1))
+
+
+class PackedBiasAttention(nn.Module):
+    """``F.multi_head_attention_forward`` with separate projection weights and a packed bias
+    ``cat((q.bias, k.bias, v.bias))``, as WavLM calls it: the bias reaches each projection through a chunk."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        t = x.transpose(0, 1)
+        y, _ = F.multi_head_attention_forward(
+            t, t, t, self.d, self.heads, torch.empty([0]), torch.cat((self.q.bias, self.k.bias, self.v.bias)),
+            None, None, False, 0.0, self.out.weight, self.out.bias, False, need_weights=False,
+            use_separate_proj_weight=True, q_proj_weight=self.q.weight, k_proj_weight=self.k.weight,
+            v_proj_weight=self.v.weight)
+        return y.transpose(0, 1)
+
+
+class AlibiScores(nn.Module):
+    """BLOOM's attention scores: ``baddbmm(alibi, q, k^T, beta=1, alpha=1/sqrt(d))`` -> softmax -> bmm."""
+
+    def __init__(self, d=32, heads=4, seq=8):
+        super().__init__()
+        self.d, self.heads = d, heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("alibi", torch.linspace(-1, 0, seq).repeat(heads, 1).unsqueeze(1))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4).reshape(3, b * self.heads, s, -1)
+        scores = torch.baddbmm(self.alibi.repeat(b, 1, 1), q, k.transpose(1, 2), beta=1.0,
+                               alpha=(self.d // self.heads) ** -0.5)
+        y = torch.bmm(scores.softmax(-1), v).view(b, self.heads, s, -1).transpose(1, 2).reshape(b, s, self.d)
+        return self.out(y)
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """The same values with channels-last strides (what image pipelines produce)."""
     return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

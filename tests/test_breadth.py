@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qcompile
 from qcompile.qparams import sqnr
@@ -95,6 +96,62 @@ def test_executorch_program_that_cannot_load_fails_at_compile_time_naming_the_no
     assert "xnn_status_invalid_parameter" in msg  # the runtime's own log line
 
 
+@needs_et
+@pytest.mark.parametrize("name", ["PadPoolStem", "MaxOverDims"])
+def test_executorch_pad_and_max_dim_programs_load_and_run(name):
+    """Was (BiT): a zero pad of an int8 value left float -> 'Failed to create StaticConstantPad node ...
+    xnn_status_invalid_parameter' when the .pte was loaded; (Hiera) max(dim) without keepdim -> 'amax.default
+    only supports keep_dim == True' in to_edge_transform_and_lower."""
+    model, art = _compile(name, "executorch")
+    assert _sqnr_vs_float(model, art) > 25
+    assert art.report.verify["sqnr_vs_reference_db"] > 40
+    assert art.report.summary()["int8_mac_share"] > 0.9
+
+
+def test_executorch_rewrites_keep_values_and_only_touch_what_xnnpack_rejects():
+    from qcompile.backends.executorch.rewrite import max_dim_for_xnnpack, requantize_float_pads
+    q, dq = torch.ops.quantized_decomposed.quantize_per_tensor.default, torch.ops.quantized_decomposed.dequantize_per_tensor.default
+
+    class Graph(torch.nn.Module):
+        def forward(self, x):
+            y = dq(q(x, 0.05, -3, -128, 127, torch.int8), 0.05, -3, -128, 127, torch.int8)
+            zero = torch.ops.aten.constant_pad_nd.default(y, [1, 1, 1, 1], 0.0)
+            off_grid = torch.ops.aten.constant_pad_nd.default(y, [1, 1, 1, 1], 0.01)  # not on the grid: left alone
+            kept = torch.ops.aten.max.dim(y, 3, True)[0]  # what XNNPACK serializes: left alone
+            return zero, off_grid, kept, torch.ops.aten.max.dim(y, 1)[0], torch.ops.aten.max.dim(y, 2)[0]
+
+    x = torch.randn(2, 4, 5, 6)
+    gm = torch.export.export(Graph(), (x,)).module()
+    before = gm(x)
+    assert len(requantize_float_pads(gm)) == 1
+    assert len(max_dim_for_xnnpack(gm)) == 2
+    after = gm(x)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.amax.default) == 1 and targets.count(torch.ops.aten.squeeze.dims) == 1
+    assert targets.count(q) == 2
+
+
+@needs_et
+def test_executorch_op_without_a_kernel_fails_at_compile_time_naming_node_module_and_line():
+    class Spectral(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(torch.fft.fftn(x, dim=(1, 2)).real)  # FNet's token mixing
+
+    torch.manual_seed(0)
+    model, cal = Spectral().eval(), [torch.randn(2, 8, 16) for _ in range(2)]
+    with pytest.raises(qcompile.QCompileError) as err:
+        qcompile.compile(model, cal[0], "executorch", calibration=cal, verify=False)
+    msg = str(err.value)
+    assert "cannot run aten._fft_c2c" in msg and "node: _fft_c2c" in msg and "test_breadth.py" in msg
+    assert "backend='x86' or 'onnx'" in msg
+
+
 # -- coverage: constant-weight addmm / matmul are linear layers ------------------------------------------
 @pytest.mark.parametrize("backend", ["x86", pytest.param("executorch", marks=[needs_et, pytest.mark.slow])])
 def test_matmul_and_addmm_with_constant_weights_run_in_int8(backend):
@@ -140,6 +197,58 @@ def _check_gpt2(backend):
     assert len(attention) == 2 and all(why in r.reason for r in attention), [r.reason for r in attention]
     total = sum(r.macs for r in art.report.rows)
     assert sum(r.macs for r in art.report.rows if r.status == "int8") / (total - sum(r.macs for r in attention)) > 0.99
+    assert sqnr(model(cal[1]), art(cal[1])) > 25
+
+
+@pytest.mark.parametrize("backend", ["x86", "onnx"])
+def test_projections_with_a_packed_bias_are_int8(backend):
+    """Was (WavLM, x86): AttributeError in the linear rule, the bias being chunk(cat(biases))[i], not a constant.
+    Constant folding now folds the chunk piece by piece, so the three projections are plain int8 linears."""
+    if backend == "onnx" and not HAS_ORT:
+        pytest.skip("onnxruntime not installed")
+    torch.manual_seed(0)
+    model = M.PackedBiasAttention().eval()
+    cal = [torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    linears = [r for r in art.report.rows if r.op == "linear"]
+    assert len(linears) == 4 and all(r.status == "int8" for r in linears)
+    assert sqnr(model(cal[1]), art(cal[1])) > 25
+
+
+def test_x86_linear_with_a_bias_computed_at_run_time_runs_float_with_the_reason():
+    class RuntimeBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight, self.fc.bias * x.mean())  # the bias depends on the input
+
+    torch.manual_seed(0)
+    model = RuntimeBias().eval()
+    cal = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    art = qcompile.compile(model, cal[0], "x86", calibration=cal)
+    row = next(r for r in art.report.rows if r.op == "linear")
+    assert row.status.startswith("float") and "bias is computed at run time" in row.reason
+    assert sqnr(model(cal[1]), art(cal[1])) > 30
+    assert art.report.verify["sqnr_vs_reference_db"] > 60
+
+
+@pytest.mark.parametrize("backend", ["x86", "onnx"])
+def test_baddbmm_scores_are_a_bmm_every_backend_sees(backend):
+    """Was (BLOOM, ONNX): the ALiBi score GEMM hid in baddbmm: float, 0 MACs in the report, where ORT's own
+    quantizer runs it as an int8 MatMul."""
+    if backend == "onnx" and not HAS_ORT:
+        pytest.skip("onnxruntime not installed")
+    torch.manual_seed(0)
+    model = M.AlibiScores().eval()
+    cal = [torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    assert not any(r.op == "baddbmm" for r in art.report.rows)
+    gemms = [r for r in art.report.rows if r.op == "matmul"]
+    assert len(gemms) == 2 and all(r.macs > 0 for r in gemms)
+    if backend == "onnx":
+        assert all(r.status == "int8" for r in gemms)
     assert sqnr(model(cal[1]), art(cal[1])) > 25
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ from qcompile.ops import op_kind
 from ..base import Lowered
 from .delegation import TAG, Delegation, read_delegation
 from .dynamic import group_containers, is_dynamic_input, per_channel_weights
-from .proof import mixed_dim_orders, model_frames, prove
-from .rewrite import clone_before_reshape_of_transposed, requantize_cat_inputs, splits_as_slices
+from .proof import describe, mixed_dim_orders, model_frames, prove
+from .rewrite import (clone_before_reshape_of_transposed, max_dim_for_xnnpack, requantize_cat_inputs,
+                      requantize_float_pads, splits_as_slices)
 from .runtime import PteProgram
 from .support import GEMM_KINDS
 from .verify import INT4_PACKED, weight_storage
@@ -288,6 +290,8 @@ def prepare_reference(reference: fx.GraphModule, opts: LowerOptions) -> tuple[fx
     splits_as_slices(gm)
     clone_before_reshape_of_transposed(gm)
     requantize_cat_inputs(gm)
+    requantize_float_pads(gm)
+    max_dim_for_xnnpack(gm)
     if opts.channels_last_inputs and channels_last_inputs(gm):
         global_pool_as_mean(gm)
     if opts.duplicate_dequant:
@@ -353,10 +357,34 @@ def to_edge_xnnpack(ep: torch.export.ExportedProgram):
         try:
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
         except Exception as e:  # noqa: BLE001 - translated into an actionable error
+            outside = _non_core_nodes(ep, e)
+            if outside:
+                raise QCompileError(
+                    f"executorch backend: ExecuTorch cannot run {outside[0].target} (not a core ATen op: the edge "
+                    f"program rejects it, and ExecuTorch has no kernel for it, in int8 or float)\n"
+                    + "".join(f"  node: {describe(n)}\n" for n in outside[:3])
+                    + "  fix: compile for another backend (backend='x86' or 'onnx'), or express that code with "
+                      "core ops; exclude= cannot help, the op has no float kernel either") from e
             raise QCompileError(f"executorch backend: to_edge_transform_and_lower failed: {type(e).__name__}: "
                                 f"{model_frames(e)}\n  fix: exclude the module named above (exclude=[...]) so it "
                                 f"stays float, or compile for another backend (backend='x86' or 'onnx')") from e
     return edge, reasons
+
+
+def _non_core_nodes(ep: torch.export.ExportedProgram, error: Exception) -> list:
+    """The nodes of ``ep`` running the op the edge verifier rejected as outside the core ATen opset."""
+    m = re.search(r"Operator (\S+) is not in Core ATen opset", str(error))
+    if not m:
+        return []
+    name = m.group(1).replace("torch._ops.", "")
+    found = [n for n in ep.graph.nodes if n.op == "call_function" and str(n.target) == name]
+    if not found:  # the op came from a decomposition (fft_fftn -> _fft_c2c): look where to_edge looked
+        try:
+            decomposed = ep.run_decompositions()
+        except Exception:  # noqa: BLE001 - the op is still named, without its nodes
+            return []
+        found = [n for n in decomposed.graph.nodes if n.op == "call_function" and str(n.target) == name]
+    return found
 
 
 def _lower_once(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions):

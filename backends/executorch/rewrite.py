@@ -13,6 +13,16 @@
   produce other strides (CPU SDPA returns a [B, S, H, D]-ordered output; its decomposition does not), so
   the view fails in ``to_edge`` (GPT-2: "Cannot view a tensor with shape [2, 8, 64] and strides
   (64, 128, 1)"). The clone makes the layout explicit; XNNPACK drops it again where it is an identity.
+* a constant ``pad`` of a dequantized tensor whose result stays float (BiT's stem: conv -> pad -> max-pool ->
+  GroupNorm) is re-quantized with its input's parameters. XNNPACK takes the dequantize into the pad's
+  input, so the pad reads int8 and writes fp32, and its runtime rejects the program at load time
+  (``Failed to create StaticConstantPad node ... xnn_status_invalid_parameter``). Exact when the pad
+  value lies on the input's grid (0.0 always does: the zero point is an integer in range); a value off
+  the grid is left alone.
+* ``max.dim`` on a 4-D tensor: ExecuTorch 1.5.1's partitioner takes every one, and its XNNPACK
+  serializer then accepts only ``keepdim=True`` over dim 2 or 3 and raises in ``to_edge_transform_and_lower``
+  (Hiera's mask-unit pooling: "amax.default only supports keep_dim == True"). Over dim 2 / 3 it becomes
+  ``max.dim(keepdim=True)`` + ``squeeze`` (delegated); over dim 0 / 1 ``amax`` (portable kernel).
 """
 from __future__ import annotations
 
@@ -117,12 +127,95 @@ def _clone_first(m: Match) -> bool:
     return True
 
 
+def _pad_value_on_grid(node: fx.Node) -> bool:
+    if node.target == aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant":
+            return False
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    elif node.target == aten.constant_pad_nd.default:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
+    else:
+        return False
+    value = 0.0 if value is None else float(value)
+    scale, zp, qmin, qmax = (float(a) for a in node.args[0].args[1:5])
+    code = value / scale + zp
+    return abs(code - round(code)) < 1e-6 and qmin <= round(code) <= qmax
+
+
+def _float_pad_of_dequantized(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return (node.target in (aten.pad.default, aten.constant_pad_nd.default) and isinstance(src, fx.Node)
+            and src.target == qd.dequantize_per_tensor.default and len(src.args) >= 6
+            and not any(u.target == qd.quantize_per_tensor.default for u in node.users)
+            and _pad_value_on_grid(node))
+
+
+def _requantize_pad(m: Match) -> bool:
+    gm, pad = m.ctx, m.anchor
+    qparams = tuple(pad.args[0].args[1:])
+    users = list(pad.users)
+    with gm.graph.inserting_after(pad):
+        q = gm.graph.call_function(qd.quantize_per_tensor.default, (pad, *qparams))
+    with gm.graph.inserting_after(q):
+        dq = gm.graph.call_function(qd.dequantize_per_tensor.default, (q, *qparams))
+    _meta_from(pad, q, dq)
+    if "val" in pad.meta:
+        dq.meta["val"] = pad.meta["val"]
+    for u in users:
+        u.replace_input_with(pad, dq)
+    return True
+
+
+def _max_dim_xnnpack_rejects(node: fx.Node) -> bool:
+    if node.target != aten.max.dim or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    val = node.args[0].meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return False
+    live = [u for u in node.users if u.users]  # torch.export leaves an unused getitem(1) behind
+    if not live or not all(u.target is operator.getitem and u.args[1] == 0 for u in live):
+        return False  # the partitioner declines a max.dim whose indices are used
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs["dim"]) % 4
+    keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    return not (keepdim and dim in (2, 3))
+
+
+def _max_dim_as_delegable(m: Match) -> bool:
+    gm, node = m.ctx, m.anchor
+    x = node.args[0]
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs["dim"]) % 4
+    keepdim = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    for item in [u for u in node.users if not u.users]:
+        gm.graph.erase_node(item)
+    for item in list(node.users):
+        with gm.graph.inserting_before(item):
+            if dim in (2, 3):
+                kept = gm.graph.call_function(aten.max.dim, (x, dim, True))
+                values = gm.graph.call_function(operator.getitem, (kept, 0))
+                new = gm.graph.call_function(aten.squeeze.dims, (values, [dim]))
+                _meta_from(node, kept, values)
+            else:
+                new = gm.graph.call_function(aten.amax.default, (x, [dim], keepdim))
+        _meta_from(node, new)
+        if "val" in item.meta:
+            new.meta["val"] = item.meta["val"]
+        item.replace_all_uses_with(new)
+        gm.graph.erase_node(item)
+    gm.graph.erase_node(node)
+    return True
+
+
 # cat(x, dq(q(y, s'))) -> q(s)  ->  cat(dq(q(x, s)), dq(q(y, s))) -> q(s): one scale for XNNPACK's concatenate
 CAT_RULES = RuleSet([Rule("requantize_cat_inputs", (_quantized_cat,), rewrite=_requantize_cat)])
 # split(x) -> getitem(i)  ->  slice(x, dim, start_i, end_i)
 SPLIT_RULES = RuleSet([Rule("split_as_slices", (_static_split,), rewrite=_as_slices)])
 # reshape(transpose(x))  ->  reshape(clone(transpose(x), contiguous_format))
 RESHAPE_RULES = RuleSet([Rule("clone_before_reshape_of_transposed", (_reshape_of_transposed,), rewrite=_clone_first)])
+# pad(dq(q(x, s)), 0.0) -> float  ->  dq(q(pad(dq(q(x, s))), s)): the pad reads and writes int8
+PAD_RULES = RuleSet([Rule("requantize_float_pad", (_float_pad_of_dequantized,), rewrite=_requantize_pad)])
+# max.dim(x4d, d, keepdim) -> squeeze(max.dim(x, d, True)[0], d) for d in (2, 3), else amax(x, [d], keepdim)
+MAX_DIM_RULES = RuleSet([Rule("max_dim_for_xnnpack", (_max_dim_xnnpack_rejects,), rewrite=_max_dim_as_delegable)])
 
 
 def _apply(gm: fx.GraphModule, rules: RuleSet) -> list[str]:
@@ -145,3 +238,13 @@ def splits_as_slices(gm: fx.GraphModule) -> list[str]:
 def clone_before_reshape_of_transposed(gm: fx.GraphModule) -> list[str]:
     """reshape(transpose(x)) -> reshape(clone(transpose(x), contiguous_format))."""
     return _apply(gm, RESHAPE_RULES)
+
+
+def requantize_float_pads(gm: fx.GraphModule) -> list[str]:
+    """A constant pad of a dequantized tensor, left float, re-quantized with its input's parameters."""
+    return _apply(gm, PAD_RULES)
+
+
+def max_dim_for_xnnpack(gm: fx.GraphModule) -> list[str]:
+    """4-D ``max.dim`` in the form XNNPACK serializes (dim 2 / 3, keepdim) or as ``amax`` (not delegated)."""
+    return _apply(gm, MAX_DIM_RULES)

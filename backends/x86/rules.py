@@ -8,6 +8,7 @@ string when it declines (the group stays float and the report shows the reason).
 from __future__ import annotations
 
 import torch
+from torch import fx
 
 from qcompile.gptq import codes_break_pair_bound
 from qcompile.ir import get_attr_value
@@ -38,6 +39,9 @@ def _int8_operands(m: Match):
         return "input is not a quantized tensor"
     if anchor.args[1].target not in _DQ_W:
         return "weight is not quantized"
+    bias = anchor.args[2] if len(anchor.args) > 2 else None
+    if isinstance(bias, fx.Node) and bias.op != "get_attr":
+        return "bias is computed at run time (not a constant); the int8 kernels pack a constant bias"
     qw = _int_weight(m.ctx.ref, anchor.args[1])
     why = _saturates_here(anchor, qw)
     return why if why else (x, qw)
