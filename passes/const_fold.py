@@ -22,63 +22,66 @@ from qcompile.ir import add_constant, erase_dead_params, get_attr_value
 MAX_GROWTH = 4  # result elements <= 4x the folded inputs' elements (plus a small allowance)
 
 
-def _foldable(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _pure_op(node: fx.Node) -> bool:
     target = node.target
-    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+    if node.op != "call_function":
         return False
-    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
         return False
-    inputs = node.all_input_nodes
-    if not inputs or any(n.op != "get_attr" for n in inputs):
-        return False
-    return all(isinstance(get_attr_value(gm, n), torch.Tensor) for n in inputs)
-
-
-def _fold_pieces(gm: fx.GraphModule, node: fx.Node, value, inputs: dict) -> bool:
-    """A split / chunk / unbind of constants (``torch.cat((q.bias, k.bias, v.bias)).chunk(3)`` in
-    ``F.multi_head_attention_forward``): every ``getitem`` of it becomes a constant. Only when every user is
-    a ``getitem`` and the pieces are tensors no larger in total than the inputs allow."""
-    users = list(node.users)
-    if not users or not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
-                            for u in users):
-        return False
-    if not all(isinstance(v, torch.Tensor) for v in value):
-        return False
-    if sum(v.numel() for v in value) > MAX_GROWTH * sum(t.numel() for t in inputs.values()) + 64:
-        return False
-    for item in users:
-        const = add_constant(gm, f"{item.name}_folded", value[item.args[1]].contiguous(), item)
-        const.meta.update({k: v for k, v in item.meta.items() if k in ("val", "tensor_meta", "nn_module_stack",
-                                                                         "stack_trace", "source_fn_stack")})
-        item.replace_all_uses_with(const)
-        gm.graph.erase_node(item)
-    gm.graph.erase_node(node)
-    return True
+    return not (torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable)
 
 
 def fold_constants(gm: fx.GraphModule) -> bool:
-    """Replace every foldable op (see module doc) by its value; True if the graph changed."""
+    """Replace every value computed from constants alone by a constant (see module doc); True if the
+    graph changed.
+
+    The whole constant region is evaluated first, then only the values that leave it (read by an op on
+    activations, or returned) become constants, each if it is at most ``MAX_GROWTH`` times the constants
+    it was computed from. So a chain that expands and then reduces (Swin V2's continuous position bias: a
+    2 -> 512 -> heads MLP over a fixed coordinate table) folds, while a broadcast of a small buffer to
+    activation size stays an op. A split of constants folds piece by piece through its ``getitem`` users
+    (``torch.cat((q.bias, k.bias, v.bias)).chunk(3)`` in ``F.multi_head_attention_forward``)."""
+    values: dict[fx.Node, object] = {}
+    leaves: dict[fx.Node, frozenset] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            v = get_attr_value(gm, node)
+            if isinstance(v, torch.Tensor):
+                values[node], leaves[node] = v, frozenset([node])
+            continue
+        inputs = node.all_input_nodes
+        if not _pure_op(node) or not inputs or any(n not in values for n in inputs):
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+        try:
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - an op that cannot run on the constants stays an op
+            continue
+        if isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple)) and value
+                                               and all(isinstance(v, torch.Tensor) for v in value)):
+            values[node] = value
+            leaves[node] = frozenset().union(*(leaves[n] for n in inputs))
     modified = False
-    for node in list(gm.graph.nodes):
-        if not _foldable(gm, node):
+    for node in list(values):
+        if node.op == "get_attr" or not isinstance(values[node], torch.Tensor):
             continue
-        inputs = {n: get_attr_value(gm, n) for n in node.all_input_nodes}
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: inputs[n])
-        with torch.no_grad():
-            value = node.target(*args, **kwargs)
-        if isinstance(value, (list, tuple)):
-            modified |= _fold_pieces(gm, node, value, inputs)
-            continue
-        if not isinstance(value, torch.Tensor):
-            continue
-        if value.numel() > MAX_GROWTH * sum(t.numel() for t in inputs.values()) + 64:
+        if all(u in values for u in node.users):
+            continue  # only read inside the constant region: folded with its readers, or left as is
+        value = values[node]
+        source = sum(values[leaf].numel() for leaf in leaves[node])
+        if value.numel() > MAX_GROWTH * source + 64:
             continue
         const = add_constant(gm, f"{node.name}_folded", value.contiguous(), node)
         const.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack",
                                                                          "stack_trace", "source_fn_stack")})
         node.replace_all_uses_with(const)
-        gm.graph.erase_node(node)
         modified = True
     if modified:
+        for node in reversed(list(gm.graph.nodes)):  # the constant computations nothing reads any more
+            if node in values and node.op == "call_function" and not node.users:
+                gm.graph.erase_node(node)
         erase_dead_params(gm)
     return modified

@@ -65,3 +65,35 @@ def test_conv1d_runs_int8_on_x86_within_one_step():
     wn = qcompile.compile(WeightNormed().eval(), (torch.randn(2, 8, 20),), backend="x86",
                           calibration=[torch.randn(2, 8, 20, generator=g) for _ in range(3)])
     assert [r.status for r in wn.report.rows if r.op == "conv1d"] == ["int8"]
+
+
+class PositionBiasMLP(nn.Module):
+    """Swin V2's continuous position bias: a 2 -> 64 -> heads MLP over a fixed coordinate table, added to
+    the attention scores, and a small buffer broadcast to activation size (that one must stay an op)."""
+
+    def __init__(self, heads=4, window=5):
+        super().__init__()
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"), -1)
+        self.register_buffer("table", coords.reshape(-1, 2).float() / window)
+        self.mlp = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, heads, bias=False))
+        self.proj = nn.Linear(heads, heads)
+        self.register_buffer("row", torch.linspace(0, 1, heads))
+
+    def forward(self, x):                               # x: [B, window * window, heads]
+        bias = 16 * torch.sigmoid(self.mlp(self.table))  # [window * window, heads]: 25 x 64 inside, 25 x 4 out
+        return self.proj(x + bias) + self.row.expand(x.shape[0], x.shape[1], -1)
+
+
+def test_a_constant_chain_that_expands_then_reduces_folds_and_a_broadcast_does_not():
+    torch.manual_seed(0)
+    model = PositionBiasMLP().eval()
+    x = torch.randn(3, 25, 4)
+    gm = torch.export.export(model, (x,)).module()
+    gm = fx.GraphModule(gm, gm.graph)
+    assert fold_constants(gm)
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.linear.default) == 1  # only proj: the MLP over the table is a constant
+    assert torch.ops.aten.sigmoid.default not in targets
+    assert torch.ops.aten.expand.default in targets  # the broadcast to activation size stays an op
+    torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-6)
