@@ -65,14 +65,18 @@ def fold_constants(gm: fx.GraphModule) -> bool:
             values[node] = value
             leaves[node] = frozenset().union(*(leaves[n] for n in inputs))
     modified = False
-    for node in list(values):
-        if node.op == "get_attr" or not isinstance(values[node], torch.Tensor):
-            continue
-        if all(u in values for u in node.users):
-            continue  # only read inside the constant region: folded with its readers, or left as is
+    # the values read outside the region; one that stays an op (too large, or a tuple) hands the role to its inputs
+    todo = [n for n in values if n.op != "get_attr" and any(u not in values for u in n.users)]
+    seen = set(todo)
+    while todo:
+        node = todo.pop()
         value = values[node]
         source = sum(values[leaf].numel() for leaf in leaves[node])
-        if value.numel() > MAX_GROWTH * source + 64:
+        if not isinstance(value, torch.Tensor) or value.numel() > MAX_GROWTH * source + 64:
+            for n in node.all_input_nodes:
+                if n.op != "get_attr" and n not in seen:
+                    seen.add(n)
+                    todo.append(n)
             continue
         const = add_constant(gm, f"{node.name}_folded", value.contiguous(), node)
         const.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack",
