@@ -240,6 +240,24 @@ class AlibiScores(nn.Module):
         return self.out(y)
 
 
+class Spectral(nn.Module):
+    """FNet's token mixing, ``fftn(x, dim=(1, 2)).real``, then a linear: ExecuTorch has no kernel for its FFT."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(torch.fft.fftn(x, dim=(1, 2)).real)
+
+
+class RuntimeBias(Spectral):
+    """A linear whose bias depends on the input (``bias * x.mean()``): no int8 kernel packs it."""
+
+    def forward(self, x):
+        return F.linear(x, self.fc.weight, self.fc.bias * x.mean())
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """The same values with channels-last strides (what image pipelines produce)."""
     return x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

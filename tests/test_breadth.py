@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qcompile
 from qcompile.qparams import sqnr
@@ -135,20 +134,12 @@ def test_executorch_rewrites_keep_values_and_only_touch_what_xnnpack_rejects():
 
 @needs_et
 def test_executorch_op_without_a_kernel_fails_at_compile_time_naming_node_module_and_line():
-    class Spectral(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(16, 16)
-
-        def forward(self, x):
-            return self.fc(torch.fft.fftn(x, dim=(1, 2)).real)  # FNet's token mixing
-
     torch.manual_seed(0)
-    model, cal = Spectral().eval(), [torch.randn(2, 8, 16) for _ in range(2)]
+    model, cal = M.Spectral().eval(), [torch.randn(2, 8, 16) for _ in range(2)]
     with pytest.raises(qcompile.QCompileError) as err:
         qcompile.compile(model, cal[0], "executorch", calibration=cal, verify=False)
     msg = str(err.value)
-    assert "cannot run aten._fft_c2c" in msg and "node: _fft_c2c" in msg and "test_breadth.py" in msg
+    assert "cannot run aten._fft_c2c" in msg and "node: _fft_c2c" in msg and "_breadth_models.py" in msg
     assert "backend='x86' or 'onnx'" in msg
 
 
@@ -200,34 +191,28 @@ def _check_gpt2(backend):
     assert sqnr(model(cal[1]), art(cal[1])) > 25
 
 
+def _compile_sequences(name, backend, shape):
+    """Model ``name`` compiled for ``backend`` on 4 seeded random batches of ``shape``."""
+    if backend == "onnx" and not HAS_ORT:
+        pytest.skip("onnxruntime not installed")
+    torch.manual_seed(0)
+    model = getattr(M, name)().eval()
+    cal = [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    return model, cal, qcompile.compile(model, cal[0], backend, calibration=cal)
+
+
 @pytest.mark.parametrize("backend", ["x86", "onnx"])
 def test_projections_with_a_packed_bias_are_int8(backend):
     """Was (WavLM, x86): AttributeError in the linear rule, the bias being chunk(cat(biases))[i], not a constant.
     Constant folding now folds the chunk piece by piece, so the three projections are plain int8 linears."""
-    if backend == "onnx" and not HAS_ORT:
-        pytest.skip("onnxruntime not installed")
-    torch.manual_seed(0)
-    model = M.PackedBiasAttention().eval()
-    cal = [torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    model, cal, art = _compile_sequences("PackedBiasAttention", backend, (2, 6, 32))
     linears = [r for r in art.report.rows if r.op == "linear"]
     assert len(linears) == 4 and all(r.status == "int8" for r in linears)
     assert sqnr(model(cal[1]), art(cal[1])) > 25
 
 
 def test_x86_linear_with_a_bias_computed_at_run_time_runs_float_with_the_reason():
-    class RuntimeBias(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(16, 16)
-
-        def forward(self, x):
-            return F.linear(x, self.fc.weight, self.fc.bias * x.mean())  # the bias depends on the input
-
-    torch.manual_seed(0)
-    model = RuntimeBias().eval()
-    cal = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    art = qcompile.compile(model, cal[0], "x86", calibration=cal)
+    model, cal, art = _compile_sequences("RuntimeBias", "x86", (4, 16))
     row = next(r for r in art.report.rows if r.op == "linear")
     assert row.status.startswith("float") and "bias is computed at run time" in row.reason
     assert sqnr(model(cal[1]), art(cal[1])) > 30
@@ -238,12 +223,7 @@ def test_x86_linear_with_a_bias_computed_at_run_time_runs_float_with_the_reason(
 def test_baddbmm_scores_are_a_bmm_every_backend_sees(backend):
     """Was (BLOOM, ONNX): the ALiBi score GEMM hid in baddbmm: float, 0 MACs in the report, where ORT's own
     quantizer runs it as an int8 MatMul."""
-    if backend == "onnx" and not HAS_ORT:
-        pytest.skip("onnxruntime not installed")
-    torch.manual_seed(0)
-    model = M.AlibiScores().eval()
-    cal = [torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    art = qcompile.compile(model, cal[0], backend, calibration=cal)
+    model, cal, art = _compile_sequences("AlibiScores", backend, (2, 8, 32))
     assert not any(r.op == "baddbmm" for r in art.report.rows)
     gemms = [r for r in art.report.rows if r.op == "matmul"]
     assert len(gemms) == 2 and all(r.macs > 0 for r in gemms)

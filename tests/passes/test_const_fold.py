@@ -20,14 +20,20 @@ class WeightNormed(nn.Module):
         return self.fc(y * (self.gain * 2.0))  # a buffer expression: folded to one constant
 
 
-def test_folding_is_exact_and_leaves_no_computation_on_parameters():
-    torch.manual_seed(0)
-    model = WeightNormed().eval()
-    x = torch.randn(2, 8, 20)
+def _folded(model, x):
+    """``model``'s exported graph with its constants folded (asserting that something folded)."""
     gm = torch.export.export(model, (x,)).module()
     gm = fx.GraphModule(gm, gm.graph)
     assert fold_constants(gm)
     gm.recompile()
+    return gm
+
+
+def test_folding_is_exact_and_leaves_no_computation_on_parameters():
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    x = torch.randn(2, 8, 20)
+    gm = _folded(model, x)
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
             assert any(n.op == "placeholder" or n.op == "call_function" for n in node.all_input_nodes), node
@@ -88,10 +94,7 @@ def test_a_constant_chain_that_expands_then_reduces_folds_and_a_broadcast_does_n
     torch.manual_seed(0)
     model = PositionBiasMLP().eval()
     x = torch.randn(3, 25, 4)
-    gm = torch.export.export(model, (x,)).module()
-    gm = fx.GraphModule(gm, gm.graph)
-    assert fold_constants(gm)
-    gm.recompile()
+    gm = _folded(model, x)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.aten.linear.default) == 1  # only proj: the MLP over the table is a constant
     assert torch.ops.aten.sigmoid.default not in targets
