@@ -370,3 +370,30 @@ def test_executorch_lowering_errors_quote_the_model_source_lines():
     assert text.splitlines() == ["Cannot view a tensor with shape [2, 8, 64]",
                                  '  at File "/venv/transformers/models/gpt2/modeling_gpt2.py", line 225, in forward',
                                  '  at File "/venv/transformers/pytorch_utils.py", line 119, in forward']
+
+
+@needs_et
+def test_executorch_partition_with_a_dependency_cycle_is_lowered_op_by_op():
+    """Was (Qwen3 / CodeGen, dynamic mode): 'Invalid partition, found dependency cycles' in ExecuTorch's
+    to_edge_transform_and_lower. The retry partitions op by op: a valid program, every linear still int8."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=32)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(input_ids=x, use_cache=False).logits
+
+    wrapped = Logits().eval()
+    art = qcompile.compile(wrapped, (ids,), "executorch", mode="dynamic")
+    linears = [r for r in art.report.rows if r.op == "linear"]
+    assert linears and all(r.status == "int8" for r in linears)
+    with torch.no_grad():
+        assert sqnr(wrapped(ids), art(ids)) > 25
