@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from qcompile import meta
-from qcompile.ir import get_attr_value
+from qcompile.ir import constant_pad_value, get_attr_value
 from qcompile.ops import op_kind
 
 from .infra import Pass, PassResult
@@ -98,15 +98,7 @@ def find_pairs(gm: fx.GraphModule) -> list[Pair]:
 
 def _zero_pad(node: fx.Node) -> bool:
     """``pad(x, p, "constant")`` / ``constant_pad_nd(x, p, 0)``: zeros stay zeros under channel scaling."""
-    if node.op != "call_function":
-        return False
-    if node.target == torch.ops.aten.constant_pad_nd.default:
-        return float(node.args[2] if len(node.args) > 2 else 0.0) == 0.0
-    if node.target == torch.ops.aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-        return mode == "constant" and (value is None or float(value) == 0.0)
-    return False
+    return constant_pad_value(node) == 0.0
 
 
 def _bias(gm, node: fx.Node, n: int) -> torch.Tensor:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qcompile.ir import constant_pad_value
+
 from .conv_padding import _NAMES, _per_dim, conv_arguments
 
 aten = torch.ops.aten
@@ -30,17 +32,8 @@ def _zero_pad(node: fx.Node) -> list | None:
     """The pad amounts of a constant zero pad node (last dim first, as torch lists them), else None."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    if node.target == aten.constant_pad_nd.default:
-        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    elif node.target == aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        if mode != "constant":
-            return None
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    else:
-        return None
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
-    if value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)) or \
+    if constant_pad_value(node) != 0.0 or not isinstance(pad, (list, tuple)) or \
             not all(isinstance(p, int) for p in pad) or len(pad) % 2:
         return None
     return list(pad)

@@ -25,7 +25,7 @@ from torch import fx
 
 from qcompile import annotation as A
 from qcompile import meta
-from qcompile.ir import add_constant, fill_fake_val, get_attr_value, replace_weight_bias
+from qcompile.ir import add_constant, constant_pad_value, fill_fake_val, get_attr_value, replace_weight_bias
 from qcompile.specs import QuantSpec
 
 from .infra import Pass, PassResult
@@ -107,13 +107,7 @@ def _single_placeholder(gm: fx.GraphModule) -> fx.Node | None:
 
 
 def _is_zero_pad(node: fx.Node) -> bool:
-    if node.target == aten.constant_pad_nd.default:
-        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)) in (0, 0.0)
-    if node.target == aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-        return mode == "constant" and value in (None, 0, 0.0)
-    return False
+    return constant_pad_value(node) == 0.0
 
 
 def _data_users(node: fx.Node) -> list[fx.Node]:

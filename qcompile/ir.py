@@ -27,6 +27,22 @@ def is_depthwise_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     return get_attr_value(gm, w).shape[1] == 1
 
 
+def constant_pad_value(node: fx.Node) -> float | None:
+    """The fill value of a constant pad (``constant_pad_nd``, ``pad(mode="constant")``), else None."""
+    if getattr(node, "op", None) != "call_function":
+        return None
+    if node.target == torch.ops.aten.constant_pad_nd.default:
+        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
+    elif node.target == torch.ops.aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant":
+            return None
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    else:
+        return None
+    return 0.0 if value is None else float(value)
+
+
 def is_param(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 

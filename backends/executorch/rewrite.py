@@ -32,6 +32,7 @@ import operator
 import torch
 from torch import fx
 
+from qcompile.ir import constant_pad_value
 from qcompile.passes.rewrite import Match, Rule, RuleSet, rewritten
 
 qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
@@ -128,16 +129,9 @@ def _clone_first(m: Match) -> bool:
 
 
 def _pad_value_on_grid(node: fx.Node) -> bool:
-    if node.target == aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        if mode != "constant":
-            return False
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
-    elif node.target == aten.constant_pad_nd.default:
-        value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0.0)
-    else:
+    value = constant_pad_value(node)
+    if value is None:
         return False
-    value = 0.0 if value is None else float(value)
     scale, zp, qmin, qmax = (float(a) for a in node.args[0].args[1:5])
     code = value / scale + zp
     return abs(code - round(code)) < 1e-6 and qmin <= round(code) <= qmax
