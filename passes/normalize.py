@@ -110,18 +110,11 @@ def split_baddbmm(gm: fx.GraphModule, node: fx.Node) -> bool:
         scaled = prod if alpha == 1 else gm.graph.call_function(aten.mul.Tensor, (prod, alpha))
         base = inp if beta == 1 else gm.graph.call_function(aten.mul.Tensor, (inp, beta))
         out = gm.graph.call_function(aten.add.Tensor, (base, scaled))
-    vals = [getattr(a, "meta", {}).get("val") for a in (b1, b2)]
     for new in {prod, scaled, base, out} - {inp}:
         new.meta.update(keep)
-    if all(isinstance(v, torch.Tensor) for v in vals):
-        try:
-            prod.meta["val"] = torch.ops.aten.bmm.default(*vals)
-            if scaled is not prod:
-                scaled.meta["val"] = prod.meta["val"]
-        except Exception:  # noqa: BLE001 - shapes are re-derived where a pass needs them
-            pass
-    if "val" in node.meta:
-        out.meta["val"] = node.meta["val"]
+    if "val" in node.meta:  # bmm(b1, b2) has the shape and dtype of the result; ``input`` broadcasts to it
+        for new in {prod, scaled, out}:
+            new.meta["val"] = node.meta["val"]
         if base is not inp and "val" in getattr(inp, "meta", {}):
             base.meta["val"] = inp.meta["val"]
     node.replace_all_uses_with(out)

@@ -349,25 +349,24 @@ def capture_why_not(logger_name: str = "executorch.backends.xnnpack"):
 
 
 # -- the pipeline ------------------------------------------------------------------------------------
-def to_edge_xnnpack(ep: torch.export.ExportedProgram, export_again=None):
-    """``to_edge_transform_and_lower`` with XNNPACK; ``export_again()`` gives a fresh ``ep`` for the op-by-op
-    retry (the first attempt may have changed ``ep``); without it the retry lowers a copy taken first."""
+def to_edge_xnnpack(export):
+    """``to_edge_transform_and_lower(export(), XNNPACK)``; ``export()`` is called again for the op-by-op retry
+    (the first attempt may have changed the program it lowered)."""
     import executorch.kernels.quantized  # noqa: F401  out-variants of q/dq ops left outside the delegate
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    ep = export()
     with capture_why_not() as reasons:
         try:
             try:
-                first = ep if export_again is not None else copy.deepcopy(ep)
-                edge = to_edge_transform_and_lower(first, partitioner=[XnnpackPartitioner()])
+                edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
             except AssertionError as e:
                 if "dependency cycles" not in str(e):
                     raise
                 # ExecuTorch 1.5.1 can group XNNPACK nodes into a partition that both feeds and reads a node
                 # left outside it (Qwen3 / CodeGen, dynamic mode). Op by op the same nodes are delegated,
                 # each in its own call: slower, but the program is valid.
-                again = export_again() if export_again is not None else ep
-                edge = to_edge_transform_and_lower(again, partitioner=[XnnpackPartitioner(per_op_mode=True)])
+                edge = to_edge_transform_and_lower(export(), partitioner=[XnnpackPartitioner(per_op_mode=True)])
         except Exception as e:  # noqa: BLE001 - translated into an actionable error
             outside = _non_core_nodes(ep, e)
             if outside:
@@ -401,8 +400,7 @@ def _non_core_nodes(ep: torch.export.ExportedProgram, error: Exception) -> list:
 
 def _lower_once(reference: fx.GraphModule, inputs: CapturedInputs, opts: LowerOptions):
     gm, float_weights, containers = prepare_reference(reference, opts)
-    ep = export_static(gm, inputs)
-    edge, reasons = to_edge_xnnpack(ep, lambda: export_static(gm, inputs))
+    edge, reasons = to_edge_xnnpack(lambda: export_static(gm, inputs))
     return gm, float_weights, containers, edge, reasons
 
 

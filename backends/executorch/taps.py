@@ -118,7 +118,7 @@ def layer_parity(artifact) -> TapReport:
     gm, _, _ = prepare_reference(artifact.reference, artifact.backend.lower_options())
     names = add_taps(gm)
     flat_inputs = CapturedInputs(tuple(pytree.tree_leaves((tuple(inputs.args), dict(inputs.kwargs)))), {})
-    edge, _ = to_edge_xnnpack(export_static(gm, flat_inputs))
+    edge, _ = to_edge_xnnpack(lambda: export_static(gm, flat_inputs))
     program = PteProgram.from_edge(edge, flat_inputs)
     outs = pytree.tree_leaves(program.run(flat_inputs.args, {}))
     stats, ref_outs, run_outs = forced_run(artifact.reference, inputs, names, outs)
